@@ -1,0 +1,319 @@
+//! The Bus seam: one trait, one implementation per URL scheme.
+//!
+//! - `memory://` ([`memory`]): embedded, single process, always compiled in; the default.
+//! - `nats://` (`nats` module, cargo feature `nats`): core NATS subjects + JetStream KV.
+//! - `kafka://` (`kafka` module, cargo feature `kafka`): rdkafka.
+//!
+//! A disabled scheme is a typed error ([`BusError::SchemeDisabled`]), not a panic. Counting and
+//! logging happen once, in [`Instrumented`], never in the backends.
+//!
+//! Semantics every implementation keeps:
+//! - `publish` resolves when the bus has taken the record, or returns an error; never a silent
+//!   drop. Records published from one task to one topic with one key arrive in that order.
+//! - `subscribe` resolves once the subscription is live: everything published afterwards is
+//!   delivered to it.
+//! - Subscriptions with the same `group` on the same pattern share the messages; with `memory://`
+//!   a key always goes to the same member, so per-key order holds inside a group.
+
+pub mod memory;
+#[cfg(feature = "nats")]
+pub mod nats;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::sync::Arc;
+use std::time::Instant;
+use switchyard_protocol::Headers;
+use thiserror::Error;
+use tokio::sync::mpsc;
+
+/// One record on the bus: an optional key (the session id), text headers, opaque payload.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Record {
+    pub key: Option<Bytes>,
+    pub headers: Headers,
+    pub payload: Bytes,
+}
+
+/// A record as received by a subscriber.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: Arc<str>,
+    /// Position in the topic, when the bus has one (memory: a per-topic counter; Kafka: offset).
+    pub offset: Option<u64>,
+    pub record: Arc<Record>,
+}
+
+/// Where a new subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartFrom {
+    /// Only what is published after the subscription is live.
+    #[default]
+    Latest,
+}
+
+/// How to subscribe.
+#[derive(Debug, Clone, Default)]
+pub struct SubscribeOptions {
+    /// Members of one group share the messages instead of each getting all of them.
+    pub group: Option<String>,
+    pub start: StartFrom,
+}
+
+impl SubscribeOptions {
+    pub fn group(name: impl Into<String>) -> Self {
+        Self { group: Some(name.into()), ..Self::default() }
+    }
+}
+
+/// Errors a bus returns. `Overflow` and `Unavailable` are what a client is told about.
+#[derive(Debug, Clone, Error)]
+pub enum BusError {
+    #[error("bus buffer full for {topic}")]
+    Overflow { topic: String },
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+    #[error("invalid bus URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("bus scheme {0}:// is not compiled into this binary (enable the `{0}` cargo feature)")]
+    SchemeDisabled(&'static str),
+    #[error("invalid topic or pattern {0:?}")]
+    InvalidTopic(String),
+    #[error("bus error: {0}")]
+    Other(String),
+}
+
+impl BusError {
+    /// Short, bounded label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            BusError::Overflow { .. } => "overflow",
+            BusError::Unavailable(_) => "unavailable",
+            BusError::InvalidUrl { .. } => "invalid_url",
+            BusError::SchemeDisabled(_) => "scheme_disabled",
+            BusError::InvalidTopic(_) => "invalid_topic",
+            BusError::Other(_) => "other",
+        }
+    }
+}
+
+/// A live subscription. Dropping it unsubscribes.
+pub struct Subscription {
+    rx: mpsc::Receiver<Message>,
+    _guard: Box<dyn Send + Sync>,
+}
+
+impl Subscription {
+    pub fn new(rx: mpsc::Receiver<Message>, guard: impl Send + Sync + 'static) -> Self {
+        Self { rx, _guard: Box::new(guard) }
+    }
+    /// Next message; `None` when the bus closed the subscription.
+    pub async fn recv(&mut self) -> Option<Message> {
+        self.rx.recv().await
+    }
+    /// A message that is already waiting, without waiting for one.
+    pub fn try_recv(&mut self) -> Option<Message> {
+        self.rx.try_recv().ok()
+    }
+    /// Receives up to `limit` ready messages into `buf` (waits for at least one).
+    pub async fn recv_many(&mut self, buf: &mut Vec<Message>, limit: usize) -> usize {
+        self.rx.recv_many(buf, limit).await
+    }
+}
+
+/// The seam every bus implements.
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// URL scheme, for logs and metric labels.
+    fn scheme(&self) -> &'static str;
+    /// Publishes one record. Returns the record's offset when the bus assigns one.
+    async fn publish(&self, topic: &str, record: Record) -> Result<Option<u64>, BusError>;
+    /// Subscribes to a topic, or a pattern with `*` (one token) and `>` (the rest).
+    async fn subscribe(&self, pattern: &str, opts: SubscribeOptions) -> Result<Subscription, BusError>;
+    /// True while the bus can take records (drives `/readyz`).
+    fn is_ready(&self) -> bool;
+    /// Waits until everything published so far has been handed to the bus.
+    async fn flush(&self) -> Result<(), BusError>;
+}
+
+/// Opens the bus named by `url`.
+pub async fn connect(url: &str, opts: &BusOptions) -> Result<Arc<dyn Bus>, BusError> {
+    let scheme = url.split("://").next().unwrap_or("");
+    if !url.contains("://") {
+        return Err(BusError::InvalidUrl { url: url.into(), reason: "expected SCHEME://…".into() });
+    }
+    let inner: Arc<dyn Bus> = match scheme {
+        "memory" => Arc::new(memory::MemoryBus::new(opts.buffer, opts.publish_timeout)),
+        "nats" | "tls" => {
+            #[cfg(feature = "nats")]
+            {
+                Arc::new(nats::NatsBus::connect(url, opts).await?)
+            }
+            #[cfg(not(feature = "nats"))]
+            {
+                return Err(BusError::SchemeDisabled("nats"));
+            }
+        }
+        "kafka" => return Err(BusError::SchemeDisabled("kafka")),
+        other => {
+            return Err(BusError::InvalidUrl {
+                url: url.into(),
+                reason: format!("unknown scheme {other:?} (memory, nats, kafka)"),
+            })
+        }
+    };
+    Ok(Arc::new(Instrumented { inner }))
+}
+
+/// Checks a bus URL's shape without connecting (config validation, before any port is bound).
+pub fn validate_url(url: &str) -> Result<(), String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(format!("invalid bus URL {url:?}: expected memory://, nats://HOST:PORT or kafka://HOST:PORT"));
+    };
+    match scheme {
+        "memory" => Ok(()),
+        "nats" | "tls" | "kafka" if rest.is_empty() => Err(format!("invalid bus URL {url:?}: missing host")),
+        "nats" | "tls" => {
+            if cfg!(feature = "nats") {
+                Ok(())
+            } else {
+                Err(BusError::SchemeDisabled("nats").to_string())
+            }
+        }
+        "kafka" => Err(BusError::SchemeDisabled("kafka").to_string()),
+        other => Err(format!("invalid bus URL {url:?}: unknown scheme {other:?} (memory, nats, kafka)")),
+    }
+}
+
+/// Options common to every bus.
+#[derive(Debug, Clone)]
+pub struct BusOptions {
+    /// Per-subscription buffer (messages). Overflow is an error to the publisher (memory) or a
+    /// counted drop reported by the consumer (network buses).
+    pub buffer: usize,
+    /// Records that may wait while a network bus is disconnected; past it, publish fails.
+    pub outage_buffer: usize,
+    /// How long a publisher waits for room in a full buffer before it is told `Overflow`.
+    pub publish_timeout: std::time::Duration,
+    /// Client name shown by the broker.
+    pub name: String,
+}
+
+impl Default for BusOptions {
+    fn default() -> Self {
+        Self { buffer: 8192, outage_buffer: 1024, publish_timeout: std::time::Duration::from_secs(1), name: "switchyard".into() }
+    }
+}
+
+/// Class of a topic for metric labels (`in`, `out`, `sessions`, `node`, `ch`): bounded.
+fn topic_class(topic: &str) -> &'static str {
+    match topic.split('.').nth(1) {
+        Some("in") => "in",
+        Some("out") => "out",
+        Some("sessions") => "sessions",
+        Some("node") => "node",
+        Some("ch") => "ch",
+        _ => "other",
+    }
+}
+
+/// Wraps a bus to count and log in one place.
+pub struct Instrumented {
+    inner: Arc<dyn Bus>,
+}
+
+#[async_trait]
+impl Bus for Instrumented {
+    fn scheme(&self) -> &'static str {
+        self.inner.scheme()
+    }
+    async fn publish(&self, topic: &str, record: Record) -> Result<Option<u64>, BusError> {
+        let started = Instant::now();
+        let res = self.inner.publish(topic, record).await;
+        let class = topic_class(topic);
+        match &res {
+            Ok(_) => {
+                metrics::counter!("switchyard_bus_published_total", "bus" => self.scheme(), "topic" => class).increment(1);
+                metrics::histogram!("switchyard_bus_publish_seconds", "bus" => self.scheme()).record(started.elapsed());
+            }
+            Err(e) => {
+                metrics::counter!("switchyard_bus_publish_errors_total", "bus" => self.scheme(), "topic" => class, "reason" => e.reason()).increment(1);
+                tracing::debug!(topic, error = %e, "bus publish failed");
+            }
+        }
+        res
+    }
+    async fn subscribe(&self, pattern: &str, opts: SubscribeOptions) -> Result<Subscription, BusError> {
+        let res = self.inner.subscribe(pattern, opts).await;
+        if let Err(e) = &res {
+            metrics::counter!("switchyard_bus_subscribe_errors_total", "bus" => self.scheme(), "reason" => e.reason()).increment(1);
+            tracing::warn!(pattern, error = %e, "bus subscribe failed");
+        }
+        res
+    }
+    fn is_ready(&self) -> bool {
+        self.inner.is_ready()
+    }
+    async fn flush(&self) -> Result<(), BusError> {
+        self.inner.flush().await
+    }
+}
+
+/// True when `topic` matches `pattern` (`*` = one token, `>` = one or more trailing tokens).
+pub fn matches(pattern: &str, topic: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut t = topic.split('.');
+    loop {
+        match (p.next(), t.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Validates a topic (no wildcards) or, with `pattern`, a subscription pattern.
+pub fn check_name(name: &str, pattern: bool) -> Result<(), BusError> {
+    let toks: Vec<&str> = name.split('.').collect();
+    let ok = !name.is_empty()
+        && toks.iter().enumerate().all(|(i, t)| {
+            if pattern && (*t == "*" || (*t == ">" && i == toks.len() - 1)) {
+                return true;
+            }
+            !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(BusError::InvalidTopic(name.chars().take(80).collect()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns() {
+        assert!(matches("a.b", "a.b"));
+        assert!(matches("a.*", "a.b"));
+        assert!(!matches("a.*", "a.b.c"));
+        assert!(matches("a.>", "a.b.c"));
+        assert!(!matches("a.>", "a"));
+        assert!(!matches("a.b", "a.c"));
+        assert!(check_name("a.*.>", true).is_ok());
+        assert!(check_name("a.*", false).is_err());
+        assert!(check_name("a..b", true).is_err());
+        assert!(check_name("a.>.b", true).is_err());
+    }
+
+    #[test]
+    fn urls() {
+        assert!(validate_url("memory://").is_ok());
+        assert!(validate_url("redis://x").is_err());
+        assert!(validate_url("nats://").is_err());
+        assert!(validate_url("localhost:4222").is_err());
+    }
+}

@@ -1,0 +1,1 @@
+//! `nats://` — filled in by the NATS issue.

@@ -1,0 +1,187 @@
+//! Edge configuration: node-wide limits plus the route table (from a TOML file).
+
+use serde::Deserialize;
+use std::time::Duration;
+use switchyard_protocol::{valid_channel, Naming};
+
+/// How a route treats client frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Frames are opaque payloads, published unchanged.
+    Raw,
+    /// Frames are the framed JSON protocol (subscribe / unsubscribe / publish / send).
+    Framed,
+}
+
+/// What happens when a socket's outgoing queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowPolicy {
+    /// Drop the oldest queued message to make room (tickers, dashboards).
+    DropOldest,
+    /// Close the socket with code 4008 (ordered streams).
+    Close,
+}
+
+/// One route: a WebSocket path mapped to an inbound topic and a mode.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Request path, e.g. `/ws/echo`.
+    pub path: String,
+    /// Inbound topic name (the bus name is `<prefix>.in.<topic>`).
+    pub topic: String,
+    pub mode: Mode,
+    /// Framed routes: may clients publish to channels?
+    #[serde(default)]
+    pub allow_publish: bool,
+    /// Outgoing queue length per socket (messages).
+    #[serde(default = "default_queue")]
+    pub queue_size: usize,
+    #[serde(default = "default_slow")]
+    pub slow_policy: SlowPolicy,
+    /// Largest client message in bytes (default: the node's `max_message_size`).
+    pub max_message_size: Option<usize>,
+}
+
+fn default_queue() -> usize {
+    1024
+}
+fn default_slow() -> SlowPolicy {
+    SlowPolicy::DropOldest
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteFile {
+    #[serde(rename = "route", default)]
+    routes: Vec<RouteConfig>,
+}
+
+/// Parses a routes TOML file's text (`[[route]]` tables).
+pub fn parse_routes(text: &str) -> Result<Vec<RouteConfig>, String> {
+    let f: RouteFile = toml::from_str(text).map_err(|e| e.message().to_string())?;
+    Ok(f.routes)
+}
+
+/// The routes used when no file is given: `/ws/echo` (raw → `echo`) and `/ws` (framed → `app`,
+/// publish allowed).
+pub fn default_routes() -> Vec<RouteConfig> {
+    parse_routes(DEFAULT_ROUTES).expect("built-in routes parse")
+}
+
+/// Built-in route table, also shipped as `examples/routes.toml`.
+pub const DEFAULT_ROUTES: &str = r#"
+[[route]]
+path = "/ws/echo"
+topic = "echo"
+mode = "raw"
+slow_policy = "close"
+
+[[route]]
+path = "/ws"
+topic = "app"
+mode = "framed"
+allow_publish = true
+slow_policy = "drop_oldest"
+"#;
+
+/// Node-wide edge settings.
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    pub node_id: String,
+    pub naming: Naming,
+    pub routes: Vec<RouteConfig>,
+    /// Default largest client message (bytes).
+    pub max_message_size: usize,
+    /// Interval between server pings.
+    pub ping_interval: Duration,
+    /// Close a socket from which nothing (not even a pong) arrived for this long.
+    pub idle_timeout: Duration,
+    /// On shutdown, how long sessions get to finish their close handshake.
+    pub shutdown_grace: Duration,
+}
+
+impl EdgeConfig {
+    pub fn new(node_id: impl Into<String>) -> Self {
+        Self {
+            node_id: node_id.into(),
+            naming: Naming::default(),
+            routes: default_routes(),
+            max_message_size: 1 << 20,
+            ping_interval: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+
+    /// Checks everything that can be checked without I/O. The error is one line.
+    pub fn validate(&self) -> Result<(), String> {
+        if !valid_channel(&self.node_id) || self.node_id.contains('.') {
+            return Err(format!("invalid node id {:?}: use [A-Za-z0-9_-], no dots", self.node_id));
+        }
+        if self.routes.is_empty() {
+            return Err("no routes configured".into());
+        }
+        if self.max_message_size == 0 || self.max_message_size > 64 << 20 {
+            return Err(format!("max message size {} out of range 1..=64MiB", self.max_message_size));
+        }
+        if self.ping_interval.is_zero() || self.idle_timeout <= self.ping_interval {
+            return Err(format!(
+                "idle timeout ({:?}) must be longer than the ping interval ({:?}), and both non-zero",
+                self.idle_timeout, self.ping_interval
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for r in &self.routes {
+            let at = format!("route {:?}", r.path);
+            if !r.path.starts_with('/') || r.path.contains(['?', '#', ' ']) {
+                return Err(format!("{at}: path must start with '/' and hold no '?', '#' or spaces"));
+            }
+            if !seen.insert(r.path.as_str()) {
+                return Err(format!("{at}: duplicate path"));
+            }
+            if !valid_channel(&r.topic) {
+                return Err(format!("{at}: invalid topic {:?}: dot-separated tokens of [A-Za-z0-9_-]", r.topic));
+            }
+            if r.queue_size == 0 || r.queue_size > 1 << 20 {
+                return Err(format!("{at}: queue_size {} out of range 1..=1048576", r.queue_size));
+            }
+            if r.max_message_size.is_some_and(|m| m == 0 || m > 64 << 20) {
+                return Err(format!("{at}: max_message_size out of range 1..=64MiB"));
+            }
+            if r.allow_publish && r.mode == Mode::Raw {
+                return Err(format!("{at}: allow_publish applies to framed routes only"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        EdgeConfig::new("n1").validate().unwrap();
+    }
+
+    #[test]
+    fn bad_configs_name_the_problem() {
+        let mut c = EdgeConfig::new("n1");
+        c.routes[0].path = "ws".into();
+        assert!(c.validate().unwrap_err().contains("must start with '/'"));
+        let mut c = EdgeConfig::new("n1");
+        c.routes[1].path = "/ws/echo".into();
+        assert!(c.validate().unwrap_err().contains("duplicate"));
+        let mut c = EdgeConfig::new("bad.node");
+        assert!(c.validate().unwrap_err().contains("node id"));
+        c.node_id = "n".into();
+        c.routes[0].topic = "a b".into();
+        assert!(c.validate().unwrap_err().contains("invalid topic"));
+        assert!(parse_routes("[[route]]\npath='/x'\ntopic='t'\nmode='weird'").unwrap_err().contains("unknown variant"));
+        assert!(parse_routes("[[route]]\npath='/x'\ntopic='t'\nmode='raw'\nbogus=1").unwrap_err().contains("unknown field"));
+    }
+}

@@ -1,0 +1,69 @@
+//! The node delivery subscription: backend replies and control ops for sessions on this node,
+//! forwarded by a router or published directly to the `sy-reply` subject. Processed in order
+//! by one task, so per-session order holds.
+
+use crate::metrics as m;
+use crate::server::EdgeState;
+use axum::extract::ws::{Message, Utf8Bytes};
+use std::sync::Arc;
+use switchyard_bus::Subscription;
+use switchyard_protocol::framed;
+use switchyard_protocol::{ControlOp, Envelope, Kind, Opcode};
+
+pub async fn run(st: Arc<EdgeState>, mut sub: Subscription) {
+    let delivered = metrics::counter!(m::DELIVERIES, "kind" => "deliver");
+    let control = metrics::counter!(m::DELIVERIES, "kind" => "control");
+    let invalid = metrics::counter!(m::DELIVERIES, "kind" => "invalid");
+    let unknown = metrics::counter!(m::DROPS, "route" => "", "reason" => "unknown_session");
+    while let Some(msg) = sub.recv().await {
+        let r = &msg.record;
+        let env = match Envelope::from_record(r.key.as_deref(), &r.headers, r.payload.clone()) {
+            Ok(e) => e,
+            Err(e) => {
+                invalid.increment(1);
+                tracing::debug!(error = %e, "undecodable record on node delivery subject");
+                continue;
+            }
+        };
+        let Some(sess) = st.sessions.get(&env.session).map(|s| s.clone()) else {
+            unknown.increment(1);
+            tracing::debug!(session = %env.session, "delivery for a session not on this node");
+            continue;
+        };
+        match (env.kind, env.control) {
+            (Kind::Deliver, _) => {
+                delivered.increment(1);
+                let m = match env.opcode {
+                    Opcode::Text => match Utf8Bytes::try_from(env.payload.clone()) {
+                        Ok(t) => Message::Text(t),
+                        Err(_) => Message::Binary(env.payload),
+                    },
+                    Opcode::Binary => Message::Binary(env.payload),
+                };
+                sess.deliver(m);
+            }
+            (Kind::Control, Some(op)) => {
+                control.increment(1);
+                match op {
+                    ControlOp::Close { code, reason } => {
+                        let code = if (1000..5000).contains(&code) && !matches!(code, 1004..=1006 | 1015) { code } else { 1000 };
+                        sess.queue.close(code, &reason);
+                    }
+                    ControlOp::Subscribe { channel } => crate::session::subscribe(&st, &sess, &channel).await,
+                    ControlOp::Unsubscribe { channel } => {
+                        if sess.channels.lock().remove(&channel) {
+                            st.channels.unsubscribe(&sess, &channel).await;
+                            if sess.route.is_framed() {
+                                sess.reply(framed::unsubscribed(&channel));
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {
+                invalid.increment(1);
+                tracing::debug!(kind = env.kind.as_str(), "unexpected record kind on node delivery subject");
+            }
+        }
+    }
+}

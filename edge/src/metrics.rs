@@ -1,0 +1,74 @@
+//! Every metric Switchyard exports, declared in one place. Labels are bounded: route path (from
+//! config), bus scheme, topic class, reason. Never a session or user id.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+
+pub const CONNECTIONS_OPEN: &str = "switchyard_connections_open";
+pub const HANDSHAKES: &str = "switchyard_handshakes_total";
+pub const HANDSHAKE_REJECTED: &str = "switchyard_handshakes_rejected_total";
+pub const FRAMES_IN: &str = "switchyard_frames_in_total";
+pub const BYTES_IN: &str = "switchyard_bytes_in_total";
+pub const FRAMES_OUT: &str = "switchyard_frames_out_total";
+pub const BYTES_OUT: &str = "switchyard_bytes_out_total";
+pub const DROPS: &str = "switchyard_drops_total";
+pub const CLOSES: &str = "switchyard_closes_total";
+pub const CHANNELS_ACTIVE: &str = "switchyard_channels_active";
+pub const CHANNEL_MESSAGES: &str = "switchyard_channel_messages_total";
+pub const DELIVERIES: &str = "switchyard_deliveries_total";
+pub const ROUTER_FORWARDED: &str = "switchyard_router_forwarded_total";
+pub const ROUTER_DROPPED: &str = "switchyard_router_dropped_total";
+pub const ROUTER_SESSIONS: &str = "switchyard_router_sessions";
+pub const BUS_PUBLISHED: &str = "switchyard_bus_published_total";
+pub const BUS_PUBLISH_ERRORS: &str = "switchyard_bus_publish_errors_total";
+pub const BUS_PUBLISH_SECONDS: &str = "switchyard_bus_publish_seconds";
+pub const BUS_SUBSCRIBE_ERRORS: &str = "switchyard_bus_subscribe_errors_total";
+pub const BUS_READY: &str = "switchyard_bus_ready";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder (once per process) and describes every metric.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .install_recorder()
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle());
+            describe();
+            let h = handle.clone();
+            // The exporter keeps histogram buckets until rendered; trim them periodically.
+            std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(std::time::Duration::from_secs(5));
+                    h.run_upkeep();
+                })
+                .ok();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_gauge!(CONNECTIONS_OPEN, "WebSocket connections currently open, by route");
+    describe_counter!(HANDSHAKES, "Successful WebSocket upgrades, by route");
+    describe_counter!(HANDSHAKE_REJECTED, "Handshakes refused before upgrade, by reason");
+    describe_counter!(FRAMES_IN, "Client data frames read, by route");
+    describe_counter!(BYTES_IN, Unit::Bytes, "Client payload bytes read, by route");
+    describe_counter!(FRAMES_OUT, "Data frames written to clients, by route");
+    describe_counter!(BYTES_OUT, Unit::Bytes, "Payload bytes written to clients, by route");
+    describe_counter!(DROPS, "Messages not delivered or not published, by route and reason");
+    describe_counter!(CLOSES, "Sockets closed, by route and close code");
+    describe_gauge!(CHANNELS_ACTIVE, "Channels with at least one local subscriber (one bus subscription each)");
+    describe_counter!(CHANNEL_MESSAGES, "Channel messages received from the bus for local fan-out");
+    describe_counter!(DELIVERIES, "Records received on this node's delivery subject, by kind");
+    describe_counter!(ROUTER_FORWARDED, "Outbound records the router forwarded to a node");
+    describe_counter!(ROUTER_DROPPED, "Outbound records the router could not forward, by reason");
+    describe_gauge!(ROUTER_SESSIONS, "Sessions in this router's registry");
+    describe_counter!(BUS_PUBLISHED, "Records the bus accepted, by bus and topic class");
+    describe_counter!(BUS_PUBLISH_ERRORS, "Records the bus refused, by bus, topic class and reason");
+    describe_histogram!(BUS_PUBLISH_SECONDS, Unit::Seconds, "Time for the bus to accept a record");
+    describe_counter!(BUS_SUBSCRIBE_ERRORS, "Failed bus subscriptions, by reason");
+    describe_gauge!(BUS_READY, "1 while the bus can take records, else 0");
+}

@@ -1,0 +1,199 @@
+//! The client listener: route lookup (404 before any upgrade), the upgrade itself, and the
+//! node-level state every session shares.
+
+use crate::channels::ChannelHub;
+use crate::config::{EdgeConfig, Mode, RouteConfig};
+use crate::metrics as m;
+use crate::session::{self, Session};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{State, WebSocketUpgrade};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use dashmap::DashMap;
+use metrics::{Counter, Gauge};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use switchyard_bus::{Bus, BusError, SubscribeOptions};
+use switchyard_protocol::TraceContext;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// A configured route plus what is derived from it once: its inbound topic and metric handles.
+pub struct Route {
+    pub cfg: RouteConfig,
+    pub inbound: String,
+    pub max_message_size: usize,
+    pub frames_in: Counter,
+    pub bytes_in: Counter,
+    pub frames_out: Counter,
+    pub bytes_out: Counter,
+    pub open: Gauge,
+    pub drop_oldest: Counter,
+    pub drop_slow_close: Counter,
+    pub drop_bus: Counter,
+}
+
+impl Route {
+    fn new(cfg: RouteConfig, edge: &EdgeConfig) -> Self {
+        let r = cfg.path.clone();
+        Self {
+            inbound: edge.naming.inbound(&cfg.topic),
+            max_message_size: cfg.max_message_size.unwrap_or(edge.max_message_size),
+            frames_in: metrics::counter!(m::FRAMES_IN, "route" => r.clone()),
+            bytes_in: metrics::counter!(m::BYTES_IN, "route" => r.clone()),
+            frames_out: metrics::counter!(m::FRAMES_OUT, "route" => r.clone()),
+            bytes_out: metrics::counter!(m::BYTES_OUT, "route" => r.clone()),
+            open: metrics::gauge!(m::CONNECTIONS_OPEN, "route" => r.clone()),
+            drop_oldest: metrics::counter!(m::DROPS, "route" => r.clone(), "reason" => "slow_drop_oldest"),
+            drop_slow_close: metrics::counter!(m::DROPS, "route" => r.clone(), "reason" => "slow_close"),
+            drop_bus: metrics::counter!(m::DROPS, "route" => r, "reason" => "bus_refused"),
+            cfg,
+        }
+    }
+
+    pub fn path(&self) -> &str {
+        &self.cfg.path
+    }
+
+    pub fn is_framed(&self) -> bool {
+        self.cfg.mode == Mode::Framed
+    }
+}
+
+/// State shared by every session of one edge node.
+pub struct EdgeState {
+    pub cfg: EdgeConfig,
+    pub bus: Arc<dyn Bus>,
+    pub routes: HashMap<String, Arc<Route>>,
+    pub sessions: DashMap<String, Arc<Session>>,
+    pub channels: ChannelHub,
+    /// This node's delivery subject (also the `sy-reply` of every inbound record).
+    pub node_topic: String,
+    /// Cancelled when the node starts shutting down.
+    pub shutdown: CancellationToken,
+    /// Every session task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+}
+
+/// A running edge node.
+pub struct Edge {
+    pub state: Arc<EdgeState>,
+    pub addr: SocketAddr,
+    server: JoinHandle<()>,
+    delivery: JoinHandle<()>,
+}
+
+impl Edge {
+    /// Subscribes to the node delivery subject, then serves `listener` until `shutdown`.
+    pub async fn start(
+        cfg: EdgeConfig,
+        bus: Arc<dyn Bus>,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<Edge, BusError> {
+        let routes = cfg
+            .routes
+            .iter()
+            .map(|r| (r.path.clone(), Arc::new(Route::new(r.clone(), &cfg))))
+            .collect();
+        let node_topic = cfg.naming.node(&cfg.node_id);
+        let state = Arc::new(EdgeState {
+            channels: ChannelHub::new(bus.clone(), cfg.naming.clone()),
+            bus: bus.clone(),
+            routes,
+            sessions: DashMap::new(),
+            node_topic: node_topic.clone(),
+            shutdown: shutdown.clone(),
+            tracker: TaskTracker::new(),
+            cfg,
+        });
+        let sub = bus.subscribe(&node_topic, SubscribeOptions::default()).await?;
+        let delivery = tokio::spawn(crate::delivery::run(state.clone(), sub));
+        let addr = listener.local_addr().map_err(|e| BusError::Other(e.to_string()))?;
+        let app = Router::new().fallback(upgrade).with_state(state.clone());
+        let stop = shutdown.clone();
+        let server = tokio::spawn(async move {
+            let serve = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(async move { stop.cancelled().await });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "client listener failed");
+            }
+        });
+        tracing::info!(%addr, node = %state.cfg.node_id, "edge listening");
+        Ok(Edge { state, addr, server, delivery })
+    }
+
+    /// Waits for the listener to stop (after `shutdown`), then for every session to finish its
+    /// close handshake and publish its disconnect, up to the configured grace (+1 s).
+    pub async fn drained(self) {
+        let _ = self.server.await;
+        self.state.tracker.close();
+        let grace = self.state.cfg.shutdown_grace + std::time::Duration::from_secs(1);
+        if tokio::time::timeout(grace, self.state.tracker.wait()).await.is_err() {
+            tracing::warn!(left = self.state.sessions.len(), "sessions still open after the shutdown grace");
+        }
+        self.delivery.abort();
+    }
+}
+
+async fn upgrade(
+    State(st): State<Arc<EdgeState>>,
+    uri: Uri,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let Some(route) = st.routes.get(uri.path()).cloned() else {
+        metrics::counter!(m::HANDSHAKE_REJECTED, "reason" => "unknown_path").increment(1);
+        return (StatusCode::NOT_FOUND, "no such route\n").into_response();
+    };
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rej) => {
+            metrics::counter!(m::HANDSHAKE_REJECTED, "reason" => "not_websocket").increment(1);
+            return rej.into_response();
+        }
+    };
+    if st.shutdown.is_cancelled() {
+        metrics::counter!(m::HANDSHAKE_REJECTED, "reason" => "draining").increment(1);
+        return (StatusCode::SERVICE_UNAVAILABLE, "node is shutting down\n").into_response();
+    }
+    let trace = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|tp| {
+            let ts = headers.get("tracestate").and_then(|v| v.to_str().ok());
+            TraceContext::parse(tp, ts).ok()
+        })
+        .unwrap_or_else(new_trace);
+    let id = ulid::Ulid::new().to_string();
+    let sess = Arc::new(Session::new(id.clone(), route.clone(), trace));
+    let token = st.tracker.token();
+    let st2 = st.clone();
+    let mut resp = ws
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(16 * 1024)
+        .max_write_buffer_size(route.max_message_size + (64 << 10))
+        .max_message_size(route.max_message_size)
+        .max_frame_size(route.max_message_size)
+        .on_failed_upgrade(|e| tracing::debug!(error = %e, "upgrade failed"))
+        .on_upgrade(move |socket| async move {
+            session::run(st2, sess, socket).await;
+            drop(token);
+        });
+    metrics::counter!(m::HANDSHAKES, "route" => route.cfg.path.clone()).increment(1);
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-switchyard-session", v);
+    }
+    resp
+}
+
+/// A fresh W3C trace context for a handshake that brought none.
+fn new_trace() -> TraceContext {
+    let t = ulid::Ulid::new().0 | 1;
+    let s = (ulid::Ulid::new().0 as u64) | 1;
+    TraceContext { traceparent: format!("00-{t:032x}-{s:016x}-01"), tracestate: None }
+}

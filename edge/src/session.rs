@@ -1,0 +1,412 @@
+//! One WebSocket session: a reader loop (this task) and one writer task draining the session's
+//! [`OutQueue`]. If either half ends, the other is stopped.
+//!
+//! The reader publishes connect, every client frame and disconnect to the route's inbound topic
+//! in order, with a per-session seq (connect = 1). A frame counts as accepted once the bus has
+//! taken it; when the bus refuses one, a raw client is closed with 1013 and a framed client gets
+//! an `error` op — never a silent drop.
+
+use crate::config::Mode;
+use crate::queue::{OutQueue, Out, Push};
+use crate::server::{EdgeState, Route};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use bytes::Bytes;
+use futures::{Sink, SinkExt, Stream, StreamExt};
+use parking_lot::Mutex;
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use switchyard_bus::{BusError, Record};
+use switchyard_protocol::envelope::{header, now_ms};
+use switchyard_protocol::framed::{self, ClientOp};
+use switchyard_protocol::{close, Envelope, Headers, Kind, Opcode, TraceContext};
+use tokio_util::sync::CancellationToken;
+
+/// Most channels one session may hold.
+pub const MAX_CHANNELS_PER_SESSION: usize = 256;
+
+/// A live session, shared by its reader, its writer, channel fan-out and node delivery.
+pub struct Session {
+    pub id: String,
+    pub route: Arc<Route>,
+    pub connected_at_ms: u64,
+    pub trace: TraceContext,
+    pub queue: OutQueue,
+    pub frames_in: AtomicU64,
+    pub frames_out: AtomicU64,
+    pub channels: Mutex<HashSet<String>>,
+    /// Cancelled when either half ends.
+    pub stop: CancellationToken,
+}
+
+impl Session {
+    pub fn new(id: String, route: Arc<Route>, trace: TraceContext) -> Self {
+        Self {
+            queue: OutQueue::new(route.cfg.queue_size, route.cfg.slow_policy),
+            id,
+            route,
+            connected_at_ms: now_ms(),
+            trace,
+            frames_in: AtomicU64::new(0),
+            frames_out: AtomicU64::new(0),
+            channels: Mutex::new(HashSet::new()),
+            stop: CancellationToken::new(),
+        }
+    }
+
+    /// Queues a data message for the socket, applying and counting the slow-consumer policy.
+    pub fn deliver(&self, msg: Message) {
+        match self.queue.push(msg) {
+            Push::Queued | Push::Closed => {}
+            Push::DroppedOldest => self.route.drop_oldest.increment(1),
+            Push::Overflowed => {
+                self.route.drop_slow_close.increment(1);
+                tracing::debug!(session = %self.id, "slow consumer: closing with 4008");
+            }
+        }
+    }
+
+    /// Queues a protocol message (welcome, ack, error) for a framed client.
+    pub fn reply(&self, text: String) {
+        self.queue.push_control(Message::Text(text.into()));
+    }
+}
+
+/// How a session ended, as reported in its disconnect event.
+#[derive(Debug, Clone)]
+struct Ended {
+    code: u16,
+    reason: String,
+}
+
+/// Runs a session on an upgraded socket until it ends.
+pub async fn run(st: Arc<EdgeState>, sess: Arc<Session>, socket: WebSocket) {
+    let (sink, stream) = socket.split();
+    run_split(st, sess, sink, stream).await
+}
+
+/// The session logic, generic over the socket halves so it can be driven by channel pairs.
+pub async fn run_split<W, R>(st: Arc<EdgeState>, sess: Arc<Session>, sink: W, stream: R)
+where
+    W: Sink<Message, Error = axum::Error> + Unpin + Send + 'static,
+    R: Stream<Item = Result<Message, axum::Error>> + Unpin + Send,
+{
+    st.sessions.insert(sess.id.clone(), sess.clone());
+    sess.route.open.increment(1.0);
+    let writer = tokio::spawn(write_loop(sink, sess.clone(), st.cfg.ping_interval));
+    let mut pubr = Publisher { st: &st, sess: &sess, seq: 0 };
+
+    let ended = match pubr.lifecycle(Kind::Connect, None).await {
+        Err(e) => {
+            tracing::debug!(session = %sess.id, error = %e, "bus refused connect");
+            Ended { code: close::TRY_AGAIN_LATER, reason: "bus unavailable".into() }
+        }
+        Ok(()) => {
+            if sess.route.cfg.mode == Mode::Framed {
+                sess.reply(framed::welcome(&sess.id));
+            }
+            read_loop(&st, &sess, &mut pubr, stream).await
+        }
+    };
+
+    // Teardown: stop the writer (sending our close frame if one is still owed), leave channels,
+    // forget the session, then tell the backend.
+    // 1005/1006/1015 are never sent on the wire.
+    let code = if matches!(ended.code, 1005 | 1006 | 1015) { close::NORMAL } else { ended.code };
+    sess.queue.close(code, &ended.reason);
+    let mut writer = writer;
+    if tokio::time::timeout(Duration::from_secs(5), &mut writer).await.is_err() {
+        writer.abort();
+    }
+    sess.stop.cancel();
+    let channels: Vec<String> = sess.channels.lock().drain().collect();
+    for c in channels {
+        st.channels.unsubscribe(&sess, &c).await;
+    }
+    st.sessions.remove(&sess.id);
+    sess.route.open.decrement(1.0);
+    metrics::counter!(crate::metrics::CLOSES, "route" => sess.route.cfg.path.clone(), "code" => ended.code.to_string()).increment(1);
+    if let Err(e) = pubr.lifecycle(Kind::Disconnect, Some(&ended)).await {
+        tracing::warn!(session = %sess.id, error = %e, "bus refused disconnect event");
+    }
+}
+
+async fn read_loop<R>(st: &EdgeState, sess: &Arc<Session>, pubr: &mut Publisher<'_>, mut stream: R) -> Ended
+where
+    R: Stream<Item = Result<Message, axum::Error>> + Unpin,
+{
+    let idle = st.cfg.idle_timeout;
+    // After we have sent a close (shutdown, idle, error), wait this long for the client's.
+    let mut closing_deadline: Option<tokio::time::Instant> = None;
+    let mut ended: Option<Ended> = None;
+    loop {
+        let deadline = closing_deadline.unwrap_or_else(|| tokio::time::Instant::now() + idle);
+        let next = tokio::select! {
+            biased;
+            _ = st.shutdown.cancelled(), if closing_deadline.is_none() => {
+                sess.queue.close(close::GOING_AWAY, "server shutting down");
+                ended = Some(Ended { code: close::GOING_AWAY, reason: "server shutting down".into() });
+                closing_deadline = Some(tokio::time::Instant::now() + st.cfg.shutdown_grace);
+                continue;
+            }
+            _ = sess.stop.cancelled() => {
+                return ended.unwrap_or(Ended { code: close::INTERNAL, reason: "writer stopped".into() });
+            }
+            r = tokio::time::timeout_at(deadline, stream.next()) => r,
+        };
+        let msg = match next {
+            Err(_) if closing_deadline.is_some() => {
+                return ended.unwrap_or(Ended { code: close::GOING_AWAY, reason: "close timeout".into() });
+            }
+            Err(_) => {
+                sess.queue.close(close::GOING_AWAY, "idle timeout");
+                return Ended { code: close::GOING_AWAY, reason: "idle timeout".into() };
+            }
+            Ok(None) => return ended.unwrap_or(Ended { code: 1006, reason: "connection lost".into() }),
+            Ok(Some(Err(e))) => {
+                let (code, reason) = classify(e);
+                if code != 1006 {
+                    sess.queue.close(code, reason);
+                }
+                return Ended { code, reason: reason.into() };
+            }
+            Ok(Some(Ok(m))) => m,
+        };
+        let (payload, opcode) = match msg {
+            Message::Text(t) => (Bytes::from(t), Opcode::Text),
+            Message::Binary(b) => (b, Opcode::Binary),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            Message::Close(f) => {
+                let (code, reason) = f.map(|f| (f.code, f.reason.to_string())).unwrap_or((1005, String::new()));
+                return ended.unwrap_or(Ended { code, reason });
+            }
+        };
+        sess.frames_in.fetch_add(1, Ordering::Relaxed);
+        sess.route.frames_in.increment(1);
+        sess.route.bytes_in.increment(payload.len() as u64);
+        let res = match sess.route.cfg.mode {
+            Mode::Raw => pubr.frame(payload, opcode).await,
+            Mode::Framed => handle_op(st, sess, pubr, payload, opcode).await,
+        };
+        if let Err(e) = res {
+            sess.route.drop_bus.increment(1);
+            match sess.route.cfg.mode {
+                Mode::Raw => {
+                    tracing::debug!(session = %sess.id, error = %e, "bus refused a frame: closing 1013");
+                    sess.queue.close(close::TRY_AGAIN_LATER, "bus unavailable");
+                    return Ended { code: close::TRY_AGAIN_LATER, reason: "bus unavailable".into() };
+                }
+                Mode::Framed => sess.reply(framed::error(bus_code(&e), &e.to_string())),
+            }
+        }
+    }
+}
+
+fn bus_code(e: &BusError) -> &'static str {
+    match e {
+        BusError::Overflow { .. } => "overloaded",
+        _ => "bus_unavailable",
+    }
+}
+
+/// Maps a read error to the close code the client should see (1006 = no close frame).
+fn classify(e: axum::Error) -> (u16, &'static str) {
+    use tungstenite::error::{CapacityError, Error as WsError};
+    match e.into_inner().downcast::<WsError>() {
+        Ok(ws) => match *ws {
+            WsError::Capacity(CapacityError::MessageTooLong { .. }) => (close::TOO_BIG, "message too big"),
+            WsError::Capacity(_) => (close::TOO_BIG, "frame too big"),
+            WsError::Utf8(_) => (close::INVALID_PAYLOAD, "invalid UTF-8 in text frame"),
+            WsError::Protocol(_) => (1002, "protocol error"),
+            _ => (1006, "connection error"),
+        },
+        Err(_) => (1006, "connection error"),
+    }
+}
+
+/// Handles one framed-protocol client frame. Errors returned are bus refusals.
+async fn handle_op(
+    st: &EdgeState,
+    sess: &Arc<Session>,
+    pubr: &mut Publisher<'_>,
+    payload: Bytes,
+    opcode: Opcode,
+) -> Result<(), BusError> {
+    if opcode == Opcode::Binary {
+        sess.reply(framed::error("bad_request", "binary frames are not part of the framed protocol"));
+        return Ok(());
+    }
+    let op = match framed::decode_client(&payload) {
+        Ok(op) => op,
+        Err(e) => {
+            sess.reply(framed::error(e.code(), &e.to_string()));
+            return Ok(());
+        }
+    };
+    match op {
+        ClientOp::Subscribe { channel } => {
+            subscribe(st, sess, &channel).await;
+            Ok(())
+        }
+        ClientOp::Unsubscribe { channel } => {
+            if sess.channels.lock().remove(&channel) {
+                st.channels.unsubscribe(sess, &channel).await;
+                sess.reply(framed::unsubscribed(&channel));
+            } else {
+                sess.reply(framed::error("not_subscribed", &format!("not subscribed to {channel}")));
+            }
+            Ok(())
+        }
+        ClientOp::Publish { channel, data } => {
+            if !sess.route.cfg.allow_publish {
+                sess.reply(framed::error("forbidden", "this route does not allow publish"));
+                return Ok(());
+            }
+            let mut h = Headers::new();
+            h.insert(header::SESSION, sess.id.clone());
+            h.insert(header::NODE, st.cfg.node_id.clone());
+            h.insert(header::TIMESTAMP, now_ms().to_string());
+            h.insert(header::TRACEPARENT, sess.trace.traceparent.clone());
+            let rec = Record { key: None, headers: h, payload: data };
+            st.bus.publish(&st.cfg.naming.channel(&channel), rec).await.map(|_| ())
+        }
+        ClientOp::Send { data } => pubr.frame(data, Opcode::Text).await,
+    }
+}
+
+/// Subscribes a session to a channel and answers `subscribed` (framed) once it is live.
+pub async fn subscribe(st: &EdgeState, sess: &Arc<Session>, channel: &str) {
+    {
+        let chans = sess.channels.lock();
+        if chans.contains(channel) {
+            drop(chans);
+            if sess.route.is_framed() {
+                sess.reply(framed::subscribed(channel));
+            }
+            return;
+        }
+        if chans.len() >= MAX_CHANNELS_PER_SESSION {
+            drop(chans);
+            if sess.route.is_framed() {
+                sess.reply(framed::error("too_many_channels", &format!("at most {MAX_CHANNELS_PER_SESSION} channels per session")));
+            }
+            return;
+        }
+    }
+    match st.channels.subscribe(sess, channel).await {
+        Ok(()) => {
+            sess.channels.lock().insert(channel.to_owned());
+            if sess.route.is_framed() {
+                sess.reply(framed::subscribed(channel));
+            }
+        }
+        Err(e) => {
+            if sess.route.is_framed() {
+                sess.reply(framed::error("bus_unavailable", &e.to_string()));
+            }
+        }
+    }
+}
+
+/// Stamps and publishes this session's inbound records, in order.
+struct Publisher<'a> {
+    st: &'a EdgeState,
+    sess: &'a Session,
+    seq: u64,
+}
+
+impl Publisher<'_> {
+    fn envelope(&mut self, kind: Kind, payload: Bytes, opcode: Opcode) -> Envelope {
+        self.seq += 1;
+        let mut e = Envelope::new(self.sess.id.clone(), kind, payload);
+        e.seq = self.seq;
+        e.node = Some(self.st.cfg.node_id.clone());
+        e.route = Some(self.sess.route.cfg.path.clone());
+        e.opcode = opcode;
+        e.trace = Some(self.sess.trace.clone());
+        e.timestamp_ms = now_ms();
+        e.reply = Some(self.st.node_topic.clone());
+        e
+    }
+
+    async fn frame(&mut self, payload: Bytes, opcode: Opcode) -> Result<(), BusError> {
+        let e = self.envelope(Kind::Frame, payload, opcode);
+        let rec = Record { key: Some(e.key()), headers: e.headers(), payload: e.payload };
+        let res = self.st.bus.publish(&self.sess.route.inbound, rec).await.map(|_| ());
+        if res.is_err() {
+            // The frame was not taken: its seq is reused so backends never see a gap.
+            self.seq -= 1;
+        }
+        res
+    }
+
+    /// Connect goes to the registry feed first, then inbound; disconnect the other way round,
+    /// so a router never routes to a session it has not heard of.
+    async fn lifecycle(&mut self, kind: Kind, ended: Option<&Ended>) -> Result<(), BusError> {
+        let mut e = self.envelope(kind, Bytes::new(), Opcode::Text);
+        if let Some(x) = ended {
+            e.code = Some(x.code);
+            e.reason = Some(x.reason.chars().take(120).collect());
+        }
+        let rec = Record { key: Some(e.key()), headers: e.headers(), payload: Bytes::new() };
+        let sessions = self.st.cfg.naming.sessions();
+        let inbound = &self.sess.route.inbound;
+        let (first, second) = if kind == Kind::Connect { (&sessions, inbound) } else { (inbound, &sessions) };
+        let a = self.st.bus.publish(first, rec.clone()).await;
+        let b = self.st.bus.publish(second, rec).await;
+        a.and(b).map(|_| ())
+    }
+}
+
+/// The writer: drains the queue into the socket, one flush per batch; pings on an interval.
+async fn write_loop<W>(mut sink: W, sess: Arc<Session>, ping_every: Duration)
+where
+    W: Sink<Message, Error = axum::Error> + Unpin,
+{
+    let mut batch: VecDeque<Out> = VecDeque::new();
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+    let route = sess.route.clone();
+    let res: Result<(), axum::Error> = async {
+        loop {
+            tokio::select! {
+                _ = sess.queue.take_all(&mut batch) => {
+                    let (mut n, mut bytes) = (0u64, 0u64);
+                    for out in batch.drain(..) {
+                        match out {
+                            Out::Msg(m) => {
+                                n += 1;
+                                bytes += match &m { Message::Text(t) => t.len(), Message::Binary(b) => b.len(), _ => 0 } as u64;
+                                sink.feed(m).await?;
+                            }
+                            Out::Close(code, reason) => {
+                                sink.feed(Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(reason) }))).await?;
+                                sink.flush().await?;
+                                count(&sess, &route, n, bytes);
+                                return Ok(());
+                            }
+                        }
+                    }
+                    sink.flush().await?;
+                    count(&sess, &route, n, bytes);
+                }
+                _ = ping.tick() => sink.send(Message::Ping(Bytes::new())).await?,
+            }
+        }
+    }
+    .await;
+    if let Err(e) = res {
+        tracing::debug!(session = %sess.id, error = %e, "socket write ended");
+    }
+    // Nothing more will be written: refuse further pushes and stop the reader.
+    sess.queue.close(close::GOING_AWAY, "writer stopped");
+    sess.stop.cancel();
+}
+
+fn count(sess: &Session, route: &Route, n: u64, bytes: u64) {
+    if n > 0 {
+        sess.frames_out.fetch_add(n, Ordering::Relaxed);
+        route.frames_out.increment(n);
+        route.bytes_out.increment(bytes);
+    }
+}

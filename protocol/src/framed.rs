@@ -1,0 +1,223 @@
+//! The `framed` client protocol: small JSON objects with an `op` field.
+//!
+//! Client → server: `subscribe`, `unsubscribe`, `publish`, `send`.
+//! Server → client: `welcome`, `subscribed`, `unsubscribed`, `error`, and channel messages
+//! `{"channel":C,"offset":N,"data":...}` (no `op`; `offset` present when the bus knows one).
+
+use base64::Engine;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use thiserror::Error;
+
+use crate::naming::valid_channel;
+
+/// A decoded client operation. `data` is the raw JSON text of the `data` field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientOp {
+    Subscribe { channel: String },
+    Unsubscribe { channel: String },
+    Publish { channel: String, data: Bytes },
+    Send { data: Bytes },
+}
+
+/// Why a client frame is not a valid framed op. [`FramedError::code`] is what the client sees.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum FramedError {
+    #[error("frame is not a JSON object: {0}")]
+    NotJson(String),
+    #[error("missing field `{0}`")]
+    Missing(&'static str),
+    #[error("unknown op {0:?}")]
+    UnknownOp(String),
+    #[error("invalid channel name {0:?}")]
+    InvalidChannel(String),
+}
+
+impl FramedError {
+    /// The `code` of the error op sent to the client.
+    pub fn code(&self) -> &'static str {
+        match self {
+            FramedError::NotJson(_) | FramedError::Missing(_) => "bad_request",
+            FramedError::UnknownOp(_) => "unknown_op",
+            FramedError::InvalidChannel(_) => "invalid_channel",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawOp<'a> {
+    #[serde(borrow)]
+    op: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    channel: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+}
+
+/// Decodes one client frame.
+pub fn decode_client(frame: &[u8]) -> Result<ClientOp, FramedError> {
+    let raw: RawOp<'_> = serde_json::from_slice(frame).map_err(|e| {
+        let mut m = e.to_string();
+        m.truncate(120);
+        FramedError::NotJson(m)
+    })?;
+    let op = raw.op.ok_or(FramedError::Missing("op"))?;
+    let channel = || -> Result<String, FramedError> {
+        let c = raw.channel.as_deref().ok_or(FramedError::Missing("channel"))?;
+        if !valid_channel(c) {
+            let mut c = c.to_owned();
+            c.truncate(c.char_indices().nth(64).map_or(c.len(), |(i, _)| i));
+            return Err(FramedError::InvalidChannel(c));
+        }
+        Ok(c.to_owned())
+    };
+    let data = || -> Result<Bytes, FramedError> {
+        let d = raw.data.ok_or(FramedError::Missing("data"))?;
+        Ok(Bytes::copy_from_slice(d.get().as_bytes()))
+    };
+    match op.as_ref() {
+        "subscribe" => Ok(ClientOp::Subscribe { channel: channel()? }),
+        "unsubscribe" => Ok(ClientOp::Unsubscribe { channel: channel()? }),
+        "publish" => Ok(ClientOp::Publish { channel: channel()?, data: data()? }),
+        "send" => Ok(ClientOp::Send { data: data()? }),
+        other => {
+            let mut o = other.to_owned();
+            o.truncate(o.char_indices().nth(32).map_or(o.len(), |(i, _)| i));
+            Err(FramedError::UnknownOp(o))
+        }
+    }
+}
+
+/// Encodes a client op (used by clients and tests; the edge only decodes).
+pub fn encode_client(op: &ClientOp) -> String {
+    let data = |d: &Bytes| String::from_utf8_lossy(d).into_owned();
+    match op {
+        ClientOp::Subscribe { channel } => format!(r#"{{"op":"subscribe","channel":{}}}"#, q(channel)),
+        ClientOp::Unsubscribe { channel } => format!(r#"{{"op":"unsubscribe","channel":{}}}"#, q(channel)),
+        ClientOp::Publish { channel, data: d } => {
+            format!(r#"{{"op":"publish","channel":{},"data":{}}}"#, q(channel), data(d))
+        }
+        ClientOp::Send { data: d } => format!(r#"{{"op":"send","data":{}}}"#, data(d)),
+    }
+}
+
+fn q(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+/// `{"op":"welcome","session":ID}`
+pub fn welcome(session: &str) -> String {
+    format!(r#"{{"op":"welcome","session":{}}}"#, q(session))
+}
+
+/// `{"op":"subscribed","channel":C}` — sent once the channel subscription is live on the bus.
+pub fn subscribed(channel: &str) -> String {
+    format!(r#"{{"op":"subscribed","channel":{}}}"#, q(channel))
+}
+
+/// `{"op":"unsubscribed","channel":C}`
+pub fn unsubscribed(channel: &str) -> String {
+    format!(r#"{{"op":"unsubscribed","channel":{}}}"#, q(channel))
+}
+
+/// `{"op":"error","code":CODE,"message":MSG}`
+pub fn error(code: &str, message: &str) -> String {
+    format!(r#"{{"op":"error","code":{},"message":{}}}"#, q(code), q(message))
+}
+
+/// A channel message: `{"channel":C,"offset":N,"data":D}`.
+///
+/// `payload` is embedded as-is when it is JSON; as a JSON string when it is other UTF-8 text;
+/// otherwise base64-encoded under `data_b64`, so no payload is ever dropped or mangled.
+pub fn channel_message(channel: &str, offset: Option<u64>, payload: &[u8]) -> String {
+    let mut out = String::with_capacity(payload.len() + channel.len() + 40);
+    out.push_str(r#"{"channel":"#);
+    out.push_str(&q(channel));
+    if let Some(o) = offset {
+        out.push_str(r#","offset":"#);
+        out.push_str(&o.to_string());
+    }
+    let text = std::str::from_utf8(payload);
+    match text {
+        Ok(t) if serde_json::from_str::<serde::de::IgnoredAny>(t).is_ok() => {
+            out.push_str(r#","data":"#);
+            out.push_str(t.trim());
+        }
+        Ok(t) => {
+            out.push_str(r#","data":"#);
+            out.push_str(&q(t));
+        }
+        Err(_) => {
+            out.push_str(r#","data_b64":""#);
+            out.push_str(&base64::engine::general_purpose::STANDARD.encode(payload));
+            out.push('"');
+        }
+    }
+    out.push('}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn decodes_ops() {
+        assert_eq!(
+            decode_client(br#"{"op":"subscribe","channel":"demo.ticker"}"#),
+            Ok(ClientOp::Subscribe { channel: "demo.ticker".into() })
+        );
+        assert_eq!(
+            decode_client(br#"{"op":"publish","channel":"c","data":{"a":[1,2]}}"#),
+            Ok(ClientOp::Publish { channel: "c".into(), data: Bytes::from_static(br#"{"a":[1,2]}"#) })
+        );
+        assert_eq!(
+            decode_client(br#"{"op":"send","data":"hi"}"#),
+            Ok(ClientOp::Send { data: Bytes::from_static(br#""hi""#) })
+        );
+        assert_eq!(decode_client(br#"{"op":"send"}"#), Err(FramedError::Missing("data")));
+        assert_eq!(decode_client(br#"{"channel":"x"}"#), Err(FramedError::Missing("op")));
+        assert!(matches!(decode_client(b"nope"), Err(FramedError::NotJson(_))));
+        assert!(matches!(decode_client(br#"{"op":"x"}"#), Err(FramedError::UnknownOp(_))));
+        assert!(matches!(
+            decode_client(br#"{"op":"subscribe","channel":"a.*"}"#),
+            Err(FramedError::InvalidChannel(_))
+        ));
+    }
+
+    #[test]
+    fn channel_message_shapes() {
+        assert_eq!(channel_message("c", Some(3), b"{\"p\":1}"), r#"{"channel":"c","offset":3,"data":{"p":1}}"#);
+        assert_eq!(channel_message("c", None, b"plain"), r#"{"channel":"c","data":"plain"}"#);
+        assert_eq!(channel_message("c", None, &[0xff]), r#"{"channel":"c","data_b64":"/w=="}"#);
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(frame in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode_client(&frame);
+        }
+
+        #[test]
+        fn round_trip(channel in "[a-z0-9]{1,10}(\\.[a-z0-9]{1,10}){0,3}", n in any::<i64>(), s in "\\PC{0,40}", which in 0usize..4) {
+            let data = Bytes::from(serde_json::json!({"n": n, "s": s}).to_string());
+            let op = match which {
+                0 => ClientOp::Subscribe { channel },
+                1 => ClientOp::Unsubscribe { channel },
+                2 => ClientOp::Publish { channel, data },
+                _ => ClientOp::Send { data },
+            };
+            prop_assert_eq!(decode_client(encode_client(&op).as_bytes()), Ok(op));
+        }
+
+        #[test]
+        fn channel_messages_are_json(payload in proptest::collection::vec(any::<u8>(), 0..100), off in proptest::option::of(any::<u64>())) {
+            let m = channel_message("x.y", off, &payload);
+            let v: serde_json::Value = serde_json::from_str(&m).unwrap();
+            prop_assert_eq!(v["channel"].as_str(), Some("x.y"));
+        }
+    }
+}

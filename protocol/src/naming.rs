@@ -1,0 +1,148 @@
+//! Topic / subject names. Every bus uses the same dotted names; NATS uses them as subjects,
+//! Kafka and memory as topic names. `prefix` (default `sy`) lets several deployments share a bus.
+
+/// Names derived from one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Naming {
+    prefix: String,
+}
+
+impl Default for Naming {
+    fn default() -> Self {
+        Self { prefix: "sy".into() }
+    }
+}
+
+impl Naming {
+    /// `prefix` must itself be a valid dotted name (see [`valid_channel`]).
+    pub fn new(prefix: &str) -> Result<Self, String> {
+        if !valid_channel(prefix) {
+            return Err(format!(
+                "invalid prefix {prefix:?}: use dot-separated tokens of [A-Za-z0-9_-]"
+            ));
+        }
+        Ok(Self { prefix: prefix.to_owned() })
+    }
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+    /// Client frames and lifecycle events of a route: `<prefix>.in.<topic>`.
+    pub fn inbound(&self, topic: &str) -> String {
+        format!("{}.in.{topic}", self.prefix)
+    }
+    /// One partition of a route's inbound stream (NATS): `<prefix>.in.<topic>.p<N>`.
+    pub fn inbound_partition(&self, topic: &str, partition: u32) -> String {
+        format!("{}.in.{topic}.p{partition}", self.prefix)
+    }
+    /// Backend replies and control records, keyed by session: `<prefix>.out`.
+    pub fn outbound(&self) -> String {
+        format!("{}.out", self.prefix)
+    }
+    /// Session lifecycle feed the routers build their registry from: `<prefix>.sessions`.
+    pub fn sessions(&self) -> String {
+        format!("{}.sessions", self.prefix)
+    }
+    /// Delivery subject of one edge node: `<prefix>.node.<node>`.
+    pub fn node(&self, node: &str) -> String {
+        format!("{}.node.{node}", self.prefix)
+    }
+    /// A channel: `<prefix>.ch.<channel>`.
+    pub fn channel(&self, channel: &str) -> String {
+        format!("{}.ch.{channel}", self.prefix)
+    }
+    /// The channel name of a channel topic, if `topic` is one.
+    pub fn channel_of<'a>(&self, topic: &'a str) -> Option<&'a str> {
+        topic
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|t| t.strip_prefix(".ch."))
+    }
+}
+
+/// Longest channel (or topic) name accepted.
+pub const MAX_NAME_LEN: usize = 200;
+
+/// A channel or topic name: 1..=200 chars, dot-separated non-empty tokens of `[A-Za-z0-9_-]`.
+/// No wildcards, no spaces, no empty tokens.
+pub fn valid_channel(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NAME_LEN
+        && s.split('.').all(|t| {
+            !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        })
+}
+
+/// Kafka's default partitioner hash (murmur2, seed 0x9747b28c), so that Java clients, the
+/// NATS partition token and `replay` agree on key → partition.
+pub fn murmur2(data: &[u8]) -> u32 {
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let len = data.len();
+    let mut h: u32 = 0x9747_b28c ^ (len as u32);
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() >= 3 {
+        h ^= (rest[2] as u32) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= (rest[1] as u32) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= rest[0] as u32;
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h
+}
+
+/// Partition of `key` among `partitions`, exactly as Kafka's default partitioner computes it.
+pub fn partition_for(key: &[u8], partitions: u32) -> u32 {
+    (murmur2(key) & 0x7fff_ffff) % partitions.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        let n = Naming::default();
+        assert_eq!(n.inbound("echo"), "sy.in.echo");
+        assert_eq!(n.inbound_partition("echo", 3), "sy.in.echo.p3");
+        assert_eq!(n.node("a1"), "sy.node.a1");
+        assert_eq!(n.channel("ticker.AAPL"), "sy.ch.ticker.AAPL");
+        assert_eq!(n.channel_of("sy.ch.ticker.AAPL"), Some("ticker.AAPL"));
+        assert_eq!(n.channel_of("sy.out"), None);
+        assert!(Naming::new("a b").is_err());
+    }
+
+    #[test]
+    fn channel_validation() {
+        for ok in ["a", "ticker.AAPL", "dash_ops-1.x"] {
+            assert!(valid_channel(ok), "{ok}");
+        }
+        for bad in ["", ".", "a..b", "a.", "*", "a.>", "a b", &"x".repeat(201)] {
+            assert!(!valid_channel(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn murmur2_matches_kafka() {
+        // Values from Kafka's UtilsTest.testMurmur2.
+        assert_eq!(murmur2(b"21") as i32, -973932308);
+        assert_eq!(murmur2(b"foobar") as i32, -790332482);
+        assert_eq!(murmur2(b"a-little-bit-long-string") as i32, -985981536);
+        assert_eq!(murmur2(b"a-little-bit-longer-string") as i32, -1486304829);
+        assert_eq!(murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8") as i32, -58897971);
+        assert_eq!(murmur2(b"abc") as i32, 479470107);
+    }
+}

@@ -1,0 +1,175 @@
+//! The one typed configuration: flags, each with an `env =` twin, plus the TOML route file.
+//! Everything is validated before any port is bound; a bad value is one line on stderr and exit
+//! code 64 (EX_USAGE).
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use switchyard_bus::BusOptions;
+use switchyard_edge::config::{default_routes, parse_routes};
+use switchyard_edge::EdgeConfig;
+use switchyard_protocol::Naming;
+
+/// Switchyard: a WebSocket edge gateway that turns sockets into Kafka/NATS topics.
+#[derive(Debug, Parser)]
+#[command(name = "switchyard", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub opts: Options,
+}
+
+/// What this process runs. With no subcommand: `standalone`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+pub enum Command {
+    /// Edge + router (+ demo backends with --demo) in one process, on any bus (default).
+    Standalone,
+    /// An edge node only: client sockets, inbound publishing, node delivery, channels.
+    Edge,
+    /// A router only: session registry and delivery of backend records to nodes.
+    Router,
+    /// The demo backends only (echo, app, ticker), as an external backend would run them.
+    Demo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct Options {
+    /// Bus URL: memory:// (embedded, one process), nats://HOST:PORT or kafka://HOST:PORT
+    #[arg(long, env = "SWITCHYARD_BUS", default_value = "memory://", global = true)]
+    pub bus: String,
+    /// Client WebSocket listener address
+    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "0.0.0.0:8080", global = true)]
+    pub listen: SocketAddr,
+    /// Admin listener address (/healthz, /readyz, /metrics, /api)
+    #[arg(long, env = "SWITCHYARD_ADMIN", default_value = "127.0.0.1:9090", global = true)]
+    pub admin: SocketAddr,
+    /// Node id, [A-Za-z0-9_-] (default: generated, unique per start)
+    #[arg(long, env = "SWITCHYARD_NODE_ID", global = true)]
+    pub node_id: Option<String>,
+    /// TOML route file with [[route]] tables (default: /ws/echo raw and /ws framed)
+    #[arg(long, env = "SWITCHYARD_ROUTES", global = true)]
+    pub routes: Option<PathBuf>,
+    /// Also run the demo backends (echo on /ws/echo, app + demo.ticker channel on /ws)
+    #[arg(long, env = "SWITCHYARD_DEMO", global = true)]
+    pub demo: bool,
+    /// Prefix of every topic/subject name
+    #[arg(long, env = "SWITCHYARD_PREFIX", default_value = "sy", global = true)]
+    pub prefix: String,
+    /// Default largest client message in bytes (bigger closes with 1009)
+    #[arg(long, env = "SWITCHYARD_MAX_MESSAGE_SIZE", default_value_t = 1 << 20, global = true)]
+    pub max_message_size: usize,
+    /// Interval between server pings, e.g. 20s
+    #[arg(long, env = "SWITCHYARD_PING_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration, global = true)]
+    pub ping_interval: Duration,
+    /// Close sockets silent (no frame, no pong) for this long, e.g. 60s
+    #[arg(long, env = "SWITCHYARD_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration, global = true)]
+    pub idle_timeout: Duration,
+    /// On SIGTERM, how long clients get to answer the close handshake
+    #[arg(long, env = "SWITCHYARD_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    pub shutdown_grace: Duration,
+    /// Per-subscription bus buffer (messages)
+    #[arg(long, env = "SWITCHYARD_BUS_BUFFER", default_value_t = 8192, global = true)]
+    pub bus_buffer: usize,
+    /// Log filter, tracing-subscriber syntax (e.g. info,switchyard_edge=debug)
+    #[arg(long, env = "SWITCHYARD_LOG", default_value = "info", global = true)]
+    pub log: String,
+    /// Log format
+    #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    pub log_format: LogFormat,
+}
+
+/// Validated settings, ready to build an [`crate::App`].
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub command: Command,
+    pub bus_url: String,
+    pub bus: BusOptions,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub edge: EdgeConfig,
+    pub naming: Naming,
+    pub demo: bool,
+}
+
+impl Settings {
+    /// Defaults for an embedded standalone node on ephemeral loopback ports (tests use this).
+    pub fn for_tests() -> Self {
+        let mut edge = EdgeConfig::new(generated_node_id());
+        edge.shutdown_grace = Duration::from_secs(3);
+        Self {
+            command: Command::Standalone,
+            bus_url: "memory://".into(),
+            bus: BusOptions::default(),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            admin: "127.0.0.1:0".parse().expect("addr"),
+            edge,
+            naming: Naming::default(),
+            demo: true,
+        }
+    }
+}
+
+fn generated_node_id() -> String {
+    let u = ulid::Ulid::new().to_string().to_lowercase();
+    format!("node-{}", &u[16..])
+}
+
+impl Cli {
+    /// Validates everything; the error is one line.
+    pub fn settings(&self) -> Result<Settings, String> {
+        let o = &self.opts;
+        let command = self.command.unwrap_or(Command::Standalone);
+        switchyard_bus::validate_url(&o.bus)?;
+        if o.bus.starts_with("memory://") && command != Command::Standalone {
+            return Err(format!(
+                "`switchyard {}` needs a shared bus (nats:// or kafka://): memory:// exists only inside one process",
+                format!("{command:?}").to_lowercase()
+            ));
+        }
+        if o.demo && command != Command::Standalone {
+            return Err("--demo applies to standalone; run `switchyard demo` for the backends alone".into());
+        }
+        let naming = Naming::new(&o.prefix).map_err(|e| format!("--prefix: {e}"))?;
+        let routes = match &o.routes {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read route file {}: {e}", path.display()))?;
+                parse_routes(&text).map_err(|e| format!("route file {}: {}", path.display(), e.trim().replace('\n', " ")))?
+            }
+            None => default_routes(),
+        };
+        let mut edge = EdgeConfig::new(o.node_id.clone().unwrap_or_else(generated_node_id));
+        edge.naming = naming.clone();
+        edge.routes = routes;
+        edge.max_message_size = o.max_message_size;
+        edge.ping_interval = o.ping_interval;
+        edge.idle_timeout = o.idle_timeout;
+        edge.shutdown_grace = o.shutdown_grace;
+        edge.validate()?;
+        if o.bus_buffer == 0 || o.bus_buffer > 1 << 22 {
+            return Err(format!("--bus-buffer {} out of range 1..=4194304", o.bus_buffer));
+        }
+        if command == Command::Standalone && o.listen == o.admin {
+            return Err(format!("--listen and --admin are both {}", o.listen));
+        }
+        let bus = BusOptions { buffer: o.bus_buffer, name: format!("switchyard-{}", edge.node_id), ..BusOptions::default() };
+        Ok(Settings {
+            command,
+            bus_url: o.bus.clone(),
+            bus,
+            listen: o.listen,
+            admin: o.admin,
+            edge,
+            naming,
+            demo: o.demo,
+        })
+    }
+}

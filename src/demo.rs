@@ -1,0 +1,70 @@
+//! Demo backends. They use the bus exactly as an external backend would: consume a route's
+//! inbound topic as a group, reply on the outbound topic keyed by session, publish to a channel.
+//!
+//! - `echo` (route `/ws/echo`, topic `echo`): every frame back, same bytes, same opcode.
+//! - `app` (route `/ws`, topic `app`): every `send` answered with `{"echo":<data>}`.
+//! - `ticker`: a price tick on channel `demo.ticker` every 500 ms.
+
+use bytes::Bytes;
+use std::sync::Arc;
+use std::time::Duration;
+use switchyard_bus::{Bus, BusError, Record, SubscribeOptions, Subscription};
+use switchyard_protocol::envelope::now_ms;
+use switchyard_protocol::{Envelope, Kind, Naming};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Subscribes (live when this returns) and runs the demo backends until `shutdown`.
+pub async fn start(bus: Arc<dyn Bus>, naming: Naming, shutdown: CancellationToken) -> Result<JoinHandle<()>, BusError> {
+    let echo = bus.subscribe(&naming.inbound("echo"), SubscribeOptions::group("demo-echo")).await?;
+    let app = bus.subscribe(&naming.inbound("app"), SubscribeOptions::group("demo-app")).await?;
+    Ok(tokio::spawn(async move {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = respond(bus.clone(), naming.clone(), echo, |p| p.clone()) => {}
+            _ = respond(bus.clone(), naming.clone(), app, |p| {
+                let mut v = Vec::with_capacity(p.len() + 10);
+                v.extend_from_slice(b"{\"echo\":");
+                v.extend_from_slice(p);
+                v.push(b'}');
+                Bytes::from(v)
+            }) => {}
+            _ = ticker(bus.clone(), naming.clone()) => {}
+        }
+    }))
+}
+
+async fn respond(bus: Arc<dyn Bus>, naming: Naming, mut sub: Subscription, answer: impl Fn(&Bytes) -> Bytes) {
+    let out = naming.outbound();
+    while let Some(m) = sub.recv().await {
+        let r = &m.record;
+        let Ok(env) = Envelope::from_record(r.key.as_deref(), &r.headers, r.payload.clone()) else { continue };
+        if env.kind != Kind::Frame {
+            continue;
+        }
+        let mut reply = Envelope::new(env.session, Kind::Deliver, answer(&env.payload));
+        reply.opcode = env.opcode;
+        reply.trace = env.trace;
+        reply.timestamp_ms = now_ms();
+        let rec = Record { key: Some(reply.key()), headers: reply.headers(), payload: reply.payload };
+        if let Err(e) = bus.publish(&out, rec).await {
+            tracing::warn!(error = %e, "demo backend could not reply");
+        }
+    }
+}
+
+async fn ticker(bus: Arc<dyn Bus>, naming: Naming) {
+    let topic = naming.channel("demo.ticker");
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut price = 100.0f64;
+    for n in 0u64.. {
+        tick.tick().await;
+        // A deterministic wiggle: no RNG needed for a demo.
+        price = (price + ((n as f64) * 0.7).sin() * 0.5).max(1.0);
+        let payload = format!(r#"{{"symbol":"SWYD","price":{price:.2},"seq":{n},"ts":{}}}"#, now_ms());
+        let rec = Record { key: None, headers: Default::default(), payload: Bytes::from(payload) };
+        if let Err(e) = bus.publish(&topic, rec).await {
+            tracing::warn!(error = %e, "ticker could not publish");
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! `switchyard`: config → tracing → build → run.
+
+use clap::Parser;
+use std::process::ExitCode;
+use switchyard::config::{Cli, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+/// EX_USAGE: bad flags, env or config.
+const EX_USAGE: u8 = 64;
+/// EX_UNAVAILABLE: a listener or the bus could not be opened.
+const EX_UNAVAILABLE: u8 = 69;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid arguments");
+            eprintln!("switchyard: {}", line.trim_start_matches("error: "));
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let settings = match cli.settings() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let filter = match EnvFilter::try_new(&cli.opts.log) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("switchyard: --log {:?}: {e}", cli.opts.log);
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.opts.log_format {
+        LogFormat::Json => fmt.json().init(),
+        LogFormat::Text => fmt.init(),
+    }
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("switchyard: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let app = match settings.build().await {
+            Ok(app) => app,
+            Err(e) => {
+                eprintln!("switchyard: {e:#}");
+                return ExitCode::from(EX_UNAVAILABLE);
+            }
+        };
+        let token = app.shutdown_token();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            token.cancel();
+        });
+        match app.run().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("switchyard: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+    }
+}
