@@ -83,15 +83,12 @@ impl Bus for MemoryBus {
 
     async fn publish(&self, topic: &str, record: Record) -> Result<Option<u64>, BusError> {
         check_name(topic, false)?;
-        let g = self.inner.read();
-        let offset = match g.offsets.get(topic) {
-            Some(o) => o.fetch_add(1, Ordering::Relaxed),
-            None => {
-                drop(g);
-                let counter = self.inner.write().offsets.entry(topic.to_owned()).or_default().clone();
-                counter.fetch_add(1, Ordering::Relaxed)
-            }
+        let known = self.inner.read().offsets.get(topic).cloned();
+        let counter = match known {
+            Some(c) => c,
+            None => self.inner.write().offsets.entry(topic.to_owned()).or_default().clone(),
         };
+        let offset = counter.fetch_add(1, Ordering::Relaxed);
         let (msg, full) = self.deliver(topic, record, offset);
         // Buffers that were full: wait for room, up to the deadline, without holding the lock.
         let mut overflow = false;
