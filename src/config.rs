@@ -43,13 +43,28 @@ pub enum LogFormat {
 #[derive(Debug, Args)]
 pub struct Options {
     /// Bus URL: memory:// (embedded, one process), nats://HOST:PORT or kafka://HOST:PORT
-    #[arg(long, env = "SWITCHYARD_BUS", default_value = "memory://", global = true)]
+    #[arg(
+        long,
+        env = "SWITCHYARD_BUS",
+        default_value = "memory://",
+        global = true
+    )]
     pub bus: String,
     /// Client WebSocket listener address
-    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "0.0.0.0:8080", global = true)]
+    #[arg(
+        long,
+        env = "SWITCHYARD_LISTEN",
+        default_value = "0.0.0.0:8080",
+        global = true
+    )]
     pub listen: SocketAddr,
     /// Admin listener address (/healthz, /readyz, /metrics, /api)
-    #[arg(long, env = "SWITCHYARD_ADMIN", default_value = "127.0.0.1:9090", global = true)]
+    #[arg(
+        long,
+        env = "SWITCHYARD_ADMIN",
+        default_value = "127.0.0.1:9090",
+        global = true
+    )]
     pub admin: SocketAddr,
     /// Node id, [A-Za-z0-9_-] (default: generated, unique per start)
     #[arg(long, env = "SWITCHYARD_NODE_ID", global = true)]
@@ -76,13 +91,24 @@ pub struct Options {
     #[arg(long, env = "SWITCHYARD_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
     pub shutdown_grace: Duration,
     /// Per-subscription bus buffer (messages)
-    #[arg(long, env = "SWITCHYARD_BUS_BUFFER", default_value_t = 8192, global = true)]
+    #[arg(
+        long,
+        env = "SWITCHYARD_BUS_BUFFER",
+        default_value_t = 8192,
+        global = true
+    )]
     pub bus_buffer: usize,
     /// Log filter, tracing-subscriber syntax (e.g. info,switchyard_edge=debug)
     #[arg(long, env = "SWITCHYARD_LOG", default_value = "info", global = true)]
     pub log: String,
     /// Log format
-    #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "SWITCHYARD_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
     pub log_format: LogFormat,
 }
 
@@ -103,7 +129,7 @@ impl Settings {
     /// Defaults for an embedded standalone node on ephemeral loopback ports (tests use this).
     pub fn for_tests() -> Self {
         let mut edge = EdgeConfig::new(generated_node_id());
-        edge.shutdown_grace = Duration::from_secs(3);
+        edge.shutdown_grace = Duration::from_secs(1);
         Self {
             command: Command::Standalone,
             bus_url: "memory://".into(),
@@ -135,14 +161,22 @@ impl Cli {
             ));
         }
         if o.demo && command != Command::Standalone {
-            return Err("--demo applies to standalone; run `switchyard demo` for the backends alone".into());
+            return Err(
+                "--demo applies to standalone; run `switchyard demo` for the backends alone".into(),
+            );
         }
         let naming = Naming::new(&o.prefix).map_err(|e| format!("--prefix: {e}"))?;
         let routes = match &o.routes {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| format!("cannot read route file {}: {e}", path.display()))?;
-                parse_routes(&text).map_err(|e| format!("route file {}: {}", path.display(), e.trim().replace('\n', " ")))?
+                parse_routes(&text).map_err(|e| {
+                    format!(
+                        "route file {}: {}",
+                        path.display(),
+                        e.trim().replace('\n', " ")
+                    )
+                })?
             }
             None => default_routes(),
         };
@@ -155,12 +189,19 @@ impl Cli {
         edge.shutdown_grace = o.shutdown_grace;
         edge.validate()?;
         if o.bus_buffer == 0 || o.bus_buffer > 1 << 22 {
-            return Err(format!("--bus-buffer {} out of range 1..=4194304", o.bus_buffer));
+            return Err(format!(
+                "--bus-buffer {} out of range 1..=4194304",
+                o.bus_buffer
+            ));
         }
-        if command == Command::Standalone && o.listen == o.admin {
+        if command == Command::Standalone && o.listen == o.admin && o.listen.port() != 0 {
             return Err(format!("--listen and --admin are both {}", o.listen));
         }
-        let bus = BusOptions { buffer: o.bus_buffer, name: format!("switchyard-{}", edge.node_id), ..BusOptions::default() };
+        let bus = BusOptions {
+            buffer: o.bus_buffer,
+            name: format!("switchyard-{}", edge.node_id),
+            ..BusOptions::default()
+        };
         Ok(Settings {
             command,
             bus_url: o.bus.clone(),

@@ -15,9 +15,20 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// Subscribes (live when this returns) and runs the demo backends until `shutdown`.
-pub async fn start(bus: Arc<dyn Bus>, naming: Naming, shutdown: CancellationToken) -> Result<JoinHandle<()>, BusError> {
-    let echo = bus.subscribe(&naming.inbound("echo"), SubscribeOptions::group("demo-echo")).await?;
-    let app = bus.subscribe(&naming.inbound("app"), SubscribeOptions::group("demo-app")).await?;
+pub async fn start(
+    bus: Arc<dyn Bus>,
+    naming: Naming,
+    shutdown: CancellationToken,
+) -> Result<JoinHandle<()>, BusError> {
+    let echo = bus
+        .subscribe(
+            &naming.inbound("echo"),
+            SubscribeOptions::group("demo-echo"),
+        )
+        .await?;
+    let app = bus
+        .subscribe(&naming.inbound("app"), SubscribeOptions::group("demo-app"))
+        .await?;
     Ok(tokio::spawn(async move {
         tokio::select! {
             _ = shutdown.cancelled() => {}
@@ -34,11 +45,18 @@ pub async fn start(bus: Arc<dyn Bus>, naming: Naming, shutdown: CancellationToke
     }))
 }
 
-async fn respond(bus: Arc<dyn Bus>, naming: Naming, mut sub: Subscription, answer: impl Fn(&Bytes) -> Bytes) {
+async fn respond(
+    bus: Arc<dyn Bus>,
+    naming: Naming,
+    mut sub: Subscription,
+    answer: impl Fn(&Bytes) -> Bytes,
+) {
     let out = naming.outbound();
     while let Some(m) = sub.recv().await {
         let r = &m.record;
-        let Ok(env) = Envelope::from_record(r.key.as_deref(), &r.headers, r.payload.clone()) else { continue };
+        let Ok(env) = Envelope::from_record(r.key.as_deref(), &r.headers, r.payload.clone()) else {
+            continue;
+        };
         if env.kind != Kind::Frame {
             continue;
         }
@@ -46,7 +64,11 @@ async fn respond(bus: Arc<dyn Bus>, naming: Naming, mut sub: Subscription, answe
         reply.opcode = env.opcode;
         reply.trace = env.trace;
         reply.timestamp_ms = now_ms();
-        let rec = Record { key: Some(reply.key()), headers: reply.headers(), payload: reply.payload };
+        let rec = Record {
+            key: Some(reply.key()),
+            headers: reply.headers(),
+            payload: reply.payload,
+        };
         if let Err(e) = bus.publish(&out, rec).await {
             tracing::warn!(error = %e, "demo backend could not reply");
         }
@@ -61,8 +83,15 @@ async fn ticker(bus: Arc<dyn Bus>, naming: Naming) {
         tick.tick().await;
         // A deterministic wiggle: no RNG needed for a demo.
         price = (price + ((n as f64) * 0.7).sin() * 0.5).max(1.0);
-        let payload = format!(r#"{{"symbol":"SWYD","price":{price:.2},"seq":{n},"ts":{}}}"#, now_ms());
-        let rec = Record { key: None, headers: Default::default(), payload: Bytes::from(payload) };
+        let payload = format!(
+            r#"{{"symbol":"SWYD","price":{price:.2},"seq":{n},"ts":{}}}"#,
+            now_ms()
+        );
+        let rec = Record {
+            key: None,
+            headers: Default::default(),
+            payload: Bytes::from(payload),
+        };
         if let Err(e) = bus.publish(&topic, rec).await {
             tracing::warn!(error = %e, "ticker could not publish");
         }

@@ -44,15 +44,21 @@ impl Settings {
         let prometheus = switchyard_edge::metrics::install();
         let runs_edge = matches!(self.command, Command::Standalone | Command::Edge);
         let runs_router = matches!(self.command, Command::Standalone | Command::Router);
-        let runs_demo = self.command == Command::Demo || (self.command == Command::Standalone && self.demo);
+        let runs_demo =
+            self.command == Command::Demo || (self.command == Command::Standalone && self.demo);
 
         let client = if runs_edge {
-            Some(TcpListener::bind(self.listen).await.with_context(|| format!("cannot listen on {}", self.listen))?)
+            Some(
+                TcpListener::bind(self.listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {}", self.listen))?,
+            )
         } else {
             None
         };
-        let admin_listener =
-            TcpListener::bind(self.admin).await.with_context(|| format!("cannot listen on {} (admin)", self.admin))?;
+        let admin_listener = TcpListener::bind(self.admin)
+            .await
+            .with_context(|| format!("cannot listen on {} (admin)", self.admin))?;
         let bus = switchyard_bus::connect(&self.bus_url, &self.bus)
             .await
             .with_context(|| format!("cannot open bus {}", self.bus_url))?;
@@ -60,17 +66,29 @@ impl Settings {
         let shutdown = CancellationToken::new();
         let late = CancellationToken::new();
         let router = if runs_router {
-            Some(Router::start(bus.clone(), self.naming.clone(), late.clone()).await.context("router")?)
+            Some(
+                Router::start(bus.clone(), self.naming.clone(), late.clone())
+                    .await
+                    .context("router")?,
+            )
         } else {
             None
         };
         let demo = if runs_demo {
-            Some(demo::start(bus.clone(), self.naming.clone(), late.clone()).await.context("demo backends")?)
+            Some(
+                demo::start(bus.clone(), self.naming.clone(), late.clone())
+                    .await
+                    .context("demo backends")?,
+            )
         } else {
             None
         };
         let edge = match client {
-            Some(l) => Some(Edge::start(self.edge.clone(), bus.clone(), l, shutdown.clone()).await.context("edge")?),
+            Some(l) => Some(
+                Edge::start(self.edge.clone(), bus.clone(), l, shutdown.clone())
+                    .await
+                    .context("edge")?,
+            ),
             None => None,
         };
         let client_addr = edge.as_ref().map(|e| e.addr);
@@ -87,9 +105,20 @@ impl Settings {
         let admin = tokio::spawn(admin::serve(admin_listener, admin_state, stop));
         tracing::info!(
             command = ?self.command, bus = %self.bus_url, node = %self.edge.node_id,
-            client = ?client_addr, admin = %admin_addr, "switchyard started"
+            client = %client_addr.map(|a| a.to_string()).unwrap_or_default(), admin = %admin_addr, "switchyard started"
         );
-        Ok(App { client_addr, admin_addr, bus, edge, router, demo, admin, shutdown, late, draining })
+        Ok(App {
+            client_addr,
+            admin_addr,
+            bus,
+            edge,
+            router,
+            demo,
+            admin,
+            shutdown,
+            late,
+            draining,
+        })
     }
 }
 

@@ -62,7 +62,10 @@ pub struct SubscribeOptions {
 
 impl SubscribeOptions {
     pub fn group(name: impl Into<String>) -> Self {
-        Self { group: Some(name.into()), ..Self::default() }
+        Self {
+            group: Some(name.into()),
+            ..Self::default()
+        }
     }
 }
 
@@ -105,7 +108,10 @@ pub struct Subscription {
 
 impl Subscription {
     pub fn new(rx: mpsc::Receiver<Message>, guard: impl Send + Sync + 'static) -> Self {
-        Self { rx, _guard: Box::new(guard) }
+        Self {
+            rx,
+            _guard: Box::new(guard),
+        }
     }
     /// Next message; `None` when the bus closed the subscription.
     pub async fn recv(&mut self) -> Option<Message> {
@@ -129,7 +135,11 @@ pub trait Bus: Send + Sync + 'static {
     /// Publishes one record. Returns the record's offset when the bus assigns one.
     async fn publish(&self, topic: &str, record: Record) -> Result<Option<u64>, BusError>;
     /// Subscribes to a topic, or a pattern with `*` (one token) and `>` (the rest).
-    async fn subscribe(&self, pattern: &str, opts: SubscribeOptions) -> Result<Subscription, BusError>;
+    async fn subscribe(
+        &self,
+        pattern: &str,
+        opts: SubscribeOptions,
+    ) -> Result<Subscription, BusError>;
     /// True while the bus can take records (drives `/readyz`).
     fn is_ready(&self) -> bool;
     /// Waits until everything published so far has been handed to the bus.
@@ -140,7 +150,10 @@ pub trait Bus: Send + Sync + 'static {
 pub async fn connect(url: &str, opts: &BusOptions) -> Result<Arc<dyn Bus>, BusError> {
     let scheme = url.split("://").next().unwrap_or("");
     if !url.contains("://") {
-        return Err(BusError::InvalidUrl { url: url.into(), reason: "expected SCHEME://…".into() });
+        return Err(BusError::InvalidUrl {
+            url: url.into(),
+            reason: "expected SCHEME://…".into(),
+        });
     }
     let inner: Arc<dyn Bus> = match scheme {
         "memory" => Arc::new(memory::MemoryBus::new(opts.buffer, opts.publish_timeout)),
@@ -168,11 +181,15 @@ pub async fn connect(url: &str, opts: &BusOptions) -> Result<Arc<dyn Bus>, BusEr
 /// Checks a bus URL's shape without connecting (config validation, before any port is bound).
 pub fn validate_url(url: &str) -> Result<(), String> {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return Err(format!("invalid bus URL {url:?}: expected memory://, nats://HOST:PORT or kafka://HOST:PORT"));
+        return Err(format!(
+            "invalid bus URL {url:?}: expected memory://, nats://HOST:PORT or kafka://HOST:PORT"
+        ));
     };
     match scheme {
         "memory" => Ok(()),
-        "nats" | "tls" | "kafka" if rest.is_empty() => Err(format!("invalid bus URL {url:?}: missing host")),
+        "nats" | "tls" | "kafka" if rest.is_empty() => {
+            Err(format!("invalid bus URL {url:?}: missing host"))
+        }
         "nats" | "tls" => {
             if cfg!(feature = "nats") {
                 Ok(())
@@ -181,7 +198,9 @@ pub fn validate_url(url: &str) -> Result<(), String> {
             }
         }
         "kafka" => Err(BusError::SchemeDisabled("kafka").to_string()),
-        other => Err(format!("invalid bus URL {url:?}: unknown scheme {other:?} (memory, nats, kafka)")),
+        other => Err(format!(
+            "invalid bus URL {url:?}: unknown scheme {other:?} (memory, nats, kafka)"
+        )),
     }
 }
 
@@ -201,7 +220,12 @@ pub struct BusOptions {
 
 impl Default for BusOptions {
     fn default() -> Self {
-        Self { buffer: 8192, outage_buffer: 1024, publish_timeout: std::time::Duration::from_secs(1), name: "switchyard".into() }
+        Self {
+            buffer: 8192,
+            outage_buffer: 1024,
+            publish_timeout: std::time::Duration::from_secs(1),
+            name: "switchyard".into(),
+        }
     }
 }
 
@@ -234,7 +258,8 @@ impl Bus for Instrumented {
         match &res {
             Ok(_) => {
                 metrics::counter!("switchyard_bus_published_total", "bus" => self.scheme(), "topic" => class).increment(1);
-                metrics::histogram!("switchyard_bus_publish_seconds", "bus" => self.scheme()).record(started.elapsed());
+                metrics::histogram!("switchyard_bus_publish_seconds", "bus" => self.scheme())
+                    .record(started.elapsed());
             }
             Err(e) => {
                 metrics::counter!("switchyard_bus_publish_errors_total", "bus" => self.scheme(), "topic" => class, "reason" => e.reason()).increment(1);
@@ -243,7 +268,11 @@ impl Bus for Instrumented {
         }
         res
     }
-    async fn subscribe(&self, pattern: &str, opts: SubscribeOptions) -> Result<Subscription, BusError> {
+    async fn subscribe(
+        &self,
+        pattern: &str,
+        opts: SubscribeOptions,
+    ) -> Result<Subscription, BusError> {
         let res = self.inner.subscribe(pattern, opts).await;
         if let Err(e) = &res {
             metrics::counter!("switchyard_bus_subscribe_errors_total", "bus" => self.scheme(), "reason" => e.reason()).increment(1);
@@ -282,7 +311,9 @@ pub fn check_name(name: &str, pattern: bool) -> Result<(), BusError> {
             if pattern && (*t == "*" || (*t == ">" && i == toks.len() - 1)) {
                 return true;
             }
-            !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         });
     if ok {
         Ok(())

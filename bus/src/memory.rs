@@ -45,7 +45,12 @@ impl MemoryBus {
     /// `buffer`: capacity of each subscription's channel; `publish_timeout`: how long a
     /// publisher waits for room in a full buffer before it gets [`BusError::Overflow`].
     pub fn new(buffer: usize, publish_timeout: Duration) -> Self {
-        Self { inner: Arc::default(), next_id: AtomicU64::new(1), buffer: buffer.max(1), publish_timeout }
+        Self {
+            inner: Arc::default(),
+            next_id: AtomicU64::new(1),
+            buffer: buffer.max(1),
+            publish_timeout,
+        }
     }
 }
 
@@ -57,7 +62,9 @@ struct Unsubscribe {
 
 impl Drop for Unsubscribe {
     fn drop(&mut self) {
-        let Some(inner) = self.inner.upgrade() else { return };
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
         let mut g = inner.write();
         if let Some(list) = g.exact.get_mut(&self.pattern) {
             list.retain(|s| s.id != self.id);
@@ -86,29 +93,51 @@ impl Bus for MemoryBus {
         let known = self.inner.read().offsets.get(topic).cloned();
         let counter = match known {
             Some(c) => c,
-            None => self.inner.write().offsets.entry(topic.to_owned()).or_default().clone(),
+            None => self
+                .inner
+                .write()
+                .offsets
+                .entry(topic.to_owned())
+                .or_default()
+                .clone(),
         };
         let offset = counter.fetch_add(1, Ordering::Relaxed);
         let (msg, full) = self.deliver(topic, record, offset);
         // Buffers that were full: wait for room, up to the deadline, without holding the lock.
         let mut overflow = false;
         for tx in full {
-            if tx.send_timeout(msg.clone(), self.publish_timeout).await.is_err() && !tx.is_closed() {
+            if tx
+                .send_timeout(msg.clone(), self.publish_timeout)
+                .await
+                .is_err()
+                && !tx.is_closed()
+            {
                 overflow = true;
             }
         }
         if overflow {
-            Err(BusError::Overflow { topic: topic.to_owned() })
+            Err(BusError::Overflow {
+                topic: topic.to_owned(),
+            })
         } else {
             Ok(Some(offset))
         }
     }
 
-    async fn subscribe(&self, pattern: &str, opts: SubscribeOptions) -> Result<Subscription, BusError> {
+    async fn subscribe(
+        &self,
+        pattern: &str,
+        opts: SubscribeOptions,
+    ) -> Result<Subscription, BusError> {
         check_name(pattern, true)?;
         let (tx, rx) = mpsc::channel(self.buffer);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let sub = Sub { id, pattern: pattern.to_owned(), group: opts.group, tx };
+        let sub = Sub {
+            id,
+            pattern: pattern.to_owned(),
+            group: opts.group,
+            tx,
+        };
         let mut g = self.inner.write();
         if pattern.split('.').any(|t| t == "*" || t == ">") {
             g.wild.push(sub);
@@ -116,7 +145,14 @@ impl Bus for MemoryBus {
             g.exact.entry(pattern.to_owned()).or_default().push(sub);
         }
         drop(g);
-        Ok(Subscription::new(rx, Unsubscribe { inner: Arc::downgrade(&self.inner), id, pattern: pattern.to_owned() }))
+        Ok(Subscription::new(
+            rx,
+            Unsubscribe {
+                inner: Arc::downgrade(&self.inner),
+                id,
+                pattern: pattern.to_owned(),
+            },
+        ))
     }
 
     fn is_ready(&self) -> bool {
@@ -130,13 +166,27 @@ impl Bus for MemoryBus {
 
 impl MemoryBus {
     /// Hands `record` to every ready receiver; returns the senders whose buffers were full.
-    fn deliver(&self, topic: &str, record: Record, offset: u64) -> (Message, Vec<mpsc::Sender<Message>>) {
+    fn deliver(
+        &self,
+        topic: &str,
+        record: Record,
+        offset: u64,
+    ) -> (Message, Vec<mpsc::Sender<Message>>) {
         let g = self.inner.read();
-        let msg = Message { topic: Arc::from(topic), offset: Some(offset), record: Arc::new(record) };
+        let msg = Message {
+            topic: Arc::from(topic),
+            offset: Some(offset),
+            record: Arc::new(record),
+        };
         let mut full = Vec::new();
         // Groups seen on this publish: group name → candidate members.
         let mut groups: Vec<(&str, Vec<&Sub>)> = Vec::new();
-        let candidates = g.exact.get(topic).into_iter().flatten().chain(g.wild.iter().filter(|s| matches(&s.pattern, topic)));
+        let candidates = g
+            .exact
+            .get(topic)
+            .into_iter()
+            .flatten()
+            .chain(g.wild.iter().filter(|s| matches(&s.pattern, topic)));
         for s in candidates {
             match &s.group {
                 None => try_send(&s.tx, &msg, &mut full),

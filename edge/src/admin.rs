@@ -36,7 +36,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route("/api/publish", post(publish))
-        .route("/api/sessions/{id}", get(session_info).delete(close_session))
+        .route(
+            "/api/sessions/{id}",
+            get(session_info).delete(close_session),
+        )
         .route("/api/sessions/{id}/send", post(send))
         .fallback(|| async { err(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(state)
@@ -58,18 +61,31 @@ async fn readyz(State(s): State<AdminState>) -> Response {
     let bus = s.bus.is_ready();
     let draining = s.draining.load(Ordering::Relaxed);
     let body = json!({"bus": if bus {"up"} else {"down"}, "draining": draining});
-    let status = if bus && !draining { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if bus && !draining {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(body)).into_response()
 }
 
 async fn metrics_text(State(s): State<AdminState>) -> Response {
-    metrics::gauge!(crate::metrics::BUS_READY, "bus" => s.bus.scheme()).set(if s.bus.is_ready() { 1.0 } else { 0.0 });
-    ([("content-type", "text/plain; version=0.0.4")], s.prometheus.render()).into_response()
+    metrics::gauge!(crate::metrics::BUS_READY, "bus" => s.bus.scheme()).set(if s.bus.is_ready() {
+        1.0
+    } else {
+        0.0
+    });
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        s.prometheus.render(),
+    )
+        .into_response()
 }
 
 /// Parses a JSON body, turning every failure into a 400 with a JSON error.
 fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, Response> {
-    serde_json::from_slice(body).map_err(|e| err(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| err(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
 }
 
 #[derive(Deserialize)]
@@ -85,13 +101,27 @@ async fn publish(State(s): State<AdminState>, body: Bytes) -> Response {
         Err(r) => return r,
     };
     if !valid_channel(&b.channel) {
-        return err(StatusCode::BAD_REQUEST, format!("invalid channel name {:?}", b.channel));
+        return err(
+            StatusCode::BAD_REQUEST,
+            format!("invalid channel name {:?}", b.channel),
+        );
     }
     let mut h = switchyard_protocol::Headers::new();
-    h.insert(switchyard_protocol::envelope::header::TIMESTAMP, now_ms().to_string());
-    let rec = Record { key: None, headers: h, payload: Bytes::copy_from_slice(b.data.get().as_bytes()) };
+    h.insert(
+        switchyard_protocol::envelope::header::TIMESTAMP,
+        now_ms().to_string(),
+    );
+    let rec = Record {
+        key: None,
+        headers: h,
+        payload: Bytes::copy_from_slice(b.data.get().as_bytes()),
+    };
     match s.bus.publish(&s.naming.channel(&b.channel), rec).await {
-        Ok(offset) => (StatusCode::ACCEPTED, Json(json!({"accepted": true, "offset": offset}))).into_response(),
+        Ok(offset) => (
+            StatusCode::ACCEPTED,
+            Json(json!({"accepted": true, "offset": offset})),
+        )
+            .into_response(),
         Err(e) => bus_err(e),
     }
 }
@@ -115,7 +145,11 @@ fn check_id(id: &str) -> Result<(), Response> {
 
 /// Publishes an outbound record exactly as a backend would: the router delivers it.
 async fn outbound(s: &AdminState, env: Envelope) -> Response {
-    let rec = Record { key: Some(env.key()), headers: env.headers(), payload: env.payload.clone() };
+    let rec = Record {
+        key: Some(env.key()),
+        headers: env.headers(),
+        payload: env.payload.clone(),
+    };
     match s.bus.publish(&s.naming.outbound(), rec).await {
         Ok(_) => (StatusCode::ACCEPTED, Json(json!({"accepted": true}))).into_response(),
         Err(e) => bus_err(e),
@@ -137,7 +171,12 @@ async fn send(State(s): State<AdminState>, Path(id): Path<String>, body: Bytes) 
             Ok(b) => (Bytes::from(b), Opcode::Binary),
             Err(_) => return err(StatusCode::BAD_REQUEST, "`binary` is not valid base64"),
         },
-        _ => return err(StatusCode::BAD_REQUEST, "give exactly one of `data` or `binary`"),
+        _ => {
+            return err(
+                StatusCode::BAD_REQUEST,
+                "give exactly one of `data` or `binary`",
+            )
+        }
     };
     let mut env = Envelope::new(id, Kind::Deliver, payload);
     env.opcode = opcode;
@@ -151,7 +190,11 @@ struct CloseQuery {
     reason: Option<String>,
 }
 
-async fn close_session(State(s): State<AdminState>, Path(id): Path<String>, Query(q): Query<CloseQuery>) -> Response {
+async fn close_session(
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+    Query(q): Query<CloseQuery>,
+) -> Response {
     if let Err(r) = check_id(&id) {
         return r;
     }
@@ -196,8 +239,13 @@ async fn session_info(State(s): State<AdminState>, Path(id): Path<String>) -> Re
 }
 
 /// Serves the admin API on `listener` until `stop` is cancelled.
-pub async fn serve(listener: tokio::net::TcpListener, state: AdminState, stop: tokio_util::sync::CancellationToken) {
-    let serve = axum::serve(listener, router(state)).with_graceful_shutdown(async move { stop.cancelled().await });
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AdminState,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let serve = axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { stop.cancelled().await });
     if let Err(e) = serve.await {
         tracing::error!(error = %e, "admin listener failed");
     }

@@ -35,7 +35,11 @@ pub struct ChannelHub {
 
 impl ChannelHub {
     pub fn new(bus: Arc<dyn Bus>, naming: Naming) -> Self {
-        Self { bus, naming, channels: Mutex::new(HashMap::new()) }
+        Self {
+            bus,
+            naming,
+            channels: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Adds `sess` to `channel`, subscribing on the bus first if it is the channel's first local
@@ -46,7 +50,10 @@ impl ChannelHub {
             c.subscribers.write().insert(sess.id.clone(), sess.clone());
             return Ok(());
         }
-        let sub = self.bus.subscribe(&self.naming.channel(channel), SubscribeOptions::default()).await?;
+        let sub = self
+            .bus
+            .subscribe(&self.naming.channel(channel), SubscribeOptions::default())
+            .await?;
         let subscribers: Subscribers = Arc::default();
         subscribers.write().insert(sess.id.clone(), sess.clone());
         let pump = tokio::spawn(pump(channel.to_owned(), sub, subscribers.clone()));
@@ -79,7 +86,11 @@ impl ChannelHub {
 
     /// Local subscriber count of one channel.
     pub async fn subscribers(&self, channel: &str) -> usize {
-        self.channels.lock().await.get(channel).map_or(0, |c| c.subscribers.read().len())
+        self.channels
+            .lock()
+            .await
+            .get(channel)
+            .map_or(0, |c| c.subscribers.read().len())
     }
 }
 
@@ -102,7 +113,9 @@ async fn pump(channel: String, mut sub: Subscription, subscribers: Subscribers) 
                 let msg = if s.route.is_framed() {
                     wrapped
                         .get_or_insert_with(|| {
-                            Message::Text(Utf8Bytes::from(framed::channel_message(&channel, m.offset, payload)))
+                            Message::Text(Utf8Bytes::from(framed::channel_message(
+                                &channel, m.offset, payload,
+                            )))
                         })
                         .clone()
                 } else {

@@ -119,13 +119,19 @@ impl EdgeConfig {
     /// Checks everything that can be checked without I/O. The error is one line.
     pub fn validate(&self) -> Result<(), String> {
         if !valid_channel(&self.node_id) || self.node_id.contains('.') {
-            return Err(format!("invalid node id {:?}: use [A-Za-z0-9_-], no dots", self.node_id));
+            return Err(format!(
+                "invalid node id {:?}: use [A-Za-z0-9_-], no dots",
+                self.node_id
+            ));
         }
         if self.routes.is_empty() {
             return Err("no routes configured".into());
         }
         if self.max_message_size == 0 || self.max_message_size > 64 << 20 {
-            return Err(format!("max message size {} out of range 1..=64MiB", self.max_message_size));
+            return Err(format!(
+                "max message size {} out of range 1..=64MiB",
+                self.max_message_size
+            ));
         }
         if self.ping_interval.is_zero() || self.idle_timeout <= self.ping_interval {
             return Err(format!(
@@ -137,16 +143,24 @@ impl EdgeConfig {
         for r in &self.routes {
             let at = format!("route {:?}", r.path);
             if !r.path.starts_with('/') || r.path.contains(['?', '#', ' ']) {
-                return Err(format!("{at}: path must start with '/' and hold no '?', '#' or spaces"));
+                return Err(format!(
+                    "{at}: path must start with '/' and hold no '?', '#' or spaces"
+                ));
             }
             if !seen.insert(r.path.as_str()) {
                 return Err(format!("{at}: duplicate path"));
             }
             if !valid_channel(&r.topic) {
-                return Err(format!("{at}: invalid topic {:?}: dot-separated tokens of [A-Za-z0-9_-]", r.topic));
+                return Err(format!(
+                    "{at}: invalid topic {:?}: dot-separated tokens of [A-Za-z0-9_-]",
+                    r.topic
+                ));
             }
             if r.queue_size == 0 || r.queue_size > 1 << 20 {
-                return Err(format!("{at}: queue_size {} out of range 1..=1048576", r.queue_size));
+                return Err(format!(
+                    "{at}: queue_size {} out of range 1..=1048576",
+                    r.queue_size
+                ));
             }
             if r.max_message_size.is_some_and(|m| m == 0 || m > 64 << 20) {
                 return Err(format!("{at}: max_message_size out of range 1..=64MiB"));
@@ -162,6 +176,13 @@ impl EdgeConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shipped_example_is_the_default() {
+        let shipped = parse_routes(include_str!("../../examples/routes.toml")).unwrap();
+        let fmt = |r: &[RouteConfig]| format!("{r:?}");
+        assert_eq!(fmt(&shipped), fmt(&default_routes()));
+    }
 
     #[test]
     fn defaults_validate() {
@@ -181,7 +202,15 @@ mod tests {
         c.node_id = "n".into();
         c.routes[0].topic = "a b".into();
         assert!(c.validate().unwrap_err().contains("invalid topic"));
-        assert!(parse_routes("[[route]]\npath='/x'\ntopic='t'\nmode='weird'").unwrap_err().contains("unknown variant"));
-        assert!(parse_routes("[[route]]\npath='/x'\ntopic='t'\nmode='raw'\nbogus=1").unwrap_err().contains("unknown field"));
+        assert!(
+            parse_routes("[[route]]\npath='/x'\ntopic='t'\nmode='weird'")
+                .unwrap_err()
+                .contains("unknown variant")
+        );
+        assert!(
+            parse_routes("[[route]]\npath='/x'\ntopic='t'\nmode='raw'\nbogus=1")
+                .unwrap_err()
+                .contains("unknown field")
+        );
     }
 }

@@ -51,24 +51,62 @@ pub fn install() -> PrometheusHandle {
 }
 
 fn describe() {
-    describe_gauge!(CONNECTIONS_OPEN, "WebSocket connections currently open, by route");
+    describe_gauge!(
+        CONNECTIONS_OPEN,
+        "WebSocket connections currently open, by route"
+    );
     describe_counter!(HANDSHAKES, "Successful WebSocket upgrades, by route");
-    describe_counter!(HANDSHAKE_REJECTED, "Handshakes refused before upgrade, by reason");
+    describe_counter!(
+        HANDSHAKE_REJECTED,
+        "Handshakes refused before upgrade, by reason"
+    );
     describe_counter!(FRAMES_IN, "Client data frames read, by route");
     describe_counter!(BYTES_IN, Unit::Bytes, "Client payload bytes read, by route");
     describe_counter!(FRAMES_OUT, "Data frames written to clients, by route");
-    describe_counter!(BYTES_OUT, Unit::Bytes, "Payload bytes written to clients, by route");
-    describe_counter!(DROPS, "Messages not delivered or not published, by route and reason");
+    describe_counter!(
+        BYTES_OUT,
+        Unit::Bytes,
+        "Payload bytes written to clients, by route"
+    );
+    describe_counter!(
+        DROPS,
+        "Messages not delivered or not published, by route and reason"
+    );
     describe_counter!(CLOSES, "Sockets closed, by route and close code");
-    describe_gauge!(CHANNELS_ACTIVE, "Channels with at least one local subscriber (one bus subscription each)");
-    describe_counter!(CHANNEL_MESSAGES, "Channel messages received from the bus for local fan-out");
-    describe_counter!(DELIVERIES, "Records received on this node's delivery subject, by kind");
-    describe_counter!(ROUTER_FORWARDED, "Outbound records the router forwarded to a node");
-    describe_counter!(ROUTER_DROPPED, "Outbound records the router could not forward, by reason");
+    describe_gauge!(
+        CHANNELS_ACTIVE,
+        "Channels with at least one local subscriber (one bus subscription each)"
+    );
+    describe_counter!(
+        CHANNEL_MESSAGES,
+        "Channel messages received from the bus for local fan-out"
+    );
+    describe_counter!(
+        DELIVERIES,
+        "Records received on this node's delivery subject, by kind"
+    );
+    describe_counter!(
+        ROUTER_FORWARDED,
+        "Outbound records the router forwarded to a node"
+    );
+    describe_counter!(
+        ROUTER_DROPPED,
+        "Outbound records the router could not forward, by reason"
+    );
     describe_gauge!(ROUTER_SESSIONS, "Sessions in this router's registry");
-    describe_counter!(BUS_PUBLISHED, "Records the bus accepted, by bus and topic class");
-    describe_counter!(BUS_PUBLISH_ERRORS, "Records the bus refused, by bus, topic class and reason");
-    describe_histogram!(BUS_PUBLISH_SECONDS, Unit::Seconds, "Time for the bus to accept a record");
+    describe_counter!(
+        BUS_PUBLISHED,
+        "Records the bus accepted, by bus and topic class"
+    );
+    describe_counter!(
+        BUS_PUBLISH_ERRORS,
+        "Records the bus refused, by bus, topic class and reason"
+    );
+    describe_histogram!(
+        BUS_PUBLISH_SECONDS,
+        Unit::Seconds,
+        "Time for the bus to accept a record"
+    );
     describe_counter!(BUS_SUBSCRIBE_ERRORS, "Failed bus subscriptions, by reason");
     describe_gauge!(BUS_READY, "1 while the bus can take records, else 0");
 }

@@ -46,7 +46,10 @@ pub struct OutQueue {
 impl OutQueue {
     pub fn new(cap: usize, policy: SlowPolicy) -> Self {
         Self {
-            state: Mutex::new(State { items: VecDeque::new(), closing: false }),
+            state: Mutex::new(State {
+                items: VecDeque::new(),
+                closing: false,
+            }),
             notify: Notify::new(),
             cap: cap.max(1),
             policy,
@@ -68,7 +71,10 @@ impl OutQueue {
                 }
                 SlowPolicy::Close => {
                     s.closing = true;
-                    s.items.push_back(Out::Close(switchyard_protocol::close::SLOW_CONSUMER, "slow consumer".into()));
+                    s.items.push_back(Out::Close(
+                        switchyard_protocol::close::SLOW_CONSUMER,
+                        "slow consumer".into(),
+                    ));
                     drop(s);
                     self.notify.notify_one();
                     return Push::Overflowed;

@@ -111,20 +111,32 @@ impl Edge {
             tracker: TaskTracker::new(),
             cfg,
         });
-        let sub = bus.subscribe(&node_topic, SubscribeOptions::default()).await?;
+        let sub = bus
+            .subscribe(&node_topic, SubscribeOptions::default())
+            .await?;
         let delivery = tokio::spawn(crate::delivery::run(state.clone(), sub));
-        let addr = listener.local_addr().map_err(|e| BusError::Other(e.to_string()))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| BusError::Other(e.to_string()))?;
         let app = Router::new().fallback(upgrade).with_state(state.clone());
         let stop = shutdown.clone();
         let server = tokio::spawn(async move {
-            let serve = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(async move { stop.cancelled().await });
+            let serve = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { stop.cancelled().await });
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "client listener failed");
             }
         });
         tracing::info!(%addr, node = %state.cfg.node_id, "edge listening");
-        Ok(Edge { state, addr, server, delivery })
+        Ok(Edge {
+            state,
+            addr,
+            server,
+            delivery,
+        })
     }
 
     /// Waits for the listener to stop (after `shutdown`), then for every session to finish its
@@ -133,8 +145,14 @@ impl Edge {
         let _ = self.server.await;
         self.state.tracker.close();
         let grace = self.state.cfg.shutdown_grace + std::time::Duration::from_secs(1);
-        if tokio::time::timeout(grace, self.state.tracker.wait()).await.is_err() {
-            tracing::warn!(left = self.state.sessions.len(), "sessions still open after the shutdown grace");
+        if tokio::time::timeout(grace, self.state.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = self.state.sessions.len(),
+                "sessions still open after the shutdown grace"
+            );
         }
         self.delivery.abort();
     }
@@ -195,5 +213,8 @@ async fn upgrade(
 fn new_trace() -> TraceContext {
     let t = ulid::Ulid::new().0 | 1;
     let s = (ulid::Ulid::new().0 as u64) | 1;
-    TraceContext { traceparent: format!("00-{t:032x}-{s:016x}-01"), tracestate: None }
+    TraceContext {
+        traceparent: format!("00-{t:032x}-{s:016x}-01"),
+        tracestate: None,
+    }
 }

@@ -7,7 +7,7 @@
 //! an `error` op — never a silent drop.
 
 use crate::config::Mode;
-use crate::queue::{OutQueue, Out, Push};
+use crate::queue::{Out, OutQueue, Push};
 use crate::server::{EdgeState, Route};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::Bytes;
@@ -36,8 +36,12 @@ pub struct Session {
     pub frames_in: AtomicU64,
     pub frames_out: AtomicU64,
     pub channels: Mutex<HashSet<String>>,
-    /// Cancelled when either half ends.
+    /// Cancelled when the writer failed (the socket is gone) or the session is torn down.
     pub stop: CancellationToken,
+    /// Set by the writer once it has sent our close frame: code and reason sent.
+    pub close_sent: Mutex<Option<(u16, String)>>,
+    /// Cancelled together with `close_sent`, to wake the reader.
+    close_sent_signal: CancellationToken,
 }
 
 impl Session {
@@ -52,6 +56,8 @@ impl Session {
             frames_out: AtomicU64::new(0),
             channels: Mutex::new(HashSet::new()),
             stop: CancellationToken::new(),
+            close_sent: Mutex::new(None),
+            close_sent_signal: CancellationToken::new(),
         }
     }
 
@@ -95,12 +101,19 @@ where
     st.sessions.insert(sess.id.clone(), sess.clone());
     sess.route.open.increment(1.0);
     let writer = tokio::spawn(write_loop(sink, sess.clone(), st.cfg.ping_interval));
-    let mut pubr = Publisher { st: &st, sess: &sess, seq: 0 };
+    let mut pubr = Publisher {
+        st: &st,
+        sess: &sess,
+        seq: 0,
+    };
 
     let ended = match pubr.lifecycle(Kind::Connect, None).await {
         Err(e) => {
             tracing::debug!(session = %sess.id, error = %e, "bus refused connect");
-            Ended { code: close::TRY_AGAIN_LATER, reason: "bus unavailable".into() }
+            Ended {
+                code: close::TRY_AGAIN_LATER,
+                reason: "bus unavailable".into(),
+            }
         }
         Ok(()) => {
             if sess.route.cfg.mode == Mode::Framed {
@@ -113,10 +126,17 @@ where
     // Teardown: stop the writer (sending our close frame if one is still owed), leave channels,
     // forget the session, then tell the backend.
     // 1005/1006/1015 are never sent on the wire.
-    let code = if matches!(ended.code, 1005 | 1006 | 1015) { close::NORMAL } else { ended.code };
+    let code = if matches!(ended.code, 1005 | 1006 | 1015) {
+        close::NORMAL
+    } else {
+        ended.code
+    };
     sess.queue.close(code, &ended.reason);
     let mut writer = writer;
-    if tokio::time::timeout(Duration::from_secs(5), &mut writer).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), &mut writer)
+        .await
+        .is_err()
+    {
         writer.abort();
     }
     sess.stop.cancel();
@@ -132,7 +152,12 @@ where
     }
 }
 
-async fn read_loop<R>(st: &EdgeState, sess: &Arc<Session>, pubr: &mut Publisher<'_>, mut stream: R) -> Ended
+async fn read_loop<R>(
+    st: &EdgeState,
+    sess: &Arc<Session>,
+    pubr: &mut Publisher<'_>,
+    mut stream: R,
+) -> Ended
 where
     R: Stream<Item = Result<Message, axum::Error>> + Unpin,
 {
@@ -150,26 +175,46 @@ where
                 closing_deadline = Some(tokio::time::Instant::now() + st.cfg.shutdown_grace);
                 continue;
             }
+            _ = sess.close_sent_signal.cancelled(), if closing_deadline.is_none() => {
+                // We closed (backend request, slow consumer, ...): give the client a moment to
+                // answer, reading (and publishing) what it still sends.
+                closing_deadline = Some(tokio::time::Instant::now() + st.cfg.shutdown_grace.min(Duration::from_secs(5)));
+                continue;
+            }
             _ = sess.stop.cancelled() => {
-                return ended.unwrap_or(Ended { code: close::INTERNAL, reason: "writer stopped".into() });
+                return ended.or_else(|| sent(sess)).unwrap_or(Ended { code: 1006, reason: "write failed".into() });
             }
             r = tokio::time::timeout_at(deadline, stream.next()) => r,
         };
         let msg = match next {
             Err(_) if closing_deadline.is_some() => {
-                return ended.unwrap_or(Ended { code: close::GOING_AWAY, reason: "close timeout".into() });
+                return ended.unwrap_or(Ended {
+                    code: close::GOING_AWAY,
+                    reason: "close timeout".into(),
+                });
             }
             Err(_) => {
                 sess.queue.close(close::GOING_AWAY, "idle timeout");
-                return Ended { code: close::GOING_AWAY, reason: "idle timeout".into() };
+                return Ended {
+                    code: close::GOING_AWAY,
+                    reason: "idle timeout".into(),
+                };
             }
-            Ok(None) => return ended.unwrap_or(Ended { code: 1006, reason: "connection lost".into() }),
+            Ok(None) => {
+                return ended.unwrap_or(Ended {
+                    code: 1006,
+                    reason: "connection lost".into(),
+                })
+            }
             Ok(Some(Err(e))) => {
                 let (code, reason) = classify(e);
                 if code != 1006 {
                     sess.queue.close(code, reason);
                 }
-                return Ended { code, reason: reason.into() };
+                return Ended {
+                    code,
+                    reason: reason.into(),
+                };
             }
             Ok(Some(Ok(m))) => m,
         };
@@ -178,7 +223,9 @@ where
             Message::Binary(b) => (b, Opcode::Binary),
             Message::Ping(_) | Message::Pong(_) => continue,
             Message::Close(f) => {
-                let (code, reason) = f.map(|f| (f.code, f.reason.to_string())).unwrap_or((1005, String::new()));
+                let (code, reason) = f
+                    .map(|f| (f.code, f.reason.to_string()))
+                    .unwrap_or((1005, String::new()));
                 return ended.unwrap_or(Ended { code, reason });
             }
         };
@@ -195,12 +242,23 @@ where
                 Mode::Raw => {
                     tracing::debug!(session = %sess.id, error = %e, "bus refused a frame: closing 1013");
                     sess.queue.close(close::TRY_AGAIN_LATER, "bus unavailable");
-                    return Ended { code: close::TRY_AGAIN_LATER, reason: "bus unavailable".into() };
+                    return Ended {
+                        code: close::TRY_AGAIN_LATER,
+                        reason: "bus unavailable".into(),
+                    };
                 }
                 Mode::Framed => sess.reply(framed::error(bus_code(&e), &e.to_string())),
             }
         }
     }
+}
+
+/// The close we sent, if any.
+fn sent(sess: &Session) -> Option<Ended> {
+    sess.close_sent
+        .lock()
+        .clone()
+        .map(|(code, reason)| Ended { code, reason })
 }
 
 fn bus_code(e: &BusError) -> &'static str {
@@ -215,7 +273,9 @@ fn classify(e: axum::Error) -> (u16, &'static str) {
     use tungstenite::error::{CapacityError, Error as WsError};
     match e.into_inner().downcast::<WsError>() {
         Ok(ws) => match *ws {
-            WsError::Capacity(CapacityError::MessageTooLong { .. }) => (close::TOO_BIG, "message too big"),
+            WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
+                (close::TOO_BIG, "message too big")
+            }
             WsError::Capacity(_) => (close::TOO_BIG, "frame too big"),
             WsError::Utf8(_) => (close::INVALID_PAYLOAD, "invalid UTF-8 in text frame"),
             WsError::Protocol(_) => (1002, "protocol error"),
@@ -234,7 +294,10 @@ async fn handle_op(
     opcode: Opcode,
 ) -> Result<(), BusError> {
     if opcode == Opcode::Binary {
-        sess.reply(framed::error("bad_request", "binary frames are not part of the framed protocol"));
+        sess.reply(framed::error(
+            "bad_request",
+            "binary frames are not part of the framed protocol",
+        ));
         return Ok(());
     }
     let op = match framed::decode_client(&payload) {
@@ -254,13 +317,19 @@ async fn handle_op(
                 st.channels.unsubscribe(sess, &channel).await;
                 sess.reply(framed::unsubscribed(&channel));
             } else {
-                sess.reply(framed::error("not_subscribed", &format!("not subscribed to {channel}")));
+                sess.reply(framed::error(
+                    "not_subscribed",
+                    &format!("not subscribed to {channel}"),
+                ));
             }
             Ok(())
         }
         ClientOp::Publish { channel, data } => {
             if !sess.route.cfg.allow_publish {
-                sess.reply(framed::error("forbidden", "this route does not allow publish"));
+                sess.reply(framed::error(
+                    "forbidden",
+                    "this route does not allow publish",
+                ));
                 return Ok(());
             }
             let mut h = Headers::new();
@@ -268,8 +337,15 @@ async fn handle_op(
             h.insert(header::NODE, st.cfg.node_id.clone());
             h.insert(header::TIMESTAMP, now_ms().to_string());
             h.insert(header::TRACEPARENT, sess.trace.traceparent.clone());
-            let rec = Record { key: None, headers: h, payload: data };
-            st.bus.publish(&st.cfg.naming.channel(&channel), rec).await.map(|_| ())
+            let rec = Record {
+                key: None,
+                headers: h,
+                payload: data,
+            };
+            st.bus
+                .publish(&st.cfg.naming.channel(&channel), rec)
+                .await
+                .map(|_| ())
         }
         ClientOp::Send { data } => pubr.frame(data, Opcode::Text).await,
     }
@@ -289,7 +365,10 @@ pub async fn subscribe(st: &EdgeState, sess: &Arc<Session>, channel: &str) {
         if chans.len() >= MAX_CHANNELS_PER_SESSION {
             drop(chans);
             if sess.route.is_framed() {
-                sess.reply(framed::error("too_many_channels", &format!("at most {MAX_CHANNELS_PER_SESSION} channels per session")));
+                sess.reply(framed::error(
+                    "too_many_channels",
+                    &format!("at most {MAX_CHANNELS_PER_SESSION} channels per session"),
+                ));
             }
             return;
         }
@@ -332,8 +411,17 @@ impl Publisher<'_> {
 
     async fn frame(&mut self, payload: Bytes, opcode: Opcode) -> Result<(), BusError> {
         let e = self.envelope(Kind::Frame, payload, opcode);
-        let rec = Record { key: Some(e.key()), headers: e.headers(), payload: e.payload };
-        let res = self.st.bus.publish(&self.sess.route.inbound, rec).await.map(|_| ());
+        let rec = Record {
+            key: Some(e.key()),
+            headers: e.headers(),
+            payload: e.payload,
+        };
+        let res = self
+            .st
+            .bus
+            .publish(&self.sess.route.inbound, rec)
+            .await
+            .map(|_| ());
         if res.is_err() {
             // The frame was not taken: its seq is reused so backends never see a gap.
             self.seq -= 1;
@@ -349,10 +437,18 @@ impl Publisher<'_> {
             e.code = Some(x.code);
             e.reason = Some(x.reason.chars().take(120).collect());
         }
-        let rec = Record { key: Some(e.key()), headers: e.headers(), payload: Bytes::new() };
+        let rec = Record {
+            key: Some(e.key()),
+            headers: e.headers(),
+            payload: Bytes::new(),
+        };
         let sessions = self.st.cfg.naming.sessions();
         let inbound = &self.sess.route.inbound;
-        let (first, second) = if kind == Kind::Connect { (&sessions, inbound) } else { (inbound, &sessions) };
+        let (first, second) = if kind == Kind::Connect {
+            (&sessions, inbound)
+        } else {
+            (inbound, &sessions)
+        };
         let a = self.st.bus.publish(first, rec.clone()).await;
         let b = self.st.bus.publish(second, rec).await;
         a.and(b).map(|_| ())
@@ -380,27 +476,31 @@ where
                                 sink.feed(m).await?;
                             }
                             Out::Close(code, reason) => {
+                                count(&sess, &route, n, bytes);
+                                *sess.close_sent.lock() = Some((code, reason.clone()));
+                                sess.close_sent_signal.cancel();
                                 sink.feed(Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(reason) }))).await?;
                                 sink.flush().await?;
-                                count(&sess, &route, n, bytes);
                                 return Ok(());
                             }
                         }
                     }
-                    sink.flush().await?;
+                    // Counted before the flush: once a client can see a frame, it is counted.
                     count(&sess, &route, n, bytes);
+                    sink.flush().await?;
                 }
                 _ = ping.tick() => sink.send(Message::Ping(Bytes::new())).await?,
             }
         }
     }
     .await;
-    if let Err(e) = res {
-        tracing::debug!(session = %sess.id, error = %e, "socket write ended");
-    }
-    // Nothing more will be written: refuse further pushes and stop the reader.
+    // Nothing more will be written: refuse further pushes.
     sess.queue.close(close::GOING_AWAY, "writer stopped");
-    sess.stop.cancel();
+    if let Err(e) = res {
+        // The socket is gone: stop the reader too.
+        tracing::debug!(session = %sess.id, error = %e, "socket write ended");
+        sess.stop.cancel();
+    }
 }
 
 fn count(sess: &Session, route: &Route, n: u64, bytes: u64) {

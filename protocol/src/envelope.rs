@@ -150,7 +150,11 @@ impl TraceContext {
             return Err(bad());
         }
         for (p, n) in parts.iter().zip(lens) {
-            if p.len() != n || !p.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            if p.len() != n
+                || !p
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
                 return Err(bad());
             }
         }
@@ -239,7 +243,8 @@ impl DecodeError {
 pub fn valid_session(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_SESSION_LEN
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 impl Envelope {
@@ -382,7 +387,10 @@ impl Envelope {
                     },
                     None => Map::new(),
                 };
-                Some(Identity { subject: sub.to_owned(), claims })
+                Some(Identity {
+                    subject: sub.to_owned(),
+                    claims,
+                })
             }
             None => None,
         };
@@ -394,18 +402,28 @@ impl Envelope {
         let code = match parse_num(headers, header::CODE)? {
             Some(c) if (1000..5000).contains(&c) => Some(c as u16),
             Some(_) => {
-                return Err(DecodeError::invalid(header::CODE, headers.get(header::CODE).unwrap_or("")))
+                return Err(DecodeError::invalid(
+                    header::CODE,
+                    headers.get(header::CODE).unwrap_or(""),
+                ))
             }
             None => None,
         };
         let reason = headers.get(header::REASON).map(str::to_owned);
         if reason.as_ref().is_some_and(|r| r.len() > 123) {
-            return Err(DecodeError::invalid(header::REASON, reason.as_deref().unwrap_or("")));
+            return Err(DecodeError::invalid(
+                header::REASON,
+                reason.as_deref().unwrap_or(""),
+            ));
         }
         let control = if kind == Kind::Control {
-            let op = headers.get(header::OP).ok_or(DecodeError::Missing(header::OP))?;
+            let op = headers
+                .get(header::OP)
+                .ok_or(DecodeError::Missing(header::OP))?;
             let channel = || -> Result<String, DecodeError> {
-                let c = headers.get(header::CHANNEL).ok_or(DecodeError::Missing(header::CHANNEL))?;
+                let c = headers
+                    .get(header::CHANNEL)
+                    .ok_or(DecodeError::Missing(header::CHANNEL))?;
                 if !crate::naming::valid_channel(c) {
                     return Err(DecodeError::invalid(header::CHANNEL, c));
                 }
@@ -416,8 +434,12 @@ impl Envelope {
                     code: code.unwrap_or(crate::close::NORMAL),
                     reason: reason.clone().unwrap_or_default(),
                 },
-                "subscribe" => ControlOp::Subscribe { channel: channel()? },
-                "unsubscribe" => ControlOp::Unsubscribe { channel: channel()? },
+                "subscribe" => ControlOp::Subscribe {
+                    channel: channel()?,
+                },
+                "unsubscribe" => ControlOp::Unsubscribe {
+                    channel: channel()?,
+                },
                 other => return Err(DecodeError::invalid(header::OP, other)),
             })
         } else {
@@ -446,7 +468,10 @@ impl Envelope {
 
 fn parse_num(h: &Headers, name: &'static str) -> Result<Option<u64>, DecodeError> {
     match h.get(name) {
-        Some(v) => v.parse::<u64>().map(Some).map_err(|_| DecodeError::invalid(name, v)),
+        Some(v) => v
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|_| DecodeError::invalid(name, v)),
         None => Ok(None),
     }
 }
@@ -480,9 +505,12 @@ mod tests {
     fn control() -> impl Strategy<Value = Option<ControlOp>> {
         prop_oneof![
             Just(None),
-            (1000u16..5000, "[ -~]{0,100}").prop_map(|(code, reason)| Some(ControlOp::Close { code, reason })),
-            "[a-z0-9]{1,8}(\\.[a-z0-9]{1,8}){0,3}".prop_map(|channel| Some(ControlOp::Subscribe { channel })),
-            "[a-z0-9]{1,8}(\\.[a-z0-9]{1,8}){0,3}".prop_map(|channel| Some(ControlOp::Unsubscribe { channel })),
+            (1000u16..5000, "[ -~]{0,100}")
+                .prop_map(|(code, reason)| Some(ControlOp::Close { code, reason })),
+            "[a-z0-9]{1,8}(\\.[a-z0-9]{1,8}){0,3}"
+                .prop_map(|channel| Some(ControlOp::Subscribe { channel })),
+            "[a-z0-9]{1,8}(\\.[a-z0-9]{1,8}){0,3}"
+                .prop_map(|channel| Some(ControlOp::Unsubscribe { channel })),
         ]
     }
 
@@ -566,11 +594,13 @@ mod tests {
 
     #[test]
     fn minimal_backend_reply_is_a_text_delivery() {
-        let e = Envelope::from_record(Some(b"01J0ABC"), &Headers::new(), Bytes::from_static(b"hi")).unwrap();
+        let e = Envelope::from_record(Some(b"01J0ABC"), &Headers::new(), Bytes::from_static(b"hi"))
+            .unwrap();
         assert_eq!(e.session, "01J0ABC");
         assert_eq!(e.kind, Kind::Deliver);
         assert_eq!(e.opcode, Opcode::Text);
-        let e = Envelope::from_record(Some(b"s1"), &Headers::new(), Bytes::from_static(&[0xff, 0])).unwrap();
+        let e = Envelope::from_record(Some(b"s1"), &Headers::new(), Bytes::from_static(&[0xff, 0]))
+            .unwrap();
         assert_eq!(e.opcode, Opcode::Binary);
     }
 
@@ -584,7 +614,10 @@ mod tests {
         h.insert(header::KIND, "bogus");
         assert!(matches!(
             Envelope::from_record(Some(b"s"), &h, Bytes::new()),
-            Err(DecodeError::Invalid { name: "sy-kind", .. })
+            Err(DecodeError::Invalid {
+                name: "sy-kind",
+                ..
+            })
         ));
         let mut h = Headers::new();
         h.insert(header::KIND, "control");
@@ -594,10 +627,18 @@ mod tests {
         );
         let mut h = Headers::new();
         h.insert(header::VERSION, "2");
-        assert!(matches!(Envelope::from_record(Some(b"s"), &h, Bytes::new()), Err(DecodeError::Version(_))));
+        assert!(matches!(
+            Envelope::from_record(Some(b"s"), &h, Bytes::new()),
+            Err(DecodeError::Version(_))
+        ));
         let mut h = Headers::new();
-        h.insert(header::TRACEPARENT, "00-00000000000000000000000000000000-0000000000000001-01");
+        h.insert(
+            header::TRACEPARENT,
+            "00-00000000000000000000000000000000-0000000000000001-01",
+        );
         assert!(Envelope::from_record(Some(b"s"), &h, Bytes::new()).is_err());
-        assert!(Envelope::from_record(Some(b"bad session!"), &Headers::new(), Bytes::new()).is_err());
+        assert!(
+            Envelope::from_record(Some(b"bad session!"), &Headers::new(), Bytes::new()).is_err()
+        );
     }
 }

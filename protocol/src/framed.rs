@@ -65,7 +65,10 @@ pub fn decode_client(frame: &[u8]) -> Result<ClientOp, FramedError> {
     })?;
     let op = raw.op.ok_or(FramedError::Missing("op"))?;
     let channel = || -> Result<String, FramedError> {
-        let c = raw.channel.as_deref().ok_or(FramedError::Missing("channel"))?;
+        let c = raw
+            .channel
+            .as_deref()
+            .ok_or(FramedError::Missing("channel"))?;
         if !valid_channel(c) {
             let mut c = c.to_owned();
             c.truncate(c.char_indices().nth(64).map_or(c.len(), |(i, _)| i));
@@ -78,9 +81,16 @@ pub fn decode_client(frame: &[u8]) -> Result<ClientOp, FramedError> {
         Ok(Bytes::copy_from_slice(d.get().as_bytes()))
     };
     match op.as_ref() {
-        "subscribe" => Ok(ClientOp::Subscribe { channel: channel()? }),
-        "unsubscribe" => Ok(ClientOp::Unsubscribe { channel: channel()? }),
-        "publish" => Ok(ClientOp::Publish { channel: channel()?, data: data()? }),
+        "subscribe" => Ok(ClientOp::Subscribe {
+            channel: channel()?,
+        }),
+        "unsubscribe" => Ok(ClientOp::Unsubscribe {
+            channel: channel()?,
+        }),
+        "publish" => Ok(ClientOp::Publish {
+            channel: channel()?,
+            data: data()?,
+        }),
         "send" => Ok(ClientOp::Send { data: data()? }),
         other => {
             let mut o = other.to_owned();
@@ -94,10 +104,18 @@ pub fn decode_client(frame: &[u8]) -> Result<ClientOp, FramedError> {
 pub fn encode_client(op: &ClientOp) -> String {
     let data = |d: &Bytes| String::from_utf8_lossy(d).into_owned();
     match op {
-        ClientOp::Subscribe { channel } => format!(r#"{{"op":"subscribe","channel":{}}}"#, q(channel)),
-        ClientOp::Unsubscribe { channel } => format!(r#"{{"op":"unsubscribe","channel":{}}}"#, q(channel)),
+        ClientOp::Subscribe { channel } => {
+            format!(r#"{{"op":"subscribe","channel":{}}}"#, q(channel))
+        }
+        ClientOp::Unsubscribe { channel } => {
+            format!(r#"{{"op":"unsubscribe","channel":{}}}"#, q(channel))
+        }
         ClientOp::Publish { channel, data: d } => {
-            format!(r#"{{"op":"publish","channel":{},"data":{}}}"#, q(channel), data(d))
+            format!(
+                r#"{{"op":"publish","channel":{},"data":{}}}"#,
+                q(channel),
+                data(d)
+            )
         }
         ClientOp::Send { data: d } => format!(r#"{{"op":"send","data":{}}}"#, data(d)),
     }
@@ -124,7 +142,11 @@ pub fn unsubscribed(channel: &str) -> String {
 
 /// `{"op":"error","code":CODE,"message":MSG}`
 pub fn error(code: &str, message: &str) -> String {
-    format!(r#"{{"op":"error","code":{},"message":{}}}"#, q(code), q(message))
+    format!(
+        r#"{{"op":"error","code":{},"message":{}}}"#,
+        q(code),
+        q(message)
+    )
 }
 
 /// A channel message: `{"channel":C,"offset":N,"data":D}`.
@@ -168,20 +190,39 @@ mod tests {
     fn decodes_ops() {
         assert_eq!(
             decode_client(br#"{"op":"subscribe","channel":"demo.ticker"}"#),
-            Ok(ClientOp::Subscribe { channel: "demo.ticker".into() })
+            Ok(ClientOp::Subscribe {
+                channel: "demo.ticker".into()
+            })
         );
         assert_eq!(
             decode_client(br#"{"op":"publish","channel":"c","data":{"a":[1,2]}}"#),
-            Ok(ClientOp::Publish { channel: "c".into(), data: Bytes::from_static(br#"{"a":[1,2]}"#) })
+            Ok(ClientOp::Publish {
+                channel: "c".into(),
+                data: Bytes::from_static(br#"{"a":[1,2]}"#)
+            })
         );
         assert_eq!(
             decode_client(br#"{"op":"send","data":"hi"}"#),
-            Ok(ClientOp::Send { data: Bytes::from_static(br#""hi""#) })
+            Ok(ClientOp::Send {
+                data: Bytes::from_static(br#""hi""#)
+            })
         );
-        assert_eq!(decode_client(br#"{"op":"send"}"#), Err(FramedError::Missing("data")));
-        assert_eq!(decode_client(br#"{"channel":"x"}"#), Err(FramedError::Missing("op")));
-        assert!(matches!(decode_client(b"nope"), Err(FramedError::NotJson(_))));
-        assert!(matches!(decode_client(br#"{"op":"x"}"#), Err(FramedError::UnknownOp(_))));
+        assert_eq!(
+            decode_client(br#"{"op":"send"}"#),
+            Err(FramedError::Missing("data"))
+        );
+        assert_eq!(
+            decode_client(br#"{"channel":"x"}"#),
+            Err(FramedError::Missing("op"))
+        );
+        assert!(matches!(
+            decode_client(b"nope"),
+            Err(FramedError::NotJson(_))
+        ));
+        assert!(matches!(
+            decode_client(br#"{"op":"x"}"#),
+            Err(FramedError::UnknownOp(_))
+        ));
         assert!(matches!(
             decode_client(br#"{"op":"subscribe","channel":"a.*"}"#),
             Err(FramedError::InvalidChannel(_))
@@ -190,9 +231,18 @@ mod tests {
 
     #[test]
     fn channel_message_shapes() {
-        assert_eq!(channel_message("c", Some(3), b"{\"p\":1}"), r#"{"channel":"c","offset":3,"data":{"p":1}}"#);
-        assert_eq!(channel_message("c", None, b"plain"), r#"{"channel":"c","data":"plain"}"#);
-        assert_eq!(channel_message("c", None, &[0xff]), r#"{"channel":"c","data_b64":"/w=="}"#);
+        assert_eq!(
+            channel_message("c", Some(3), b"{\"p\":1}"),
+            r#"{"channel":"c","offset":3,"data":{"p":1}}"#
+        );
+        assert_eq!(
+            channel_message("c", None, b"plain"),
+            r#"{"channel":"c","data":"plain"}"#
+        );
+        assert_eq!(
+            channel_message("c", None, &[0xff]),
+            r#"{"channel":"c","data_b64":"/w=="}"#
+        );
     }
 
     proptest! {

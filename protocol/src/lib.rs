@@ -17,7 +17,6 @@ pub mod framed;
 pub mod naming;
 
 pub use envelope::{
-    ControlOp, DecodeError, Envelope, Headers, Identity, Kind, Opcode, TraceContext,
-    WIRE_VERSION,
+    ControlOp, DecodeError, Envelope, Headers, Identity, Kind, Opcode, TraceContext, WIRE_VERSION,
 };
 pub use naming::{valid_channel, Naming};

@@ -9,7 +9,9 @@ pub struct Naming {
 
 impl Default for Naming {
     fn default() -> Self {
-        Self { prefix: "sy".into() }
+        Self {
+            prefix: "sy".into(),
+        }
     }
 }
 
@@ -21,7 +23,9 @@ impl Naming {
                 "invalid prefix {prefix:?}: use dot-separated tokens of [A-Za-z0-9_-]"
             ));
         }
-        Ok(Self { prefix: prefix.to_owned() })
+        Ok(Self {
+            prefix: prefix.to_owned(),
+        })
     }
     pub fn prefix(&self) -> &str {
         &self.prefix
@@ -67,7 +71,9 @@ pub fn valid_channel(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_NAME_LEN
         && s.split('.').all(|t| {
-            !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         })
 }
 
@@ -142,7 +148,10 @@ mod tests {
         assert_eq!(murmur2(b"foobar") as i32, -790332482);
         assert_eq!(murmur2(b"a-little-bit-long-string") as i32, -985981536);
         assert_eq!(murmur2(b"a-little-bit-longer-string") as i32, -1486304829);
-        assert_eq!(murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8") as i32, -58897971);
+        assert_eq!(
+            murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8") as i32,
+            -58897971
+        );
         assert_eq!(murmur2(b"abc") as i32, 479470107);
     }
 }

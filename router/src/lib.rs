@@ -33,11 +33,29 @@ pub struct Router {
 impl Router {
     /// Subscribes to the lifecycle feed and the outbound topic (both live when this returns),
     /// then routes until `shutdown`.
-    pub async fn start(bus: Arc<dyn Bus>, naming: Naming, shutdown: CancellationToken) -> Result<Router, BusError> {
+    pub async fn start(
+        bus: Arc<dyn Bus>,
+        naming: Naming,
+        shutdown: CancellationToken,
+    ) -> Result<Router, BusError> {
         let registry = Arc::new(Registry::new(100_000));
-        let sessions = bus.subscribe(&naming.sessions(), SubscribeOptions::default()).await?;
-        let outbound = bus.subscribe(&naming.outbound(), SubscribeOptions::group("switchyard-router")).await?;
-        let task = tokio::spawn(run(bus, naming, registry.clone(), sessions, outbound, shutdown));
+        let sessions = bus
+            .subscribe(&naming.sessions(), SubscribeOptions::default())
+            .await?;
+        let outbound = bus
+            .subscribe(
+                &naming.outbound(),
+                SubscribeOptions::group("switchyard-router"),
+            )
+            .await?;
+        let task = tokio::spawn(run(
+            bus,
+            naming,
+            registry.clone(),
+            sessions,
+            outbound,
+            shutdown,
+        ));
         Ok(Router { registry, task })
     }
 
@@ -86,7 +104,9 @@ fn apply(registry: &Registry, m: &Message) {
     let r = &m.record;
     match Envelope::from_record(r.key.as_deref(), &r.headers, r.payload.clone()) {
         Ok(e) => match (e.kind, e.node) {
-            (Kind::Connect, Some(node)) => registry.insert(&e.session, &node, e.route.as_deref().unwrap_or("")),
+            (Kind::Connect, Some(node)) => {
+                registry.insert(&e.session, &node, e.route.as_deref().unwrap_or(""))
+            }
             (Kind::Disconnect, _) => registry.remove(&e.session),
             _ => tracing::debug!(kind = e.kind.as_str(), "ignored record on the session feed"),
         },
@@ -111,7 +131,10 @@ async fn route(bus: &Arc<dyn Bus>, naming: &Naming, registry: &Registry, m: &Mes
     };
     if !matches!(env.kind, Kind::Deliver | Kind::Control) {
         drop_count("invalid");
-        tracing::debug!(kind = env.kind.as_str(), "outbound record of a kind the router does not route");
+        tracing::debug!(
+            kind = env.kind.as_str(),
+            "outbound record of a kind the router does not route"
+        );
         return false;
     }
     let node = match registry.lookup(&env.session) {
@@ -140,4 +163,3 @@ async fn route(bus: &Arc<dyn Bus>, naming: &Naming, registry: &Registry, m: &Mes
         }
     }
 }
-

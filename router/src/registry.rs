@@ -30,11 +30,21 @@ pub struct Registry {
 impl Registry {
     /// `closed_cap`: how many closed sessions to remember.
     pub fn new(closed_cap: usize) -> Self {
-        Self { open: DashMap::new(), closed: Mutex::new((VecDeque::new(), HashSet::new())), closed_cap }
+        Self {
+            open: DashMap::new(),
+            closed: Mutex::new((VecDeque::new(), HashSet::new())),
+            closed_cap,
+        }
     }
 
     pub fn insert(&self, session: &str, node: &str, route: &str) {
-        self.open.insert(session.to_owned(), Entry { node: node.into(), route: route.into() });
+        self.open.insert(
+            session.to_owned(),
+            Entry {
+                node: node.into(),
+                route: route.into(),
+            },
+        );
     }
 
     pub fn remove(&self, session: &str) {

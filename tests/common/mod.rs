@@ -1,0 +1,216 @@
+//! Test helpers: the real app on 127.0.0.1:0, real WebSocket clients over real sockets, and the
+//! real `switchyard` binary as a child process.
+#![allow(dead_code, unreachable_pub)]
+
+use futures::{SinkExt, StreamExt};
+use std::net::SocketAddr;
+use std::time::Duration;
+use switchyard::config::Settings;
+use switchyard::App;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Generous bound for anything a test waits on; a hang fails instead of blocking CI.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+pub fn raise_fd_limit() {
+    let _ = rlimit::increase_nofile_limit(20_000);
+}
+
+/// Builds and starts an app; the returned handle runs it in the background.
+pub struct Running {
+    pub client: SocketAddr,
+    pub admin: SocketAddr,
+    pub bus: std::sync::Arc<dyn switchyard_bus::Bus>,
+    pub shutdown: tokio_util::sync::CancellationToken,
+    pub edge: std::sync::Arc<switchyard_edge::EdgeState>,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+pub async fn start(settings: Settings) -> Running {
+    raise_fd_limit();
+    let app: App = settings.build().await.expect("app builds");
+    let client = app.client_addr.expect("edge runs");
+    let admin = app.admin_addr;
+    let bus = app.bus.clone();
+    let shutdown = app.shutdown_token();
+    let edge = app.edge.as_ref().expect("edge runs").state.clone();
+    let task = tokio::spawn(app.run());
+    Running {
+        client,
+        admin,
+        bus,
+        shutdown,
+        edge,
+        task,
+    }
+}
+
+pub async fn start_default() -> Running {
+    start(Settings::for_tests()).await
+}
+
+impl Running {
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.client, path)
+    }
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("app stops in time")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// Connects and returns the socket plus its session id (from `x-switchyard-session`).
+pub async fn connect(url: &str) -> (Ws, String) {
+    let (ws, resp) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("connect in time")
+        .expect("upgrade");
+    let id = resp
+        .headers()
+        .get("x-switchyard-session")
+        .expect("session header")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    (ws, id)
+}
+
+/// Next data message (text or binary), skipping pings/pongs; panics on close or timeout.
+pub async fn next_data(ws: &mut Ws) -> Message {
+    loop {
+        let m = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("message in time");
+        match m {
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => return m,
+            other => panic!("expected a data message, got {other:?}"),
+        }
+    }
+}
+
+pub async fn next_json(ws: &mut Ws) -> serde_json::Value {
+    match next_data(ws).await {
+        Message::Text(t) => serde_json::from_str(&t).expect("json"),
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+/// Reads until the close frame and returns its code (None = connection ended without one),
+/// then keeps polling so the client's close reply is sent and the handshake completes.
+pub async fn close_code(ws: &mut Ws) -> Option<u16> {
+    let code = loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("close in time") {
+            Some(Ok(Message::Close(f))) => break f.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return None,
+        }
+    };
+    while let Ok(Some(_)) = tokio::time::timeout(WAIT, ws.next()).await {}
+    code
+}
+
+/// Connects to a framed route, checks the welcome, subscribes, waits for `subscribed`.
+pub async fn framed_subscriber(url: &str, channel: &str) -> (Ws, String) {
+    let (mut ws, id) = connect(url).await;
+    let w = next_json(&mut ws).await;
+    assert_eq!(w["op"], "welcome");
+    assert_eq!(w["session"], id.as_str());
+    ws.send(Message::text(format!(
+        r#"{{"op":"subscribe","channel":"{channel}"}}"#
+    )))
+    .await
+    .unwrap();
+    let s = next_json(&mut ws).await;
+    assert_eq!(s, serde_json::json!({"op":"subscribed","channel":channel}));
+    (ws, id)
+}
+
+pub fn code(c: CloseCode) -> u16 {
+    u16::from(c)
+}
+
+/// A normal close with code 1000.
+pub async fn close_normal(ws: &mut Ws) {
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    }))
+    .await
+    .unwrap();
+}
+
+/// A unique name for per-test routes, topics and channels.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", ulid::Ulid::new().to_string().to_lowercase())
+}
+
+/// Path of the built `switchyard` binary (cargo builds it for integration tests).
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_switchyard")
+}
+
+/// Runs the binary until it prints its "switchyard started" line; returns the child and the
+/// client/admin addresses it bound.
+pub async fn spawn_binary(
+    args: &[&str],
+) -> (
+    tokio::process::Child,
+    Option<SocketAddr>,
+    SocketAddr,
+    tokio::task::JoinHandle<Vec<String>>,
+) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = tokio::process::Command::new(binary())
+        .args(args)
+        .env("SWITCHYARD_LOG_FORMAT", "json")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn switchyard");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let started = tokio::time::timeout(WAIT, async {
+        while let Some(l) = lines.next_line().await.unwrap() {
+            let v: serde_json::Value = match serde_json::from_str(&l) {
+                Ok(v) => v,
+                Err(_) => panic!("non-JSON log line: {l}"),
+            };
+            if v["fields"]["message"] == "switchyard started" {
+                return v;
+            }
+        }
+        panic!("switchyard exited before starting");
+    })
+    .await
+    .expect("switchyard starts in time");
+    let client = started["fields"]["client"]
+        .as_str()
+        .and_then(|s| s.parse().ok());
+    let admin = started["fields"]["admin"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let rest = tokio::spawn(async move {
+        let mut all = Vec::new();
+        while let Ok(Some(l)) = lines.next_line().await {
+            all.push(l);
+        }
+        all
+    });
+    (child, client, admin, rest)
+}

@@ -1,0 +1,157 @@
+//! The real `switchyard` binary as a child process: config errors, SIGTERM drain, --help.
+
+mod common;
+
+use common::*;
+use futures::SinkExt;
+use tokio_tungstenite::tungstenite::Message;
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut c = std::process::Command::new(binary());
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run switchyard")
+}
+
+#[test]
+fn bad_config_is_one_line_and_exit_64_before_binding() {
+    let dir = std::env::temp_dir().join(unique("sy-cfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad_routes = dir.join("routes.toml");
+    std::fs::write(
+        &bad_routes,
+        "[[route]]\npath = \"/x\"\ntopic = \"t\"\nmode = \"sideways\"\n",
+    )
+    .unwrap();
+    let dup_routes = dir.join("dup.toml");
+    std::fs::write(&dup_routes, "[[route]]\npath='/x'\ntopic='t'\nmode='raw'\n[[route]]\npath='/x'\ntopic='u'\nmode='raw'\n").unwrap();
+    // Every case binds an address that is already taken: had the process bound before
+    // validating, the message would be about the port, not the config.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+        (vec!["--bus", "redis://x"], vec![], "unknown scheme"),
+        (vec!["--bus", "localhost:4222"], vec![], "invalid bus URL"),
+        (
+            vec![],
+            vec![("SWITCHYARD_BUS", "ftp://x")],
+            "unknown scheme",
+        ),
+        (vec!["--listen", "nonsense"], vec![], "--listen"),
+        (
+            vec!["--routes", "/nonexistent/routes.toml"],
+            vec![],
+            "cannot read route file",
+        ),
+        (
+            vec!["--routes", bad_routes.to_str().unwrap()],
+            vec![],
+            "unknown variant",
+        ),
+        (
+            vec!["--routes", dup_routes.to_str().unwrap()],
+            vec![],
+            "duplicate path",
+        ),
+        (vec!["--node-id", "a.b"], vec![], "invalid node id"),
+        (
+            vec!["--ping-interval", "30s", "--idle-timeout", "10s"],
+            vec![],
+            "idle timeout",
+        ),
+        (vec!["--ping-interval", "soon"], vec![], "--ping-interval"),
+        (vec!["--max-message-size", "0"], vec![], "max message size"),
+        (vec!["edge"], vec![], "needs a shared bus"),
+        (vec!["--prefix", "a b"], vec![], "--prefix"),
+    ];
+    for (args, env, expect) in cases {
+        let mut all = vec!["--listen", &addr, "--admin", &addr];
+        all.extend(args.iter().copied());
+        let out = run(&all, &env);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?} {env:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+        assert!(
+            err.contains(expect),
+            "{args:?}: expected {expect:?} in {err:?}"
+        );
+        assert!(!err.contains("in use"), "validated before binding: {err}");
+    }
+    // A taken port (valid config) is a different failure: 69, naming the address.
+    let out = run(&["--listen", &addr, "--admin", "127.0.0.1:0"], &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(69),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&addr));
+}
+
+#[test]
+fn help_documents_every_option() {
+    let out = run(&["--help"], &[]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for opt in [
+        "--bus",
+        "--listen",
+        "--admin",
+        "--node-id",
+        "--routes",
+        "--demo",
+        "--prefix",
+        "--max-message-size",
+        "--ping-interval",
+        "--idle-timeout",
+        "--shutdown-grace",
+        "--bus-buffer",
+        "--log",
+        "--log-format",
+        "SWITCHYARD_BUS",
+        "standalone",
+        "edge",
+        "router",
+        "demo",
+    ] {
+        assert!(help.contains(opt), "--help mentions {opt}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_clients_1001_and_exits_zero() {
+    let (mut child, client, admin, logs) = spawn_binary(&[
+        "--demo",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--shutdown-grace",
+        "3s",
+    ])
+    .await;
+    let client = client.expect("edge address");
+    let (mut ws, _) = connect(&format!("ws://{client}/ws/echo")).await;
+    ws.send(Message::text("before")).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::text("before"));
+    let ready = reqwest::get(format!("http://{admin}/readyz"))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let pid = child.id().unwrap() as i32;
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(close_code(&mut ws).await, Some(1001));
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("exits in time")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let logs = logs.await.unwrap().join("\n");
+    assert!(logs.contains("shutdown complete"), "{logs}");
+}
