@@ -43,28 +43,13 @@ pub enum LogFormat {
 #[derive(Debug, Args)]
 pub struct Options {
     /// Bus URL: memory:// (embedded, one process), nats://HOST:PORT or kafka://HOST:PORT
-    #[arg(
-        long,
-        env = "SWITCHYARD_BUS",
-        default_value = "memory://",
-        global = true
-    )]
+    #[arg(long, env = "SWITCHYARD_BUS", default_value = "memory://", global = true)]
     pub bus: String,
     /// Client WebSocket listener address
-    #[arg(
-        long,
-        env = "SWITCHYARD_LISTEN",
-        default_value = "0.0.0.0:8080",
-        global = true
-    )]
+    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "0.0.0.0:8080", global = true)]
     pub listen: SocketAddr,
     /// Admin listener address (/healthz, /readyz, /metrics, /api)
-    #[arg(
-        long,
-        env = "SWITCHYARD_ADMIN",
-        default_value = "127.0.0.1:9090",
-        global = true
-    )]
+    #[arg(long, env = "SWITCHYARD_ADMIN", default_value = "127.0.0.1:9090", global = true)]
     pub admin: SocketAddr,
     /// Node id, [A-Za-z0-9_-] (default: generated, unique per start)
     #[arg(long, env = "SWITCHYARD_NODE_ID", global = true)]
@@ -90,13 +75,18 @@ pub struct Options {
     /// On SIGTERM, how long clients get to answer the close handshake
     #[arg(long, env = "SWITCHYARD_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
     pub shutdown_grace: Duration,
+    /// Node lease in the durable registry (NATS KV): a node silent this long is dead and its
+    /// sessions get synthetic disconnects
+    #[arg(long, env = "SWITCHYARD_LEASE", default_value = "15s", value_parser = humantime::parse_duration, global = true)]
+    pub lease: Duration,
+    /// Partitions of each inbound topic (NATS subject token p<N>; murmur2(session) % N)
+    #[arg(long, env = "SWITCHYARD_PARTITIONS", default_value_t = 16, global = true)]
+    pub partitions: u32,
+    /// Publishes that may wait while the bus is disconnected; past it, clients are told
+    #[arg(long, env = "SWITCHYARD_OUTAGE_BUFFER", default_value_t = 1024, global = true)]
+    pub outage_buffer: usize,
     /// Per-subscription bus buffer (messages)
-    #[arg(
-        long,
-        env = "SWITCHYARD_BUS_BUFFER",
-        default_value_t = 8192,
-        global = true
-    )]
+    #[arg(long, env = "SWITCHYARD_BUS_BUFFER", default_value_t = 8192, global = true)]
     pub bus_buffer: usize,
     /// Log filter, tracing-subscriber syntax (e.g. info,switchyard_edge=debug)
     #[arg(long, env = "SWITCHYARD_LOG", default_value = "info", global = true)]
@@ -161,22 +151,15 @@ impl Cli {
             ));
         }
         if o.demo && command != Command::Standalone {
-            return Err(
-                "--demo applies to standalone; run `switchyard demo` for the backends alone".into(),
-            );
+            return Err("--demo applies to standalone; run `switchyard demo` for the backends alone".into());
         }
         let naming = Naming::new(&o.prefix).map_err(|e| format!("--prefix: {e}"))?;
         let routes = match &o.routes {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| format!("cannot read route file {}: {e}", path.display()))?;
-                parse_routes(&text).map_err(|e| {
-                    format!(
-                        "route file {}: {}",
-                        path.display(),
-                        e.trim().replace('\n', " ")
-                    )
-                })?
+                parse_routes(&text)
+                    .map_err(|e| format!("route file {}: {}", path.display(), e.trim().replace('\n', " ")))?
             }
             None => default_routes(),
         };
@@ -187,12 +170,13 @@ impl Cli {
         edge.ping_interval = o.ping_interval;
         edge.idle_timeout = o.idle_timeout;
         edge.shutdown_grace = o.shutdown_grace;
+        edge.lease = o.lease;
         edge.validate()?;
+        if o.partitions == 0 || o.partitions > 4096 {
+            return Err(format!("--partitions {} out of range 1..=4096", o.partitions));
+        }
         if o.bus_buffer == 0 || o.bus_buffer > 1 << 22 {
-            return Err(format!(
-                "--bus-buffer {} out of range 1..=4194304",
-                o.bus_buffer
-            ));
+            return Err(format!("--bus-buffer {} out of range 1..=4194304", o.bus_buffer));
         }
         if command == Command::Standalone && o.listen == o.admin && o.listen.port() != 0 {
             return Err(format!("--listen and --admin are both {}", o.listen));

@@ -1,8 +1,10 @@
 //! Demo backends. They use the bus exactly as an external backend would: consume a route's
 //! inbound topic as a group, reply on the outbound topic keyed by session, publish to a channel.
 //!
-//! - `echo` (route `/ws/echo`, topic `echo`): every frame back, same bytes, same opcode.
-//! - `app` (route `/ws`, topic `app`): every `send` answered with `{"echo":<data>}`.
+//! - `echo` (route `/ws/echo`, topic `echo`): every frame back, same bytes, same opcode, via the
+//!   record's `sy-reply` subject (straight to the node holding the session, in order).
+//! - `app` (route `/ws`, topic `app`): every `send` answered with `{"echo":<data>}` via the
+//!   outbound topic and a router.
 //! - `ticker`: a price tick on channel `demo.ticker` every 500 ms.
 
 use bytes::Bytes;
@@ -15,16 +17,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// Subscribes (live when this returns) and runs the demo backends until `shutdown`.
-pub async fn start(
-    bus: Arc<dyn Bus>,
-    naming: Naming,
-    shutdown: CancellationToken,
-) -> Result<JoinHandle<()>, BusError> {
+pub async fn start(bus: Arc<dyn Bus>, naming: Naming, shutdown: CancellationToken) -> Result<JoinHandle<()>, BusError> {
     let echo = bus
-        .subscribe(
-            &naming.inbound("echo"),
-            SubscribeOptions::group("demo-echo"),
-        )
+        .subscribe(&naming.inbound("echo"), SubscribeOptions::group("demo-echo"))
         .await?;
     let app = bus
         .subscribe(&naming.inbound("app"), SubscribeOptions::group("demo-app"))
@@ -32,8 +27,8 @@ pub async fn start(
     Ok(tokio::spawn(async move {
         tokio::select! {
             _ = shutdown.cancelled() => {}
-            _ = respond(bus.clone(), naming.clone(), echo, |p| p.clone()) => {}
-            _ = respond(bus.clone(), naming.clone(), app, |p| {
+            _ = respond(bus.clone(), naming.clone(), echo, true, |p| p.clone()) => {}
+            _ = respond(bus.clone(), naming.clone(), app, false, |p| {
                 let mut v = Vec::with_capacity(p.len() + 10);
                 v.extend_from_slice(b"{\"echo\":");
                 v.extend_from_slice(p);
@@ -45,10 +40,13 @@ pub async fn start(
     }))
 }
 
+/// Answers every client frame. `direct`: publish to the record's `sy-reply` subject when it
+/// has one; otherwise to the outbound topic, for a router.
 async fn respond(
     bus: Arc<dyn Bus>,
     naming: Naming,
     mut sub: Subscription,
+    direct: bool,
     answer: impl Fn(&Bytes) -> Bytes,
 ) {
     let out = naming.outbound();
@@ -60,6 +58,10 @@ async fn respond(
         if env.kind != Kind::Frame {
             continue;
         }
+        let to = match (&env.reply, direct) {
+            (Some(r), true) => r.clone(),
+            _ => out.clone(),
+        };
         let mut reply = Envelope::new(env.session, Kind::Deliver, answer(&env.payload));
         reply.opcode = env.opcode;
         reply.trace = env.trace;
@@ -69,7 +71,7 @@ async fn respond(
             headers: reply.headers(),
             payload: reply.payload,
         };
-        if let Err(e) = bus.publish(&out, rec).await {
+        if let Err(e) = bus.publish(&to, rec).await {
             tracing::warn!(error = %e, "demo backend could not reply");
         }
     }
@@ -83,10 +85,7 @@ async fn ticker(bus: Arc<dyn Bus>, naming: Naming) {
         tick.tick().await;
         // A deterministic wiggle: no RNG needed for a demo.
         price = (price + ((n as f64) * 0.7).sin() * 0.5).max(1.0);
-        let payload = format!(
-            r#"{{"symbol":"SWYD","price":{price:.2},"seq":{n},"ts":{}}}"#,
-            now_ms()
-        );
+        let payload = format!(r#"{{"symbol":"SWYD","price":{price:.2},"seq":{n},"ts":{}}}"#, now_ms());
         let rec = Record {
             key: None,
             headers: Default::default(),

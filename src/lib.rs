@@ -44,8 +44,7 @@ impl Settings {
         let prometheus = switchyard_edge::metrics::install();
         let runs_edge = matches!(self.command, Command::Standalone | Command::Edge);
         let runs_router = matches!(self.command, Command::Standalone | Command::Router);
-        let runs_demo =
-            self.command == Command::Demo || (self.command == Command::Standalone && self.demo);
+        let runs_demo = self.command == Command::Demo || (self.command == Command::Standalone && self.demo);
 
         let client = if runs_edge {
             Some(
@@ -66,11 +65,11 @@ impl Settings {
         let shutdown = CancellationToken::new();
         let late = CancellationToken::new();
         let router = if runs_router {
-            Some(
-                Router::start(bus.clone(), self.naming.clone(), late.clone())
-                    .await
-                    .context("router")?,
-            )
+            let cfg = switchyard_router::RouterConfig {
+                naming: self.naming.clone(),
+                lease: self.edge.lease,
+            };
+            Some(Router::start(bus.clone(), cfg, late.clone()).await.context("router")?)
         } else {
             None
         };

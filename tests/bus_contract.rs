@@ -29,14 +29,9 @@ async fn recv(sub: &mut switchyard_bus::Subscription) -> switchyard_bus::Message
 /// Key, headers and payload arrive unchanged; a subscription is live when subscribe returns.
 async fn round_trip(bus: Arc<dyn Bus>) {
     let topic = common::unique("t.rt.");
-    let mut sub = bus
-        .subscribe(&topic, SubscribeOptions::default())
-        .await
-        .unwrap();
+    let mut sub = bus.subscribe(&topic, SubscribeOptions::default()).await.unwrap();
     let payload = "héllo \u{0} binary-safe".to_string();
-    bus.publish(&topic, rec("s1", payload.clone()))
-        .await
-        .unwrap();
+    bus.publish(&topic, rec("s1", payload.clone())).await.unwrap();
     let m = recv(&mut sub).await;
     assert_eq!(&*m.topic, topic.as_str());
     assert_eq!(m.record.key.as_deref(), Some(&b"s1"[..]));
@@ -48,14 +43,8 @@ async fn round_trip(bus: Arc<dyn Bus>) {
 /// Every plain subscriber gets every record, in publish order.
 async fn fan_out_in_order(bus: Arc<dyn Bus>) {
     let topic = common::unique("t.fan.");
-    let mut a = bus
-        .subscribe(&topic, SubscribeOptions::default())
-        .await
-        .unwrap();
-    let mut b = bus
-        .subscribe(&topic, SubscribeOptions::default())
-        .await
-        .unwrap();
+    let mut a = bus.subscribe(&topic, SubscribeOptions::default()).await.unwrap();
+    let mut b = bus.subscribe(&topic, SubscribeOptions::default()).await.unwrap();
     for i in 0..500 {
         bus.publish(&topic, rec("k", i.to_string())).await.unwrap();
     }
@@ -77,23 +66,13 @@ async fn patterns(bus: Arc<dyn Bus>) {
         .subscribe(&format!("{base}.>"), SubscribeOptions::default())
         .await
         .unwrap();
-    bus.publish(&format!("{base}.a"), rec("k", "1".into()))
-        .await
-        .unwrap();
-    bus.publish(&format!("{base}.a.b"), rec("k", "2".into()))
-        .await
-        .unwrap();
+    bus.publish(&format!("{base}.a"), rec("k", "1".into())).await.unwrap();
+    bus.publish(&format!("{base}.a.b"), rec("k", "2".into())).await.unwrap();
     assert_eq!(recv(&mut star).await.record.payload, "1");
     assert_eq!(recv(&mut rest).await.record.payload, "1");
     assert_eq!(recv(&mut rest).await.record.payload, "2");
-    bus.publish(&format!("{base}.c"), rec("k", "3".into()))
-        .await
-        .unwrap();
-    assert_eq!(
-        recv(&mut star).await.record.payload,
-        "3",
-        "`*` did not match a.b"
-    );
+    bus.publish(&format!("{base}.c"), rec("k", "3".into())).await.unwrap();
+    assert_eq!(recv(&mut star).await.record.payload, "3", "`*` did not match a.b");
 }
 
 /// Members of a group share records; each key's records stay in order.
@@ -103,10 +82,7 @@ async fn group_shares_and_keeps_key_order(bus: Arc<dyn Bus>) {
     // Both members forward into one channel, tagged with the member index.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     for idx in 0..2 {
-        let mut sub = bus
-            .subscribe(&topic, SubscribeOptions::group(&group))
-            .await
-            .unwrap();
+        let mut sub = bus.subscribe(&topic, SubscribeOptions::group(&group)).await.unwrap();
         let tx = tx.clone();
         tokio::spawn(async move {
             while let Some(m) = sub.recv().await {
@@ -137,18 +113,11 @@ async fn group_shares_and_keeps_key_order(bus: Arc<dyn Bus>) {
         let (k, i) = p.split_once(':').unwrap();
         let k: usize = k[1..].parse().unwrap();
         assert_eq!(i.parse::<usize>().unwrap(), next[k], "key k{k} in order");
-        assert_eq!(
-            *owner[k].get_or_insert(idx),
-            idx,
-            "a key sticks to one member"
-        );
+        assert_eq!(*owner[k].get_or_insert(idx), idx, "a key sticks to one member");
         next[k] += 1;
         per_member[idx] += 1;
     }
-    assert!(
-        next.iter().all(|&n| n == PER_KEY),
-        "each record delivered exactly once"
-    );
+    assert!(next.iter().all(|&n| n == PER_KEY), "each record delivered exactly once");
     assert!(
         per_member[0] > 0 && per_member[1] > 0,
         "both members got work: {per_member:?}"
@@ -159,10 +128,7 @@ async fn group_shares_and_keeps_key_order(bus: Arc<dyn Bus>) {
 async fn invalid_names(bus: Arc<dyn Bus>) {
     assert!(bus.publish("a..b", rec("k", String::new())).await.is_err());
     assert!(bus.publish("a.*", rec("k", String::new())).await.is_err());
-    assert!(bus
-        .subscribe("a.>.b", SubscribeOptions::default())
-        .await
-        .is_err());
+    assert!(bus.subscribe("a.>.b", SubscribeOptions::default()).await.is_err());
 }
 
 macro_rules! contract {
@@ -210,29 +176,15 @@ mod memory {
             ..BusOptions::default()
         };
         let bus = switchyard_bus::connect("memory://", &opts).await.unwrap();
-        let mut stalled = bus
-            .subscribe("t.full", SubscribeOptions::default())
-            .await
-            .unwrap();
+        let mut stalled = bus.subscribe("t.full", SubscribeOptions::default()).await.unwrap();
         for i in 0..4 {
-            bus.publish("t.full", rec("k", i.to_string()))
-                .await
-                .unwrap();
+            bus.publish("t.full", rec("k", i.to_string())).await.unwrap();
         }
-        let err = bus
-            .publish("t.full", rec("k", "4".into()))
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(err, switchyard_bus::BusError::Overflow { .. }),
-            "{err}"
-        );
+        let err = bus.publish("t.full", rec("k", "4".into())).await.unwrap_err();
+        assert!(matches!(err, switchyard_bus::BusError::Overflow { .. }), "{err}");
         // What was accepted is all there, in order.
         for i in 0..4 {
-            assert_eq!(
-                stalled.recv().await.unwrap().record.payload,
-                Bytes::from(i.to_string())
-            );
+            assert_eq!(stalled.recv().await.unwrap().record.payload, Bytes::from(i.to_string()));
         }
         assert!(stalled.try_recv().is_none());
     }

@@ -40,12 +40,7 @@ async fn echo_round_trip_keeps_order_over_10k_frames() {
     });
     for i in 0..N {
         let m = loop {
-            match tokio::time::timeout(WAIT, rx.next())
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap()
-            {
+            match tokio::time::timeout(WAIT, rx.next()).await.unwrap().unwrap().unwrap() {
                 Message::Ping(_) | Message::Pong(_) => continue,
                 m => break m,
             }
@@ -72,9 +67,7 @@ async fn thousand_sessions_each_get_only_their_own_replies() {
         tasks.push(tokio::spawn(async move {
             let (mut ws, id) = connect(&url).await;
             for i in 0..5 {
-                ws.send(Message::text(format!("{id}:{c}:{i}")))
-                    .await
-                    .unwrap();
+                ws.send(Message::text(format!("{id}:{c}:{i}"))).await.unwrap();
             }
             for i in 0..5 {
                 let m = next_data(&mut ws).await;
@@ -128,10 +121,7 @@ async fn channel_reaches_1000_subscribers_in_order_with_one_bus_subscription() {
                 assert_eq!(v["channel"], channel.as_str());
                 assert_eq!(v["data"], json!({"n": n}), "in order, none missing");
                 let off = v["offset"].as_u64().expect("memory bus gives offsets");
-                assert!(
-                    last_offset.is_none_or(|l| off == l + 1),
-                    "offsets consecutive"
-                );
+                assert!(last_offset.is_none_or(|l| off == l + 1), "offsets consecutive");
                 last_offset = Some(off);
             }
         }));
@@ -229,14 +219,7 @@ fn healthy_readers(
 
 /// Publishes `m` messages of `size` bytes — far more than loopback buffers hold for a stalled
 /// socket, so its queue policy must act — staying within `window` of the healthy readers.
-async fn flood(
-    app: &Running,
-    channel: &str,
-    m: usize,
-    size: usize,
-    progress: &Progress,
-    window: u64,
-) {
+async fn flood(app: &Running, channel: &str, m: usize, size: usize, progress: &Progress, window: u64) {
     let topic = switchyard_protocol::Naming::default().channel(channel);
     let pad = "x".repeat(size);
     for n in 0..m as u64 {
@@ -277,10 +260,7 @@ async fn stalled_subscriber_is_dropped_oldest_and_others_get_everything() {
         &format!("route=\"{path}\",reason=\"slow_drop_oldest\""),
     )
     .await;
-    assert!(
-        dropped > 0,
-        "the stalled socket's queue dropped its oldest messages"
-    );
+    assert!(dropped > 0, "the stalled socket's queue dropped its oldest messages");
     assert!(dropped < M as u64, "only the stalled socket dropped");
     drop(stalled);
     app.stop().await;
@@ -338,11 +318,7 @@ async fn oversized_message_closes_1009() {
 async fn invalid_utf8_text_closes_1007() {
     let app = start_default().await;
     let (mut ws, _) = connect(&app.url("/ws/echo")).await;
-    let frame = Frame::message(
-        Bytes::from_static(&[0x66, 0xff, 0xfe]),
-        OpCode::Data(Data::Text),
-        true,
-    );
+    let frame = Frame::message(Bytes::from_static(&[0x66, 0xff, 0xfe]), OpCode::Data(Data::Text), true);
     ws.send(Message::Frame(frame)).await.unwrap();
     assert_eq!(close_code(&mut ws).await, Some(1007));
     app.stop().await;
@@ -351,17 +327,13 @@ async fn invalid_utf8_text_closes_1007() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_path_is_404_before_upgrade() {
     let app = start_default().await;
-    let err = tokio_tungstenite::connect_async(app.url("/nope"))
-        .await
-        .unwrap_err();
+    let err = tokio_tungstenite::connect_async(app.url("/nope")).await.unwrap_err();
     match err {
         tokio_tungstenite::tungstenite::Error::Http(resp) => assert_eq!(resp.status(), 404),
         other => panic!("expected HTTP 404, got {other:?}"),
     }
     // A plain GET on a route path is not an upgrade: 4xx, never 101.
-    let r = reqwest::get(format!("http://{}/ws/echo", app.client))
-        .await
-        .unwrap();
+    let r = reqwest::get(format!("http://{}/ws/echo", app.client)).await.unwrap();
     assert!(r.status().is_client_error(), "{}", r.status());
     app.stop().await;
 }
@@ -382,18 +354,13 @@ async fn framed_protocol_ops_and_errors() {
     let v = next_json(&mut a).await;
     assert_eq!(v["data"], json!({"hi": 1}));
     // send goes to the backend, whose answer comes back
-    b.send(Message::text(r#"{"op":"send","data":[1,2]}"#))
-        .await
-        .unwrap();
+    b.send(Message::text(r#"{"op":"send","data":[1,2]}"#)).await.unwrap();
     assert_eq!(next_json(&mut b).await, json!({"echo": [1, 2]}));
     for (bad, code) in [
         ("nope", "bad_request"),
         (r#"{"op":"fly"}"#, "unknown_op"),
         (r#"{"op":"subscribe","channel":"a.*"}"#, "invalid_channel"),
-        (
-            r#"{"op":"unsubscribe","channel":"never"}"#,
-            "not_subscribed",
-        ),
+        (r#"{"op":"unsubscribe","channel":"never"}"#, "not_subscribed"),
         (r#"{"op":"send"}"#, "bad_request"),
     ] {
         b.send(Message::text(bad)).await.unwrap();
@@ -411,10 +378,7 @@ async fn framed_protocol_ops_and_errors() {
     )))
     .await
     .unwrap();
-    assert_eq!(
-        next_json(&mut a).await,
-        json!({"op":"unsubscribed","channel":channel})
-    );
+    assert_eq!(next_json(&mut a).await, json!({"op":"unsubscribed","channel":channel}));
     app.stop().await;
 }
 
@@ -446,26 +410,21 @@ async fn inbound_records_carry_the_envelope_in_order() {
     let mut tap = tap;
     let (ws, id) = {
         let (ws, resp) = tokio_tungstenite::connect_async(
-            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-                app.url("/ws/echo"),
-            )
-            .map(|mut r| {
-                r.headers_mut().insert(
-                    "traceparent",
-                    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-                        .parse()
-                        .unwrap(),
-                );
-                r
-            })
-            .unwrap(),
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(app.url("/ws/echo"))
+                .map(|mut r| {
+                    r.headers_mut().insert(
+                        "traceparent",
+                        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+                            .parse()
+                            .unwrap(),
+                    );
+                    r
+                })
+                .unwrap(),
         )
         .await
         .unwrap();
-        let id = resp.headers()["x-switchyard-session"]
-            .to_str()
-            .unwrap()
-            .to_owned();
+        let id = resp.headers()["x-switchyard-session"].to_str().unwrap().to_owned();
         (ws, id)
     };
     let mut ws = ws;
@@ -476,10 +435,7 @@ async fn inbound_records_carry_the_envelope_in_order() {
     close_normal(&mut ws).await;
     let mut got = Vec::new();
     while got.len() < 4 {
-        let m = tokio::time::timeout(WAIT, tap.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let m = tokio::time::timeout(WAIT, tap.recv()).await.unwrap().unwrap();
         let r = &m.record;
         let e = Envelope::from_record(r.key.as_deref(), &r.headers, r.payload.clone()).unwrap();
         if e.session == id {
@@ -503,16 +459,8 @@ async fn inbound_records_carry_the_envelope_in_order() {
     assert_eq!(got[2].opcode, Opcode::Binary);
     for e in &got {
         assert_eq!(e.route.as_deref(), Some("/ws/echo"));
-        assert!(
-            e.node.is_some()
-                && e.reply
-                    .as_deref()
-                    .is_some_and(|r| r.starts_with("sy.node."))
-        );
-        assert_eq!(
-            e.trace.as_ref().unwrap().trace_id(),
-            "0af7651916cd43dd8448eb211c80319c"
-        );
+        assert!(e.node.is_some() && e.reply.as_deref().is_some_and(|r| r.starts_with("sy.node.")));
+        assert_eq!(e.trace.as_ref().unwrap().trace_id(), "0af7651916cd43dd8448eb211c80319c");
         assert!(e.timestamp_ms > 0);
     }
     assert_eq!(got[3].code, Some(1000));
@@ -567,31 +515,11 @@ async fn admin_api_works_and_rejects_bad_input_with_json() {
 
     for (method, path, body, status) in [
         ("POST", "/api/publish".to_string(), "not json", 400),
-        (
-            "POST",
-            "/api/publish".to_string(),
-            r#"{"channel":"a b","data":1}"#,
-            400,
-        ),
-        (
-            "POST",
-            "/api/publish".to_string(),
-            r#"{"channel":"ok"}"#,
-            400,
-        ),
+        ("POST", "/api/publish".to_string(), r#"{"channel":"a b","data":1}"#, 400),
+        ("POST", "/api/publish".to_string(), r#"{"channel":"ok"}"#, 400),
         ("POST", format!("/api/sessions/{id}/send"), r#"{}"#, 400),
-        (
-            "POST",
-            format!("/api/sessions/{id}/send"),
-            r#"{"binary":"***"}"#,
-            400,
-        ),
-        (
-            "POST",
-            "/api/sessions/bad%20id/send".to_string(),
-            r#"{"data":1}"#,
-            400,
-        ),
+        ("POST", format!("/api/sessions/{id}/send"), r#"{"binary":"***"}"#, 400),
+        ("POST", "/api/sessions/bad%20id/send".to_string(), r#"{"data":1}"#, 400),
         ("GET", "/api/sessions/01NOSUCHSESSION".to_string(), "", 404),
         ("DELETE", format!("/api/sessions/{id}?code=1006"), "", 400),
         ("GET", "/api/nothing".to_string(), "", 404),
@@ -614,22 +542,8 @@ async fn admin_api_works_and_rejects_bad_input_with_json() {
         .unwrap();
     assert_eq!(r.status(), 202);
     assert_eq!(close_code(&mut ws).await, Some(4000));
-    assert_eq!(
-        http.get(app.admin_url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        http.get(app.admin_url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(http.get(app.admin_url("/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(http.get(app.admin_url("/readyz")).send().await.unwrap().status(), 200);
     app.stop().await;
 }
 
@@ -655,10 +569,7 @@ async fn backend_control_ops_subscribe_and_close_a_session() {
         )
         .await
         .unwrap();
-    assert_eq!(
-        next_json(&mut ws).await,
-        json!({"op":"subscribed","channel":channel})
-    );
+    assert_eq!(next_json(&mut ws).await, json!({"op":"subscribed","channel":channel}));
     app.bus
         .publish(
             &naming.channel(&channel),
@@ -693,12 +604,7 @@ async fn backend_control_ops_subscribe_and_close_a_session() {
 async fn records_for_unknown_sessions_are_counted_not_fatal() {
     let app = start_default().await;
     let naming = switchyard_protocol::Naming::default();
-    let before = metric(
-        &app,
-        "switchyard_router_dropped_total",
-        "reason=\"unknown_session\"",
-    )
-    .await;
+    let before = metric(&app, "switchyard_router_dropped_total", "reason=\"unknown_session\"").await;
     let env = Envelope::new("01NOBODY", Kind::Deliver, Bytes::from_static(b"x"));
     app.bus
         .publish(
@@ -721,16 +627,8 @@ async fn records_for_unknown_sessions_are_counted_not_fatal() {
     let (mut ws, _) = connect(&app.url("/ws/echo")).await;
     ws.send(Message::text("alive")).await.unwrap();
     assert_eq!(next_data(&mut ws).await, Message::text("alive"));
-    let after = metric(
-        &app,
-        "switchyard_router_dropped_total",
-        "reason=\"unknown_session\"",
-    )
-    .await;
-    assert!(
-        after > before,
-        "unknown session counted ({before} → {after})"
-    );
+    let after = metric(&app, "switchyard_router_dropped_total", "reason=\"unknown_session\"").await;
+    assert!(after > before, "unknown session counted ({before} → {after})");
     app.stop().await;
 }
 
@@ -779,12 +677,7 @@ async fn shutdown_closes_1001_and_every_accepted_frame_reaches_the_bus() {
     // Wait until 200 echoes came back: those frames were certainly accepted.
     let mut echoed = 0u64;
     while echoed < 200 {
-        if let Message::Text(_) = tokio::time::timeout(WAIT, rx.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap()
-        {
+        if let Message::Text(_) = tokio::time::timeout(WAIT, rx.next()).await.unwrap().unwrap().unwrap() {
             echoed += 1;
         }
     }
@@ -798,11 +691,7 @@ async fn shutdown_closes_1001_and_every_accepted_frame_reaches_the_bus() {
     };
     assert_eq!(code, Some(1001));
     let sent = sender.await.unwrap();
-    tokio::time::timeout(WAIT, app.task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(WAIT, app.task).await.unwrap().unwrap().unwrap();
     // The bus saw frames 0..k in order, no gap, then the disconnect with seq k+2.
     let mut frames = 0u64;
     let records = collector.await.unwrap();
@@ -815,11 +704,7 @@ async fn shutdown_closes_1001_and_every_accepted_frame_reaches_the_bus() {
         match e.kind {
             Kind::Connect => assert_eq!(e.seq, 1),
             Kind::Frame => {
-                assert_eq!(
-                    e.payload,
-                    Bytes::from(frames.to_string()),
-                    "contiguous, in order"
-                );
+                assert_eq!(e.payload, Bytes::from(frames.to_string()), "contiguous, in order");
                 assert_eq!(e.seq, frames + 2);
                 frames += 1;
             }

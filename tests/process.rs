@@ -26,7 +26,11 @@ fn bad_config_is_one_line_and_exit_64_before_binding() {
     )
     .unwrap();
     let dup_routes = dir.join("dup.toml");
-    std::fs::write(&dup_routes, "[[route]]\npath='/x'\ntopic='t'\nmode='raw'\n[[route]]\npath='/x'\ntopic='u'\nmode='raw'\n").unwrap();
+    std::fs::write(
+        &dup_routes,
+        "[[route]]\npath='/x'\ntopic='t'\nmode='raw'\n[[route]]\npath='/x'\ntopic='u'\nmode='raw'\n",
+    )
+    .unwrap();
     // Every case binds an address that is already taken: had the process bound before
     // validating, the message would be about the port, not the config.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -34,11 +38,7 @@ fn bad_config_is_one_line_and_exit_64_before_binding() {
     let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
         (vec!["--bus", "redis://x"], vec![], "unknown scheme"),
         (vec!["--bus", "localhost:4222"], vec![], "invalid bus URL"),
-        (
-            vec![],
-            vec![("SWITCHYARD_BUS", "ftp://x")],
-            "unknown scheme",
-        ),
+        (vec![], vec![("SWITCHYARD_BUS", "ftp://x")], "unknown scheme"),
         (vec!["--listen", "nonsense"], vec![], "--listen"),
         (
             vec!["--routes", "/nonexistent/routes.toml"],
@@ -50,11 +50,7 @@ fn bad_config_is_one_line_and_exit_64_before_binding() {
             vec![],
             "unknown variant",
         ),
-        (
-            vec!["--routes", dup_routes.to_str().unwrap()],
-            vec![],
-            "duplicate path",
-        ),
+        (vec!["--routes", dup_routes.to_str().unwrap()], vec![], "duplicate path"),
         (vec!["--node-id", "a.b"], vec![], "invalid node id"),
         (
             vec!["--ping-interval", "30s", "--idle-timeout", "10s"],
@@ -73,20 +69,12 @@ fn bad_config_is_one_line_and_exit_64_before_binding() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{args:?} {env:?}: {err}");
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
-        assert!(
-            err.contains(expect),
-            "{args:?}: expected {expect:?} in {err:?}"
-        );
+        assert!(err.contains(expect), "{args:?}: expected {expect:?} in {err:?}");
         assert!(!err.contains("in use"), "validated before binding: {err}");
     }
     // A taken port (valid config) is a different failure: 69, naming the address.
     let out = run(&["--listen", &addr, "--admin", "127.0.0.1:0"], &[]);
-    assert_eq!(
-        out.status.code(),
-        Some(69),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(69), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains(&addr));
 }
 
@@ -136,9 +124,7 @@ async fn sigterm_closes_clients_1001_and_exits_zero() {
     let (mut ws, _) = connect(&format!("ws://{client}/ws/echo")).await;
     ws.send(Message::text("before")).await.unwrap();
     assert_eq!(next_data(&mut ws).await, Message::text("before"));
-    let ready = reqwest::get(format!("http://{admin}/readyz"))
-        .await
-        .unwrap();
+    let ready = reqwest::get(format!("http://{admin}/readyz")).await.unwrap();
     assert_eq!(ready.status(), 200);
     let pid = child.id().unwrap() as i32;
     let st = std::process::Command::new("kill")

@@ -135,15 +135,74 @@ pub trait Bus: Send + Sync + 'static {
     /// Publishes one record. Returns the record's offset when the bus assigns one.
     async fn publish(&self, topic: &str, record: Record) -> Result<Option<u64>, BusError>;
     /// Subscribes to a topic, or a pattern with `*` (one token) and `>` (the rest).
-    async fn subscribe(
-        &self,
-        pattern: &str,
-        opts: SubscribeOptions,
-    ) -> Result<Subscription, BusError>;
+    async fn subscribe(&self, pattern: &str, opts: SubscribeOptions) -> Result<Subscription, BusError>;
     /// True while the bus can take records (drives `/readyz`).
     fn is_ready(&self) -> bool;
     /// Waits until everything published so far has been handed to the bus.
     async fn flush(&self) -> Result<(), BusError>;
+    /// The durable session registry this bus provides, if any (NATS: JetStream KV). Without
+    /// one, routers build their registry from the `<prefix>.sessions` feed alone.
+    fn registry(&self) -> Option<Arc<dyn SessionRegistry>> {
+        None
+    }
+}
+
+/// Where a session lives, as stored in a durable registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionEntry {
+    pub node: String,
+    pub route: String,
+    /// The route's inbound topic, so a router can publish a synthetic disconnect there.
+    pub inbound: String,
+}
+
+impl SessionEntry {
+    /// `node\nroute\ninbound`: three lines, none of which may contain a newline.
+    pub fn encode(&self) -> Bytes {
+        Bytes::from(format!("{}\n{}\n{}", self.node, self.route, self.inbound))
+    }
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        let s = std::str::from_utf8(b).ok()?;
+        let mut it = s.split('\n');
+        let (node, route, inbound) = (it.next()?, it.next()?, it.next()?);
+        Some(Self {
+            node: node.into(),
+            route: route.into(),
+            inbound: inbound.into(),
+        })
+    }
+}
+
+/// A change in the durable registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryEvent {
+    /// A session registered (`Some`) or unregistered (`None`).
+    Session {
+        session: String,
+        entry: Option<SessionEntry>,
+    },
+    /// A node renewed its lease at `at_ms` (its clock); `revision` identifies this renewal.
+    Heartbeat { node: String, at_ms: u64, revision: u64 },
+    /// A node's lease record was removed (expired and handled, or the node left cleanly).
+    NodeGone { node: String },
+}
+
+/// A durable session registry with node leases. Each edge renews one lease for all of its
+/// sessions; when a node's lease lapses, exactly one router wins [`SessionRegistry::claim_expiry`]
+/// and ends its sessions.
+#[async_trait]
+pub trait SessionRegistry: Send + Sync {
+    async fn register(&self, session: &str, entry: &SessionEntry) -> Result<(), BusError>;
+    async fn unregister(&self, session: &str) -> Result<(), BusError>;
+    async fn heartbeat(&self, node: &str) -> Result<(), BusError>;
+    /// The node left cleanly (its sessions were closed one by one): drop its lease record.
+    async fn leave(&self, node: &str) -> Result<(), BusError>;
+    /// Current contents as events, then live changes.
+    async fn watch(&self) -> Result<mpsc::Receiver<RegistryEvent>, BusError>;
+    async fn lookup(&self, session: &str) -> Result<Option<SessionEntry>, BusError>;
+    /// Claims the expiry of `node`, whose last renewal the caller saw as `revision`. True for
+    /// exactly one caller, and only if the node has not renewed since.
+    async fn claim_expiry(&self, node: &str, revision: u64) -> Result<bool, BusError>;
 }
 
 /// Opens the bus named by `url`.
@@ -187,9 +246,7 @@ pub fn validate_url(url: &str) -> Result<(), String> {
     };
     match scheme {
         "memory" => Ok(()),
-        "nats" | "tls" | "kafka" if rest.is_empty() => {
-            Err(format!("invalid bus URL {url:?}: missing host"))
-        }
+        "nats" | "tls" | "kafka" if rest.is_empty() => Err(format!("invalid bus URL {url:?}: missing host")),
         "nats" | "tls" => {
             if cfg!(feature = "nats") {
                 Ok(())
@@ -216,6 +273,12 @@ pub struct BusOptions {
     pub publish_timeout: std::time::Duration,
     /// Client name shown by the broker.
     pub name: String,
+    /// Topic prefix (network buses derive stream / bucket names and inbound subjects from it).
+    pub prefix: String,
+    /// Partitions of each inbound topic (NATS: the `p<N>` subject token; murmur2 of the key).
+    pub partitions: u32,
+    /// How long a network bus waits for the broker to acknowledge a durable publish.
+    pub ack_timeout: std::time::Duration,
 }
 
 impl Default for BusOptions {
@@ -225,6 +288,9 @@ impl Default for BusOptions {
             outage_buffer: 1024,
             publish_timeout: std::time::Duration::from_secs(1),
             name: "switchyard".into(),
+            prefix: "sy".into(),
+            partitions: 16,
+            ack_timeout: std::time::Duration::from_secs(5),
         }
     }
 }
@@ -257,9 +323,9 @@ impl Bus for Instrumented {
         let class = topic_class(topic);
         match &res {
             Ok(_) => {
-                metrics::counter!("switchyard_bus_published_total", "bus" => self.scheme(), "topic" => class).increment(1);
-                metrics::histogram!("switchyard_bus_publish_seconds", "bus" => self.scheme())
-                    .record(started.elapsed());
+                metrics::counter!("switchyard_bus_published_total", "bus" => self.scheme(), "topic" => class)
+                    .increment(1);
+                metrics::histogram!("switchyard_bus_publish_seconds", "bus" => self.scheme()).record(started.elapsed());
             }
             Err(e) => {
                 metrics::counter!("switchyard_bus_publish_errors_total", "bus" => self.scheme(), "topic" => class, "reason" => e.reason()).increment(1);
@@ -268,14 +334,11 @@ impl Bus for Instrumented {
         }
         res
     }
-    async fn subscribe(
-        &self,
-        pattern: &str,
-        opts: SubscribeOptions,
-    ) -> Result<Subscription, BusError> {
+    async fn subscribe(&self, pattern: &str, opts: SubscribeOptions) -> Result<Subscription, BusError> {
         let res = self.inner.subscribe(pattern, opts).await;
         if let Err(e) = &res {
-            metrics::counter!("switchyard_bus_subscribe_errors_total", "bus" => self.scheme(), "reason" => e.reason()).increment(1);
+            metrics::counter!("switchyard_bus_subscribe_errors_total", "bus" => self.scheme(), "reason" => e.reason())
+                .increment(1);
             tracing::warn!(pattern, error = %e, "bus subscribe failed");
         }
         res
@@ -285,6 +348,9 @@ impl Bus for Instrumented {
     }
     async fn flush(&self) -> Result<(), BusError> {
         self.inner.flush().await
+    }
+    fn registry(&self) -> Option<Arc<dyn SessionRegistry>> {
+        self.inner.registry()
     }
 }
 
@@ -311,9 +377,7 @@ pub fn check_name(name: &str, pattern: bool) -> Result<(), BusError> {
             if pattern && (*t == "*" || (*t == ">" && i == toks.len() - 1)) {
                 return true;
             }
-            !t.is_empty()
-                && t.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         });
     if ok {
         Ok(())

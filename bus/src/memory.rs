@@ -93,25 +93,14 @@ impl Bus for MemoryBus {
         let known = self.inner.read().offsets.get(topic).cloned();
         let counter = match known {
             Some(c) => c,
-            None => self
-                .inner
-                .write()
-                .offsets
-                .entry(topic.to_owned())
-                .or_default()
-                .clone(),
+            None => self.inner.write().offsets.entry(topic.to_owned()).or_default().clone(),
         };
         let offset = counter.fetch_add(1, Ordering::Relaxed);
         let (msg, full) = self.deliver(topic, record, offset);
         // Buffers that were full: wait for room, up to the deadline, without holding the lock.
         let mut overflow = false;
         for tx in full {
-            if tx
-                .send_timeout(msg.clone(), self.publish_timeout)
-                .await
-                .is_err()
-                && !tx.is_closed()
-            {
+            if tx.send_timeout(msg.clone(), self.publish_timeout).await.is_err() && !tx.is_closed() {
                 overflow = true;
             }
         }
@@ -124,11 +113,7 @@ impl Bus for MemoryBus {
         }
     }
 
-    async fn subscribe(
-        &self,
-        pattern: &str,
-        opts: SubscribeOptions,
-    ) -> Result<Subscription, BusError> {
+    async fn subscribe(&self, pattern: &str, opts: SubscribeOptions) -> Result<Subscription, BusError> {
         check_name(pattern, true)?;
         let (tx, rx) = mpsc::channel(self.buffer);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -166,12 +151,7 @@ impl Bus for MemoryBus {
 
 impl MemoryBus {
     /// Hands `record` to every ready receiver; returns the senders whose buffers were full.
-    fn deliver(
-        &self,
-        topic: &str,
-        record: Record,
-        offset: u64,
-    ) -> (Message, Vec<mpsc::Sender<Message>>) {
+    fn deliver(&self, topic: &str, record: Record, offset: u64) -> (Message, Vec<mpsc::Sender<Message>>) {
         let g = self.inner.read();
         let msg = Message {
             topic: Arc::from(topic),

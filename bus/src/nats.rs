@@ -1,1 +1,356 @@
-//! `nats://` — filled in by the NATS issue.
+//! `nats://`: core NATS for delivery, JetStream for durable inbound and the session registry.
+//!
+//! - Inbound topics (`<prefix>.in.<topic>`) are published to `<prefix>.in.<topic>.p<N>`, with
+//!   N = Kafka's murmur2(key) % partitions, through JetStream: the stream `<PREFIX>_IN`
+//!   captures `<prefix>.in.>` and publish returns only once the stream has acknowledged the
+//!   record. Core NATS subscribers receive the same records live.
+//! - Every other topic is a core NATS subject (at most once): outbound, node delivery,
+//!   channels, the session feed.
+//! - The session registry is the KV bucket `<prefix>_sessions` (see [`NatsRegistry`]).
+//! - While disconnected, up to `outage_buffer` publishes wait for the reconnection (each at
+//!   most `ack_timeout` for durable ones); past that, publish fails at once with `Unavailable`.
+
+use crate::{
+    check_name, Bus, BusError, BusOptions, Message, Record, RegistryEvent, SessionEntry, SessionRegistry,
+    SubscribeOptions, Subscription,
+};
+use async_nats::jetstream::{self, kv, stream};
+use async_nats::{HeaderMap, HeaderValue};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use switchyard_protocol::naming::partition_for;
+use switchyard_protocol::Headers;
+use tokio::sync::mpsc;
+
+/// Header carrying the record key (NATS messages have none).
+pub const KEY_HEADER: &str = "sy-key";
+
+pub struct NatsBus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    inbound_prefix: String,
+    partitions: u32,
+    buffer: usize,
+    outage_buffer: usize,
+    waiting: Arc<AtomicUsize>,
+    registry: Arc<NatsRegistry>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(e.to_string())
+}
+
+/// Stream / bucket names may not contain dots.
+fn undotted(prefix: &str) -> String {
+    prefix.replace('.', "_")
+}
+
+impl NatsBus {
+    pub async fn connect(url: &str, opts: &BusOptions) -> Result<Self, BusError> {
+        let client = async_nats::ConnectOptions::new()
+            .name(&opts.name)
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(5))
+            .subscription_capacity(opts.buffer.max(1024))
+            .event_callback(|e| async move {
+                match e {
+                    async_nats::Event::Connected => tracing::info!("nats: connected"),
+                    async_nats::Event::Disconnected => tracing::warn!("nats: disconnected"),
+                    async_nats::Event::SlowConsumer(sid) => {
+                        metrics::counter!("switchyard_bus_slow_consumer_total", "bus" => "nats").increment(1);
+                        tracing::warn!(sid, "nats: slow consumer, messages dropped by the client");
+                    }
+                    other => tracing::info!(event = %other, "nats event"),
+                }
+            })
+            .connect(url.replace("tls://", "tls://"))
+            .await
+            .map_err(|e| unavailable(format!("cannot connect to {url}: {e}")))?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(opts.ack_timeout);
+        let base = undotted(&opts.prefix);
+        js.get_or_create_stream(stream::Config {
+            name: format!("{}_IN", base.to_uppercase()),
+            subjects: vec![format!("{}.in.>", opts.prefix)],
+            max_age: Duration::from_secs(24 * 3600),
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| unavailable(format!("cannot create the inbound stream: {e}")))?;
+        let bucket = format!("{base}_sessions");
+        let kv = match js.get_key_value(&bucket).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: bucket.clone(),
+                    history: 1,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| unavailable(format!("cannot create KV bucket {bucket}: {e}")))?,
+        };
+        Ok(Self {
+            client,
+            js,
+            inbound_prefix: format!("{}.in.", opts.prefix),
+            partitions: opts.partitions.max(1),
+            buffer: opts.buffer.max(1),
+            outage_buffer: opts.outage_buffer,
+            waiting: Arc::default(),
+            registry: Arc::new(NatsRegistry { kv }),
+        })
+    }
+
+    fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Admits one publish: immediately when connected; while disconnected, only while fewer
+    /// than `outage_buffer` publishes already wait.
+    fn admit(&self) -> Result<Waiting, BusError> {
+        if self.connected() {
+            return Ok(Waiting(None));
+        }
+        let n = self.waiting.fetch_add(1, Ordering::AcqRel);
+        if n >= self.outage_buffer {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(BusError::Unavailable(
+                "NATS is disconnected and the outage buffer is full".into(),
+            ));
+        }
+        Ok(Waiting(Some(self.waiting.clone())))
+    }
+
+    /// An inbound topic's subject for this key, or None for other topics.
+    fn inbound_subject(&self, topic: &str, key: Option<&[u8]>) -> Option<String> {
+        let rest = topic.strip_prefix(&self.inbound_prefix)?;
+        if rest.contains('.') {
+            return None; // already a partition subject
+        }
+        let p = partition_for(key.unwrap_or(&[]), self.partitions);
+        Some(format!("{topic}.p{p}"))
+    }
+}
+
+/// Releases an outage-buffer slot when the publish finishes.
+struct Waiting(Option<Arc<AtomicUsize>>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some(w) = &self.0 {
+            w.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+fn to_nats_headers(record: &Record) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in record.headers.iter() {
+        h.insert(k, HeaderValue::from(v));
+    }
+    if let Some(k) = &record.key {
+        h.insert(KEY_HEADER, HeaderValue::from(String::from_utf8_lossy(k).as_ref()));
+    }
+    h
+}
+
+fn from_nats(m: async_nats::Message, topic: Arc<str>) -> Message {
+    let mut headers = Headers::new();
+    let mut key = None;
+    if let Some(h) = &m.headers {
+        for (name, values) in h.iter() {
+            let name: &str = name.as_ref();
+            for v in values {
+                if name.eq_ignore_ascii_case(KEY_HEADER) {
+                    key = Some(Bytes::copy_from_slice(v.as_str().as_bytes()));
+                } else {
+                    headers.insert(name, v.as_str());
+                }
+            }
+        }
+    }
+    Message {
+        topic,
+        offset: None,
+        record: Arc::new(Record {
+            key,
+            headers,
+            payload: m.payload,
+        }),
+    }
+}
+
+#[async_trait]
+impl Bus for NatsBus {
+    fn scheme(&self) -> &'static str {
+        "nats"
+    }
+
+    async fn publish(&self, topic: &str, record: Record) -> Result<Option<u64>, BusError> {
+        check_name(topic, false)?;
+        let _slot = self.admit()?;
+        let headers = to_nats_headers(&record);
+        match self.inbound_subject(topic, record.key.as_deref()) {
+            Some(subject) => {
+                let ack = self
+                    .js
+                    .publish_with_headers(subject, headers, record.payload)
+                    .await
+                    .map_err(unavailable)?;
+                let ack = ack.await.map_err(unavailable)?;
+                Ok(Some(ack.sequence))
+            }
+            None => {
+                self.client
+                    .publish_with_headers(topic.to_owned(), headers, record.payload)
+                    .await
+                    .map_err(unavailable)?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn subscribe(&self, pattern: &str, opts: SubscribeOptions) -> Result<Subscription, BusError> {
+        check_name(pattern, true)?;
+        // An inbound topic means all of its partitions.
+        let (subject, strip) = match pattern.strip_prefix(&self.inbound_prefix) {
+            Some(rest) if !rest.contains('.') && !rest.contains(['*', '>']) => (format!("{pattern}.*"), true),
+            _ => (pattern.to_owned(), false),
+        };
+        let mut sub = match &opts.group {
+            Some(g) => self.client.queue_subscribe(subject.clone(), g.clone()).await,
+            None => self.client.subscribe(subject.clone()).await,
+        }
+        .map_err(unavailable)?;
+        // Live on the server once the SUB has been flushed and answered.
+        self.client.flush().await.map_err(unavailable)?;
+        let (tx, rx) = mpsc::channel(self.buffer);
+        let topic: Arc<str> = Arc::from(pattern);
+        let task = tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                let t = if strip {
+                    topic.clone()
+                } else {
+                    Arc::from(m.subject.as_str())
+                };
+                if tx.send(from_nats(m, t)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Subscription::new(rx, AbortOnDrop(task)))
+    }
+
+    fn is_ready(&self) -> bool {
+        self.connected()
+    }
+
+    async fn flush(&self) -> Result<(), BusError> {
+        self.client.flush().await.map_err(unavailable)
+    }
+
+    fn registry(&self) -> Option<Arc<dyn SessionRegistry>> {
+        Some(self.registry.clone())
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The session registry in JetStream KV: `s.<session>` → [`SessionEntry`], `n.<node>` →
+/// the node's last renewal time (ms). Expiry is claimed by a compare-and-set on `n.<node>`.
+pub struct NatsRegistry {
+    kv: kv::Store,
+}
+
+#[async_trait]
+impl SessionRegistry for NatsRegistry {
+    async fn register(&self, session: &str, entry: &SessionEntry) -> Result<(), BusError> {
+        self.kv
+            .put(format!("s.{session}"), entry.encode())
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    async fn unregister(&self, session: &str) -> Result<(), BusError> {
+        self.kv.delete(format!("s.{session}")).await.map_err(unavailable)
+    }
+
+    async fn heartbeat(&self, node: &str) -> Result<(), BusError> {
+        let now = switchyard_protocol::envelope::now_ms();
+        self.kv
+            .put(format!("n.{node}"), Bytes::from(now.to_string()))
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    async fn leave(&self, node: &str) -> Result<(), BusError> {
+        self.kv.delete(format!("n.{node}")).await.map_err(unavailable)
+    }
+
+    async fn watch(&self) -> Result<mpsc::Receiver<RegistryEvent>, BusError> {
+        let mut w = self.kv.watch_with_history(">").await.map_err(unavailable)?;
+        let (tx, rx) = mpsc::channel(4096);
+        tokio::spawn(async move {
+            while let Some(e) = w.next().await {
+                let Ok(e) = e else {
+                    tracing::warn!("registry watch error");
+                    continue;
+                };
+                let put = e.operation == kv::Operation::Put;
+                let ev = if let Some(s) = e.key.strip_prefix("s.") {
+                    RegistryEvent::Session {
+                        session: s.to_owned(),
+                        entry: if put { SessionEntry::decode(&e.value) } else { None },
+                    }
+                } else if let Some(n) = e.key.strip_prefix("n.") {
+                    let at = std::str::from_utf8(&e.value).ok().and_then(|v| v.parse::<u64>().ok());
+                    match (put, at) {
+                        (true, Some(at_ms)) => RegistryEvent::Heartbeat {
+                            node: n.to_owned(),
+                            at_ms,
+                            revision: e.revision,
+                        },
+                        // "expired" marker written by the claiming router, or a delete.
+                        _ => RegistryEvent::NodeGone { node: n.to_owned() },
+                    }
+                } else {
+                    continue;
+                };
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn lookup(&self, session: &str) -> Result<Option<SessionEntry>, BusError> {
+        let v = self.kv.get(format!("s.{session}")).await.map_err(unavailable)?;
+        Ok(v.and_then(|b| SessionEntry::decode(&b)))
+    }
+
+    async fn claim_expiry(&self, node: &str, revision: u64) -> Result<bool, BusError> {
+        match self
+            .kv
+            .update(format!("n.{node}"), Bytes::from_static(b"expired"), revision)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+}

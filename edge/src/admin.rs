@@ -36,10 +36,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route("/api/publish", post(publish))
-        .route(
-            "/api/sessions/{id}",
-            get(session_info).delete(close_session),
-        )
+        .route("/api/sessions/{id}", get(session_info).delete(close_session))
         .route("/api/sessions/{id}/send", post(send))
         .fallback(|| async { err(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(state)
@@ -70,22 +67,13 @@ async fn readyz(State(s): State<AdminState>) -> Response {
 }
 
 async fn metrics_text(State(s): State<AdminState>) -> Response {
-    metrics::gauge!(crate::metrics::BUS_READY, "bus" => s.bus.scheme()).set(if s.bus.is_ready() {
-        1.0
-    } else {
-        0.0
-    });
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        s.prometheus.render(),
-    )
-        .into_response()
+    metrics::gauge!(crate::metrics::BUS_READY, "bus" => s.bus.scheme()).set(if s.bus.is_ready() { 1.0 } else { 0.0 });
+    ([("content-type", "text/plain; version=0.0.4")], s.prometheus.render()).into_response()
 }
 
 /// Parses a JSON body, turning every failure into a 400 with a JSON error.
 fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, Response> {
-    serde_json::from_slice(body)
-        .map_err(|e| err(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body).map_err(|e| err(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
 }
 
 #[derive(Deserialize)]
@@ -101,27 +89,17 @@ async fn publish(State(s): State<AdminState>, body: Bytes) -> Response {
         Err(r) => return r,
     };
     if !valid_channel(&b.channel) {
-        return err(
-            StatusCode::BAD_REQUEST,
-            format!("invalid channel name {:?}", b.channel),
-        );
+        return err(StatusCode::BAD_REQUEST, format!("invalid channel name {:?}", b.channel));
     }
     let mut h = switchyard_protocol::Headers::new();
-    h.insert(
-        switchyard_protocol::envelope::header::TIMESTAMP,
-        now_ms().to_string(),
-    );
+    h.insert(switchyard_protocol::envelope::header::TIMESTAMP, now_ms().to_string());
     let rec = Record {
         key: None,
         headers: h,
         payload: Bytes::copy_from_slice(b.data.get().as_bytes()),
     };
     match s.bus.publish(&s.naming.channel(&b.channel), rec).await {
-        Ok(offset) => (
-            StatusCode::ACCEPTED,
-            Json(json!({"accepted": true, "offset": offset})),
-        )
-            .into_response(),
+        Ok(offset) => (StatusCode::ACCEPTED, Json(json!({"accepted": true, "offset": offset}))).into_response(),
         Err(e) => bus_err(e),
     }
 }
@@ -171,12 +149,7 @@ async fn send(State(s): State<AdminState>, Path(id): Path<String>, body: Bytes) 
             Ok(b) => (Bytes::from(b), Opcode::Binary),
             Err(_) => return err(StatusCode::BAD_REQUEST, "`binary` is not valid base64"),
         },
-        _ => {
-            return err(
-                StatusCode::BAD_REQUEST,
-                "give exactly one of `data` or `binary`",
-            )
-        }
+        _ => return err(StatusCode::BAD_REQUEST, "give exactly one of `data` or `binary`"),
     };
     let mut env = Envelope::new(id, Kind::Deliver, payload);
     env.opcode = opcode;
@@ -190,11 +163,7 @@ struct CloseQuery {
     reason: Option<String>,
 }
 
-async fn close_session(
-    State(s): State<AdminState>,
-    Path(id): Path<String>,
-    Query(q): Query<CloseQuery>,
-) -> Response {
+async fn close_session(State(s): State<AdminState>, Path(id): Path<String>, Query(q): Query<CloseQuery>) -> Response {
     if let Err(r) = check_id(&id) {
         return r;
     }
@@ -239,13 +208,8 @@ async fn session_info(State(s): State<AdminState>, Path(id): Path<String>) -> Re
 }
 
 /// Serves the admin API on `listener` until `stop` is cancelled.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    state: AdminState,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    let serve = axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { stop.cancelled().await });
+pub async fn serve(listener: tokio::net::TcpListener, state: AdminState, stop: tokio_util::sync::CancellationToken) {
+    let serve = axum::serve(listener, router(state)).with_graceful_shutdown(async move { stop.cancelled().await });
     if let Err(e) = serve.await {
         tracing::error!(error = %e, "admin listener failed");
     }

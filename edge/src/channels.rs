@@ -113,9 +113,7 @@ async fn pump(channel: String, mut sub: Subscription, subscribers: Subscribers) 
                 let msg = if s.route.is_framed() {
                     wrapped
                         .get_or_insert_with(|| {
-                            Message::Text(Utf8Bytes::from(framed::channel_message(
-                                &channel, m.offset, payload,
-                            )))
+                            Message::Text(Utf8Bytes::from(framed::channel_message(&channel, m.offset, payload)))
                         })
                         .clone()
                 } else {

@@ -101,6 +101,8 @@ pub struct EdgeConfig {
     pub idle_timeout: Duration,
     /// On shutdown, how long sessions get to finish their close handshake.
     pub shutdown_grace: Duration,
+    /// Lease of this node's sessions in a durable registry; renewed every lease/3.
+    pub lease: Duration,
 }
 
 impl EdgeConfig {
@@ -113,6 +115,7 @@ impl EdgeConfig {
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(10),
+            lease: Duration::from_secs(15),
         }
     }
 
@@ -139,13 +142,14 @@ impl EdgeConfig {
                 self.idle_timeout, self.ping_interval
             ));
         }
+        if self.lease < Duration::from_secs(1) || self.lease > Duration::from_secs(3600) {
+            return Err(format!("lease {:?} out of range 1s..=1h", self.lease));
+        }
         let mut seen = std::collections::HashSet::new();
         for r in &self.routes {
             let at = format!("route {:?}", r.path);
             if !r.path.starts_with('/') || r.path.contains(['?', '#', ' ']) {
-                return Err(format!(
-                    "{at}: path must start with '/' and hold no '?', '#' or spaces"
-                ));
+                return Err(format!("{at}: path must start with '/' and hold no '?', '#' or spaces"));
             }
             if !seen.insert(r.path.as_str()) {
                 return Err(format!("{at}: duplicate path"));
@@ -157,10 +161,7 @@ impl EdgeConfig {
                 ));
             }
             if r.queue_size == 0 || r.queue_size > 1 << 20 {
-                return Err(format!(
-                    "{at}: queue_size {} out of range 1..=1048576",
-                    r.queue_size
-                ));
+                return Err(format!("{at}: queue_size {} out of range 1..=1048576", r.queue_size));
             }
             if r.max_message_size.is_some_and(|m| m == 0 || m > 64 << 20) {
                 return Err(format!("{at}: max_message_size out of range 1..=64MiB"));
@@ -202,15 +203,11 @@ mod tests {
         c.node_id = "n".into();
         c.routes[0].topic = "a b".into();
         assert!(c.validate().unwrap_err().contains("invalid topic"));
-        assert!(
-            parse_routes("[[route]]\npath='/x'\ntopic='t'\nmode='weird'")
-                .unwrap_err()
-                .contains("unknown variant")
-        );
-        assert!(
-            parse_routes("[[route]]\npath='/x'\ntopic='t'\nmode='raw'\nbogus=1")
-                .unwrap_err()
-                .contains("unknown field")
-        );
+        assert!(parse_routes("[[route]]\npath='/x'\ntopic='t'\nmode='weird'")
+            .unwrap_err()
+            .contains("unknown variant"));
+        assert!(parse_routes("[[route]]\npath='/x'\ntopic='t'\nmode='raw'\nbogus=1")
+            .unwrap_err()
+            .contains("unknown field"));
     }
 }

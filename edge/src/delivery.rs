@@ -46,18 +46,14 @@ pub async fn run(st: Arc<EdgeState>, mut sub: Subscription) {
                 control.increment(1);
                 match op {
                     ControlOp::Close { code, reason } => {
-                        let code = if (1000..5000).contains(&code)
-                            && !matches!(code, 1004..=1006 | 1015)
-                        {
+                        let code = if (1000..5000).contains(&code) && !matches!(code, 1004..=1006 | 1015) {
                             code
                         } else {
                             1000
                         };
                         sess.queue.close(code, &reason);
                     }
-                    ControlOp::Subscribe { channel } => {
-                        crate::session::subscribe(&st, &sess, &channel).await
-                    }
+                    ControlOp::Subscribe { channel } => crate::session::subscribe(&st, &sess, &channel).await,
                     ControlOp::Unsubscribe { channel } => {
                         if sess.channels.lock().remove(&channel) {
                             st.channels.unsubscribe(&sess, &channel).await;

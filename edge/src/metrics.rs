@@ -51,27 +51,14 @@ pub fn install() -> PrometheusHandle {
 }
 
 fn describe() {
-    describe_gauge!(
-        CONNECTIONS_OPEN,
-        "WebSocket connections currently open, by route"
-    );
+    describe_gauge!(CONNECTIONS_OPEN, "WebSocket connections currently open, by route");
     describe_counter!(HANDSHAKES, "Successful WebSocket upgrades, by route");
-    describe_counter!(
-        HANDSHAKE_REJECTED,
-        "Handshakes refused before upgrade, by reason"
-    );
+    describe_counter!(HANDSHAKE_REJECTED, "Handshakes refused before upgrade, by reason");
     describe_counter!(FRAMES_IN, "Client data frames read, by route");
     describe_counter!(BYTES_IN, Unit::Bytes, "Client payload bytes read, by route");
     describe_counter!(FRAMES_OUT, "Data frames written to clients, by route");
-    describe_counter!(
-        BYTES_OUT,
-        Unit::Bytes,
-        "Payload bytes written to clients, by route"
-    );
-    describe_counter!(
-        DROPS,
-        "Messages not delivered or not published, by route and reason"
-    );
+    describe_counter!(BYTES_OUT, Unit::Bytes, "Payload bytes written to clients, by route");
+    describe_counter!(DROPS, "Messages not delivered or not published, by route and reason");
     describe_counter!(CLOSES, "Sockets closed, by route and close code");
     describe_gauge!(
         CHANNELS_ACTIVE,
@@ -81,23 +68,14 @@ fn describe() {
         CHANNEL_MESSAGES,
         "Channel messages received from the bus for local fan-out"
     );
-    describe_counter!(
-        DELIVERIES,
-        "Records received on this node's delivery subject, by kind"
-    );
-    describe_counter!(
-        ROUTER_FORWARDED,
-        "Outbound records the router forwarded to a node"
-    );
+    describe_counter!(DELIVERIES, "Records received on this node's delivery subject, by kind");
+    describe_counter!(ROUTER_FORWARDED, "Outbound records the router forwarded to a node");
     describe_counter!(
         ROUTER_DROPPED,
         "Outbound records the router could not forward, by reason"
     );
     describe_gauge!(ROUTER_SESSIONS, "Sessions in this router's registry");
-    describe_counter!(
-        BUS_PUBLISHED,
-        "Records the bus accepted, by bus and topic class"
-    );
+    describe_counter!(BUS_PUBLISHED, "Records the bus accepted, by bus and topic class");
     describe_counter!(
         BUS_PUBLISH_ERRORS,
         "Records the bus refused, by bus, topic class and reason"

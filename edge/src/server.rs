@@ -85,6 +85,20 @@ pub struct Edge {
     pub addr: SocketAddr,
     server: JoinHandle<()>,
     delivery: JoinHandle<()>,
+    heartbeat: Option<JoinHandle<()>>,
+}
+
+/// Renews the node's lease until aborted. A failed renewal is retried on the next tick; if
+/// renewals keep failing for a whole lease, routers end this node's sessions.
+async fn renew(reg: Arc<dyn switchyard_bus::SessionRegistry>, node: String, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = reg.heartbeat(&node).await {
+            tracing::warn!(error = %e, "could not renew the node lease");
+        }
+    }
 }
 
 impl Edge {
@@ -111,21 +125,23 @@ impl Edge {
             tracker: TaskTracker::new(),
             cfg,
         });
-        let sub = bus
-            .subscribe(&node_topic, SubscribeOptions::default())
-            .await?;
+        let sub = bus.subscribe(&node_topic, SubscribeOptions::default()).await?;
         let delivery = tokio::spawn(crate::delivery::run(state.clone(), sub));
-        let addr = listener
-            .local_addr()
-            .map_err(|e| BusError::Other(e.to_string()))?;
+        let heartbeat = match bus.registry() {
+            Some(reg) => {
+                // First renewal before the first client: a router never sees a session of a
+                // node without a lease.
+                reg.heartbeat(&state.cfg.node_id).await?;
+                Some(tokio::spawn(renew(reg, state.cfg.node_id.clone(), state.cfg.lease / 3)))
+            }
+            None => None,
+        };
+        let addr = listener.local_addr().map_err(|e| BusError::Other(e.to_string()))?;
         let app = Router::new().fallback(upgrade).with_state(state.clone());
         let stop = shutdown.clone();
         let server = tokio::spawn(async move {
-            let serve = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move { stop.cancelled().await });
+            let serve = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(async move { stop.cancelled().await });
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "client listener failed");
             }
@@ -136,6 +152,7 @@ impl Edge {
             addr,
             server,
             delivery,
+            heartbeat,
         })
     }
 
@@ -145,16 +162,21 @@ impl Edge {
         let _ = self.server.await;
         self.state.tracker.close();
         let grace = self.state.cfg.shutdown_grace + std::time::Duration::from_secs(1);
-        if tokio::time::timeout(grace, self.state.tracker.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, self.state.tracker.wait()).await.is_err() {
             tracing::warn!(
                 left = self.state.sessions.len(),
                 "sessions still open after the shutdown grace"
             );
         }
         self.delivery.abort();
+        if let Some(h) = self.heartbeat {
+            h.abort();
+            if let Some(reg) = self.state.bus.registry() {
+                if let Err(e) = reg.leave(&self.state.cfg.node_id).await {
+                    tracing::warn!(error = %e, "could not remove the node lease");
+                }
+            }
+        }
     }
 }
 

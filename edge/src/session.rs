@@ -17,7 +17,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use switchyard_bus::{BusError, Record};
+use switchyard_bus::{BusError, Record, SessionEntry};
 use switchyard_protocol::envelope::{header, now_ms};
 use switchyard_protocol::framed::{self, ClientOp};
 use switchyard_protocol::{close, Envelope, Headers, Kind, Opcode, TraceContext};
@@ -133,10 +133,7 @@ where
     };
     sess.queue.close(code, &ended.reason);
     let mut writer = writer;
-    if tokio::time::timeout(Duration::from_secs(5), &mut writer)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(5), &mut writer).await.is_err() {
         writer.abort();
     }
     sess.stop.cancel();
@@ -146,18 +143,14 @@ where
     }
     st.sessions.remove(&sess.id);
     sess.route.open.decrement(1.0);
-    metrics::counter!(crate::metrics::CLOSES, "route" => sess.route.cfg.path.clone(), "code" => ended.code.to_string()).increment(1);
+    metrics::counter!(crate::metrics::CLOSES, "route" => sess.route.cfg.path.clone(), "code" => ended.code.to_string())
+        .increment(1);
     if let Err(e) = pubr.lifecycle(Kind::Disconnect, Some(&ended)).await {
         tracing::warn!(session = %sess.id, error = %e, "bus refused disconnect event");
     }
 }
 
-async fn read_loop<R>(
-    st: &EdgeState,
-    sess: &Arc<Session>,
-    pubr: &mut Publisher<'_>,
-    mut stream: R,
-) -> Ended
+async fn read_loop<R>(st: &EdgeState, sess: &Arc<Session>, pubr: &mut Publisher<'_>, mut stream: R) -> Ended
 where
     R: Stream<Item = Result<Message, axum::Error>> + Unpin,
 {
@@ -247,7 +240,7 @@ where
                         reason: "bus unavailable".into(),
                     };
                 }
-                Mode::Framed => sess.reply(framed::error(bus_code(&e), &e.to_string())),
+                Mode::Framed => {} // handle_op already told the client
             }
         }
     }
@@ -273,9 +266,7 @@ fn classify(e: axum::Error) -> (u16, &'static str) {
     use tungstenite::error::{CapacityError, Error as WsError};
     match e.into_inner().downcast::<WsError>() {
         Ok(ws) => match *ws {
-            WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
-                (close::TOO_BIG, "message too big")
-            }
+            WsError::Capacity(CapacityError::MessageTooLong { .. }) => (close::TOO_BIG, "message too big"),
             WsError::Capacity(_) => (close::TOO_BIG, "frame too big"),
             WsError::Utf8(_) => (close::INVALID_PAYLOAD, "invalid UTF-8 in text frame"),
             WsError::Protocol(_) => (1002, "protocol error"),
@@ -285,7 +276,8 @@ fn classify(e: axum::Error) -> (u16, &'static str) {
     }
 }
 
-/// Handles one framed-protocol client frame. Errors returned are bus refusals.
+/// Handles one framed-protocol client frame. A bus refusal is answered with an error op
+/// (carrying the client's `id` if it gave one) and returned so it is counted.
 async fn handle_op(
     st: &EdgeState,
     sess: &Arc<Session>,
@@ -300,35 +292,35 @@ async fn handle_op(
         ));
         return Ok(());
     }
-    let op = match framed::decode_client(&payload) {
+    let req = framed::decode_request(&payload);
+    let id = req.id.as_deref();
+    let op = match req.op {
         Ok(op) => op,
         Err(e) => {
-            sess.reply(framed::error(e.code(), &e.to_string()));
+            sess.reply(framed::error_with_id(e.code(), &e.to_string(), id));
             return Ok(());
         }
     };
-    match op {
+    let res = match op {
         ClientOp::Subscribe { channel } => {
             subscribe(st, sess, &channel).await;
-            Ok(())
+            return Ok(());
         }
         ClientOp::Unsubscribe { channel } => {
             if sess.channels.lock().remove(&channel) {
                 st.channels.unsubscribe(sess, &channel).await;
                 sess.reply(framed::unsubscribed(&channel));
             } else {
-                sess.reply(framed::error(
-                    "not_subscribed",
-                    &format!("not subscribed to {channel}"),
-                ));
+                sess.reply(framed::error("not_subscribed", &format!("not subscribed to {channel}")));
             }
-            Ok(())
+            return Ok(());
         }
         ClientOp::Publish { channel, data } => {
             if !sess.route.cfg.allow_publish {
-                sess.reply(framed::error(
+                sess.reply(framed::error_with_id(
                     "forbidden",
                     "this route does not allow publish",
+                    id,
                 ));
                 return Ok(());
             }
@@ -342,13 +334,16 @@ async fn handle_op(
                 headers: h,
                 payload: data,
             };
-            st.bus
-                .publish(&st.cfg.naming.channel(&channel), rec)
-                .await
-                .map(|_| ())
+            st.bus.publish(&st.cfg.naming.channel(&channel), rec).await.map(|_| ())
         }
         ClientOp::Send { data } => pubr.frame(data, Opcode::Text).await,
+    };
+    match (&res, id) {
+        (Ok(()), Some(id)) => sess.reply(framed::ack(id)),
+        (Ok(()), None) => {}
+        (Err(e), id) => sess.reply(framed::error_with_id(bus_code(e), &e.to_string(), id)),
     }
+    res
 }
 
 /// Subscribes a session to a channel and answers `subscribed` (framed) once it is live.
@@ -416,42 +411,50 @@ impl Publisher<'_> {
             headers: e.headers(),
             payload: e.payload,
         };
-        let res = self
-            .st
-            .bus
-            .publish(&self.sess.route.inbound, rec)
-            .await
-            .map(|_| ());
-        if res.is_err() {
-            // The frame was not taken: its seq is reused so backends never see a gap.
-            self.seq -= 1;
-        }
-        res
+        // A refused frame keeps its number: a gap in sy-seq tells the backend that a frame was
+        // refused (and its client told).
+        self.st.bus.publish(&self.sess.route.inbound, rec).await.map(|_| ())
     }
 
-    /// Connect goes to the registry feed first, then inbound; disconnect the other way round,
-    /// so a router never routes to a session it has not heard of.
+    /// Connect goes to the durable registry (if the bus has one) and the registry feed first,
+    /// then inbound; disconnect the other way round, so a router never routes to a session it
+    /// cannot find.
     async fn lifecycle(&mut self, kind: Kind, ended: Option<&Ended>) -> Result<(), BusError> {
         let mut e = self.envelope(kind, Bytes::new(), Opcode::Text);
         if let Some(x) = ended {
             e.code = Some(x.code);
             e.reason = Some(x.reason.chars().take(120).collect());
         }
+        let mut headers = e.headers();
+        headers.insert(header::INBOUND, self.sess.route.inbound.clone());
         let rec = Record {
             key: Some(e.key()),
-            headers: e.headers(),
+            headers,
             payload: Bytes::new(),
         };
         let sessions = self.st.cfg.naming.sessions();
         let inbound = &self.sess.route.inbound;
-        let (first, second) = if kind == Kind::Connect {
-            (&sessions, inbound)
+        let durable = self.st.bus.registry();
+        if kind == Kind::Connect {
+            if let Some(d) = &durable {
+                let entry = SessionEntry {
+                    node: self.st.cfg.node_id.clone(),
+                    route: self.sess.route.cfg.path.clone(),
+                    inbound: inbound.clone(),
+                };
+                d.register(&self.sess.id, &entry).await?;
+            }
+            self.st.bus.publish(&sessions, rec.clone()).await?;
+            self.st.bus.publish(inbound, rec).await?;
         } else {
-            (inbound, &sessions)
-        };
-        let a = self.st.bus.publish(first, rec.clone()).await;
-        let b = self.st.bus.publish(second, rec).await;
-        a.and(b).map(|_| ())
+            let a = self.st.bus.publish(inbound, rec.clone()).await;
+            let b = self.st.bus.publish(&sessions, rec).await;
+            if let Some(d) = &durable {
+                d.unregister(&self.sess.id).await?;
+            }
+            a.and(b)?;
+        }
+        Ok(())
     }
 }
 

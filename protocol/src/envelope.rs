@@ -30,6 +30,8 @@ pub mod header {
     pub const REASON: &str = "sy-reason";
     pub const SYNTHETIC: &str = "sy-synthetic";
     pub const REPLAYED: &str = "sy-replayed";
+    /// On lifecycle records: the route's inbound topic (routers use it for synthetic disconnects).
+    pub const INBOUND: &str = "sy-inbound";
     pub const TRACEPARENT: &str = "traceparent";
     pub const TRACESTATE: &str = "tracestate";
 }
@@ -150,11 +152,7 @@ impl TraceContext {
             return Err(bad());
         }
         for (p, n) in parts.iter().zip(lens) {
-            if p.len() != n
-                || !p
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-            {
+            if p.len() != n || !p.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
                 return Err(bad());
             }
         }
@@ -243,8 +241,7 @@ impl DecodeError {
 pub fn valid_session(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_SESSION_LEN
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 impl Envelope {
@@ -346,11 +343,7 @@ impl Envelope {
     /// Decodes a record. The session comes from `sy-session`, else from the key. A record with
     /// no `sy-kind` is a `deliver` (what a minimal backend reply looks like); a record with no
     /// `sy-opcode` is text when the payload is UTF-8 and binary otherwise.
-    pub fn from_record(
-        key: Option<&[u8]>,
-        headers: &Headers,
-        payload: Bytes,
-    ) -> Result<Self, DecodeError> {
+    pub fn from_record(key: Option<&[u8]>, headers: &Headers, payload: Bytes) -> Result<Self, DecodeError> {
         if let Some(v) = headers.get(header::VERSION) {
             if v.parse::<u32>().ok() != Some(WIRE_VERSION) {
                 return Err(DecodeError::Version(v.chars().take(16).collect()));
@@ -411,15 +404,10 @@ impl Envelope {
         };
         let reason = headers.get(header::REASON).map(str::to_owned);
         if reason.as_ref().is_some_and(|r| r.len() > 123) {
-            return Err(DecodeError::invalid(
-                header::REASON,
-                reason.as_deref().unwrap_or(""),
-            ));
+            return Err(DecodeError::invalid(header::REASON, reason.as_deref().unwrap_or("")));
         }
         let control = if kind == Kind::Control {
-            let op = headers
-                .get(header::OP)
-                .ok_or(DecodeError::Missing(header::OP))?;
+            let op = headers.get(header::OP).ok_or(DecodeError::Missing(header::OP))?;
             let channel = || -> Result<String, DecodeError> {
                 let c = headers
                     .get(header::CHANNEL)
@@ -434,12 +422,8 @@ impl Envelope {
                     code: code.unwrap_or(crate::close::NORMAL),
                     reason: reason.clone().unwrap_or_default(),
                 },
-                "subscribe" => ControlOp::Subscribe {
-                    channel: channel()?,
-                },
-                "unsubscribe" => ControlOp::Unsubscribe {
-                    channel: channel()?,
-                },
+                "subscribe" => ControlOp::Subscribe { channel: channel()? },
+                "unsubscribe" => ControlOp::Unsubscribe { channel: channel()? },
                 other => return Err(DecodeError::invalid(header::OP, other)),
             })
         } else {
@@ -468,10 +452,7 @@ impl Envelope {
 
 fn parse_num(h: &Headers, name: &'static str) -> Result<Option<u64>, DecodeError> {
     match h.get(name) {
-        Some(v) => v
-            .parse::<u64>()
-            .map(Some)
-            .map_err(|_| DecodeError::invalid(name, v)),
+        Some(v) => v.parse::<u64>().map(Some).map_err(|_| DecodeError::invalid(name, v)),
         None => Ok(None),
     }
 }
@@ -505,12 +486,9 @@ mod tests {
     fn control() -> impl Strategy<Value = Option<ControlOp>> {
         prop_oneof![
             Just(None),
-            (1000u16..5000, "[ -~]{0,100}")
-                .prop_map(|(code, reason)| Some(ControlOp::Close { code, reason })),
-            "[a-z0-9]{1,8}(\\.[a-z0-9]{1,8}){0,3}"
-                .prop_map(|channel| Some(ControlOp::Subscribe { channel })),
-            "[a-z0-9]{1,8}(\\.[a-z0-9]{1,8}){0,3}"
-                .prop_map(|channel| Some(ControlOp::Unsubscribe { channel })),
+            (1000u16..5000, "[ -~]{0,100}").prop_map(|(code, reason)| Some(ControlOp::Close { code, reason })),
+            "[a-z0-9]{1,8}(\\.[a-z0-9]{1,8}){0,3}".prop_map(|channel| Some(ControlOp::Subscribe { channel })),
+            "[a-z0-9]{1,8}(\\.[a-z0-9]{1,8}){0,3}".prop_map(|channel| Some(ControlOp::Unsubscribe { channel })),
         ]
     }
 
@@ -594,13 +572,11 @@ mod tests {
 
     #[test]
     fn minimal_backend_reply_is_a_text_delivery() {
-        let e = Envelope::from_record(Some(b"01J0ABC"), &Headers::new(), Bytes::from_static(b"hi"))
-            .unwrap();
+        let e = Envelope::from_record(Some(b"01J0ABC"), &Headers::new(), Bytes::from_static(b"hi")).unwrap();
         assert_eq!(e.session, "01J0ABC");
         assert_eq!(e.kind, Kind::Deliver);
         assert_eq!(e.opcode, Opcode::Text);
-        let e = Envelope::from_record(Some(b"s1"), &Headers::new(), Bytes::from_static(&[0xff, 0]))
-            .unwrap();
+        let e = Envelope::from_record(Some(b"s1"), &Headers::new(), Bytes::from_static(&[0xff, 0])).unwrap();
         assert_eq!(e.opcode, Opcode::Binary);
     }
 
@@ -614,10 +590,7 @@ mod tests {
         h.insert(header::KIND, "bogus");
         assert!(matches!(
             Envelope::from_record(Some(b"s"), &h, Bytes::new()),
-            Err(DecodeError::Invalid {
-                name: "sy-kind",
-                ..
-            })
+            Err(DecodeError::Invalid { name: "sy-kind", .. })
         ));
         let mut h = Headers::new();
         h.insert(header::KIND, "control");
@@ -637,8 +610,6 @@ mod tests {
             "00-00000000000000000000000000000000-0000000000000001-01",
         );
         assert!(Envelope::from_record(Some(b"s"), &h, Bytes::new()).is_err());
-        assert!(
-            Envelope::from_record(Some(b"bad session!"), &Headers::new(), Bytes::new()).is_err()
-        );
+        assert!(Envelope::from_record(Some(b"bad session!"), &Headers::new(), Bytes::new()).is_err());
     }
 }

@@ -33,13 +33,15 @@ pub enum FramedError {
     UnknownOp(String),
     #[error("invalid channel name {0:?}")]
     InvalidChannel(String),
+    #[error("`id` must be a string of at most 64 characters or an integer")]
+    InvalidId,
 }
 
 impl FramedError {
     /// The `code` of the error op sent to the client.
     pub fn code(&self) -> &'static str {
         match self {
-            FramedError::NotJson(_) | FramedError::Missing(_) => "bad_request",
+            FramedError::NotJson(_) | FramedError::Missing(_) | FramedError::InvalidId => "bad_request",
             FramedError::UnknownOp(_) => "unknown_op",
             FramedError::InvalidChannel(_) => "invalid_channel",
         }
@@ -54,6 +56,48 @@ struct RawOp<'a> {
     channel: Option<Cow<'a, str>>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+}
+
+/// A client frame: its op (or why it is not one) and the optional `id` the client attached,
+/// as raw JSON text (a string of at most 64 characters or an integer). When an `id` is given
+/// on `send` or `publish`, the server answers `{"op":"ack","id":ID}` once the bus has taken the
+/// message, or an error carrying the same `id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub id: Option<String>,
+    pub op: Result<ClientOp, FramedError>,
+}
+
+fn valid_id(raw: &RawValue) -> bool {
+    match serde_json::from_str::<serde_json::Value>(raw.get()) {
+        Ok(serde_json::Value::String(s)) => s.chars().count() <= 64,
+        Ok(serde_json::Value::Number(n)) => n.is_i64() || n.is_u64(),
+        _ => false,
+    }
+}
+
+/// Decodes one client frame, keeping its `id` even when the op itself is invalid.
+pub fn decode_request(frame: &[u8]) -> Request {
+    let raw: Result<RawOp<'_>, _> = serde_json::from_slice(frame);
+    let id = match &raw {
+        Ok(r) => match r.id {
+            Some(i) if valid_id(i) => Some(i.get().to_owned()),
+            Some(_) => {
+                return Request {
+                    id: None,
+                    op: Err(FramedError::InvalidId),
+                }
+            }
+            None => None,
+        },
+        Err(_) => None,
+    };
+    Request {
+        id,
+        op: decode_client(frame),
+    }
 }
 
 /// Decodes one client frame.
@@ -65,10 +109,7 @@ pub fn decode_client(frame: &[u8]) -> Result<ClientOp, FramedError> {
     })?;
     let op = raw.op.ok_or(FramedError::Missing("op"))?;
     let channel = || -> Result<String, FramedError> {
-        let c = raw
-            .channel
-            .as_deref()
-            .ok_or(FramedError::Missing("channel"))?;
+        let c = raw.channel.as_deref().ok_or(FramedError::Missing("channel"))?;
         if !valid_channel(c) {
             let mut c = c.to_owned();
             c.truncate(c.char_indices().nth(64).map_or(c.len(), |(i, _)| i));
@@ -81,12 +122,8 @@ pub fn decode_client(frame: &[u8]) -> Result<ClientOp, FramedError> {
         Ok(Bytes::copy_from_slice(d.get().as_bytes()))
     };
     match op.as_ref() {
-        "subscribe" => Ok(ClientOp::Subscribe {
-            channel: channel()?,
-        }),
-        "unsubscribe" => Ok(ClientOp::Unsubscribe {
-            channel: channel()?,
-        }),
+        "subscribe" => Ok(ClientOp::Subscribe { channel: channel()? }),
+        "unsubscribe" => Ok(ClientOp::Unsubscribe { channel: channel()? }),
         "publish" => Ok(ClientOp::Publish {
             channel: channel()?,
             data: data()?,
@@ -111,11 +148,7 @@ pub fn encode_client(op: &ClientOp) -> String {
             format!(r#"{{"op":"unsubscribe","channel":{}}}"#, q(channel))
         }
         ClientOp::Publish { channel, data: d } => {
-            format!(
-                r#"{{"op":"publish","channel":{},"data":{}}}"#,
-                q(channel),
-                data(d)
-            )
+            format!(r#"{{"op":"publish","channel":{},"data":{}}}"#, q(channel), data(d))
         }
         ClientOp::Send { data: d } => format!(r#"{{"op":"send","data":{}}}"#, data(d)),
     }
@@ -142,11 +175,24 @@ pub fn unsubscribed(channel: &str) -> String {
 
 /// `{"op":"error","code":CODE,"message":MSG}`
 pub fn error(code: &str, message: &str) -> String {
-    format!(
-        r#"{{"op":"error","code":{},"message":{}}}"#,
-        q(code),
-        q(message)
-    )
+    format!(r#"{{"op":"error","code":{},"message":{}}}"#, q(code), q(message))
+}
+
+/// `{"op":"ack","id":ID}` — the bus took the message sent with this `id`.
+pub fn ack(id: &str) -> String {
+    format!(r#"{{"op":"ack","id":{id}}}"#)
+}
+
+/// `{"op":"error","code":CODE,"message":MSG,"id":ID}` — an error about the message with `id`.
+pub fn error_with_id(code: &str, message: &str, id: Option<&str>) -> String {
+    match id {
+        Some(id) => format!(
+            r#"{{"op":"error","code":{},"message":{},"id":{id}}}"#,
+            q(code),
+            q(message)
+        ),
+        None => error(code, message),
+    }
 }
 
 /// A channel message: `{"channel":C,"offset":N,"data":D}`.
@@ -207,18 +253,9 @@ mod tests {
                 data: Bytes::from_static(br#""hi""#)
             })
         );
-        assert_eq!(
-            decode_client(br#"{"op":"send"}"#),
-            Err(FramedError::Missing("data"))
-        );
-        assert_eq!(
-            decode_client(br#"{"channel":"x"}"#),
-            Err(FramedError::Missing("op"))
-        );
-        assert!(matches!(
-            decode_client(b"nope"),
-            Err(FramedError::NotJson(_))
-        ));
+        assert_eq!(decode_client(br#"{"op":"send"}"#), Err(FramedError::Missing("data")));
+        assert_eq!(decode_client(br#"{"channel":"x"}"#), Err(FramedError::Missing("op")));
+        assert!(matches!(decode_client(b"nope"), Err(FramedError::NotJson(_))));
         assert!(matches!(
             decode_client(br#"{"op":"x"}"#),
             Err(FramedError::UnknownOp(_))
@@ -227,6 +264,28 @@ mod tests {
             decode_client(br#"{"op":"subscribe","channel":"a.*"}"#),
             Err(FramedError::InvalidChannel(_))
         ));
+    }
+
+    #[test]
+    fn ids_are_kept_and_checked() {
+        let r = decode_request(br#"{"op":"send","data":1,"id":7}"#);
+        assert_eq!(r.id.as_deref(), Some("7"));
+        assert!(r.op.is_ok());
+        let r = decode_request(br#"{"op":"nope","id":"a"}"#);
+        assert_eq!(r.id.as_deref(), Some(r#""a""#));
+        assert!(r.op.is_err());
+        assert_eq!(
+            decode_request(br#"{"op":"send","data":1,"id":{}}"#).op,
+            Err(FramedError::InvalidId)
+        );
+        assert_eq!(
+            decode_request(br#"{"op":"send","data":1,"id":1.5}"#).op,
+            Err(FramedError::InvalidId)
+        );
+        let v: serde_json::Value = serde_json::from_str(&error_with_id("x", "y", Some("3"))).unwrap();
+        assert_eq!(v["id"], 3);
+        let v: serde_json::Value = serde_json::from_str(&ack(r#""k""#)).unwrap();
+        assert_eq!(v, serde_json::json!({"op":"ack","id":"k"}));
     }
 
     #[test]
@@ -249,6 +308,7 @@ mod tests {
         #[test]
         fn garbage_never_panics(frame in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = decode_client(&frame);
+            let _ = decode_request(&frame);
         }
 
         #[test]

@@ -16,7 +16,5 @@ pub mod envelope;
 pub mod framed;
 pub mod naming;
 
-pub use envelope::{
-    ControlOp, DecodeError, Envelope, Headers, Identity, Kind, Opcode, TraceContext, WIRE_VERSION,
-};
+pub use envelope::{ControlOp, DecodeError, Envelope, Headers, Identity, Kind, Opcode, TraceContext, WIRE_VERSION};
 pub use naming::{valid_channel, Naming};

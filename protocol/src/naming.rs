@@ -9,9 +9,7 @@ pub struct Naming {
 
 impl Default for Naming {
     fn default() -> Self {
-        Self {
-            prefix: "sy".into(),
-        }
+        Self { prefix: "sy".into() }
     }
 }
 
@@ -70,11 +68,8 @@ pub const MAX_NAME_LEN: usize = 200;
 pub fn valid_channel(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_NAME_LEN
-        && s.split('.').all(|t| {
-            !t.is_empty()
-                && t.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        })
+        && s.split('.')
+            .all(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
 }
 
 /// Kafka's default partitioner hash (murmur2, seed 0x9747b28c), so that Java clients, the

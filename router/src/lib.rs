@@ -2,20 +2,29 @@
 //!
 //! Consumes backend records (deliveries and control ops, keyed by session) from the outbound
 //! topic, looks the session up in its registry, and forwards each record unchanged to the
-//! delivery subject of the node that holds the session. The registry is built from the session
-//! lifecycle feed (`<prefix>.sessions`) that every edge publishes to. Several routers share the
-//! outbound topic as one group; each keeps the whole registry.
+//! delivery subject of the node that holds the session. Several routers share the outbound
+//! topic as one group; each keeps the whole registry.
+//!
+//! The registry is fed by the `<prefix>.sessions` lifecycle feed that every edge publishes to,
+//! and, when the bus has a durable registry (NATS: JetStream KV), rebuilt from it on start,
+//! consulted for sessions the feed has not shown yet, and swept for lapsed node leases: when an
+//! edge stops renewing, one router wins the claim and publishes a synthetic disconnect
+//! (`sy-synthetic: true`) for each of its sessions, so backends learn they ended.
 //!
 //! - [`registry`]: session → node, plus a bounded memory of recently closed sessions.
-//! - [`Router`]: the consume → look up → forward loop.
+//! - [`Router`]: the consume → look up → forward loop and the lease sweep.
 
 pub mod registry;
 
 use bytes::Bytes;
 use registry::{Lookup, Registry};
+use std::collections::HashMap;
 use std::sync::Arc;
-use switchyard_bus::{Bus, BusError, Message, Record, SubscribeOptions, Subscription};
+use std::time::{Duration, Instant};
+use switchyard_bus::{Bus, BusError, Message, Record, RegistryEvent, SessionRegistry, SubscribeOptions, Subscription};
+use switchyard_protocol::envelope::now_ms;
 use switchyard_protocol::{Envelope, Kind, Naming};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -23,6 +32,15 @@ use tokio_util::sync::CancellationToken;
 const FORWARDED: &str = "switchyard_router_forwarded_total";
 const DROPPED: &str = "switchyard_router_dropped_total";
 const SESSIONS: &str = "switchyard_router_sessions";
+const EXPIRED: &str = "switchyard_router_expired_sessions_total";
+
+/// Router settings.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    pub naming: Naming,
+    /// A node whose lease was not renewed for this long is dead; its sessions end.
+    pub lease: Duration,
+}
 
 /// A running router.
 pub struct Router {
@@ -30,32 +48,36 @@ pub struct Router {
     task: JoinHandle<()>,
 }
 
+/// What the router knows of one node's lease.
+struct NodeLease {
+    seen: Instant,
+    revision: u64,
+}
+
 impl Router {
     /// Subscribes to the lifecycle feed and the outbound topic (both live when this returns),
-    /// then routes until `shutdown`.
-    pub async fn start(
-        bus: Arc<dyn Bus>,
-        naming: Naming,
-        shutdown: CancellationToken,
-    ) -> Result<Router, BusError> {
+    /// loads the durable registry if the bus has one, then routes until `shutdown`.
+    pub async fn start(bus: Arc<dyn Bus>, cfg: RouterConfig, shutdown: CancellationToken) -> Result<Router, BusError> {
         let registry = Arc::new(Registry::new(100_000));
         let sessions = bus
-            .subscribe(&naming.sessions(), SubscribeOptions::default())
+            .subscribe(&cfg.naming.sessions(), SubscribeOptions::default())
             .await?;
         let outbound = bus
-            .subscribe(
-                &naming.outbound(),
-                SubscribeOptions::group("switchyard-router"),
-            )
+            .subscribe(&cfg.naming.outbound(), SubscribeOptions::group("switchyard-router"))
             .await?;
-        let task = tokio::spawn(run(
+        let durable = bus.registry();
+        let events = match &durable {
+            Some(d) => Some(d.watch().await?),
+            None => None,
+        };
+        let r = Routing {
             bus,
-            naming,
-            registry.clone(),
-            sessions,
-            outbound,
-            shutdown,
-        ));
+            cfg,
+            registry: registry.clone(),
+            durable,
+            nodes: HashMap::new(),
+        };
+        let task = tokio::spawn(r.run(sessions, outbound, events, shutdown));
         Ok(Router { registry, task })
     }
 
@@ -65,101 +87,211 @@ impl Router {
     }
 }
 
-async fn run(
+struct Routing {
     bus: Arc<dyn Bus>,
-    naming: Naming,
+    cfg: RouterConfig,
     registry: Arc<Registry>,
-    mut sessions: Subscription,
-    mut outbound: Subscription,
-    shutdown: CancellationToken,
-) {
-    let forwarded = metrics::counter!(FORWARDED);
-    let gauge = metrics::gauge!(SESSIONS);
-    loop {
-        // Lifecycle first: a connect published before a backend saw the session is applied
-        // before that backend's reply is routed.
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            m = sessions.recv() => match m {
-                Some(m) => { apply(&registry, &m); gauge.set(registry.len() as f64); }
-                None => { tracing::error!("session feed closed by the bus"); return; }
-            },
-            m = outbound.recv() => match m {
-                Some(m) => {
-                    while let Some(m) = sessions.try_recv() {
-                        apply(&registry, &m);
+    durable: Option<Arc<dyn SessionRegistry>>,
+    nodes: HashMap<String, NodeLease>,
+}
+
+impl Routing {
+    async fn run(
+        mut self,
+        mut sessions: Subscription,
+        mut outbound: Subscription,
+        mut events: Option<mpsc::Receiver<RegistryEvent>>,
+        shutdown: CancellationToken,
+    ) {
+        let forwarded = metrics::counter!(FORWARDED);
+        let gauge = metrics::gauge!(SESSIONS);
+        let mut sweep = tokio::time::interval((self.cfg.lease / 15).max(Duration::from_millis(100)));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // Lifecycle first: a connect published before a backend saw the session is applied
+            // before that backend's reply is routed.
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                m = sessions.recv() => match m {
+                    Some(m) => { self.apply(&m); gauge.set(self.registry.len() as f64); }
+                    None => { tracing::error!("session feed closed by the bus"); return; }
+                },
+                e = recv_opt(&mut events) => match e {
+                    Some(e) => { self.apply_durable(e); gauge.set(self.registry.len() as f64); }
+                    None => { tracing::error!("registry watch ended"); events = None; }
+                },
+                m = outbound.recv() => match m {
+                    Some(m) => {
+                        while let Some(m) = sessions.try_recv() {
+                            self.apply(&m);
+                        }
+                        if self.route(&m).await {
+                            forwarded.increment(1);
+                        }
                     }
-                    if route(&bus, &naming, &registry, &m).await {
-                        forwarded.increment(1);
-                    }
+                    None => { tracing::error!("outbound subscription closed by the bus"); return; }
+                },
+                _ = sweep.tick(), if self.durable.is_some() => self.sweep().await,
+            }
+        }
+    }
+
+    fn apply(&self, m: &Message) {
+        let r = &m.record;
+        match Envelope::from_record(r.key.as_deref(), &r.headers, r.payload.clone()) {
+            Ok(e) => match (e.kind, e.node) {
+                (Kind::Connect, Some(node)) => {
+                    let route = e.route.as_deref().unwrap_or("");
+                    let inbound = r
+                        .headers
+                        .get(switchyard_protocol::envelope::header::INBOUND)
+                        .unwrap_or("");
+                    self.registry.insert(&e.session, &node, route, inbound)
                 }
-                None => { tracing::error!("outbound subscription closed by the bus"); return; }
+                (Kind::Disconnect, _) => self.registry.remove(&e.session),
+                _ => tracing::debug!(kind = e.kind.as_str(), "ignored record on the session feed"),
             },
+            Err(e) => tracing::debug!(error = %e, "undecodable record on the session feed"),
+        }
+    }
+
+    fn apply_durable(&mut self, e: RegistryEvent) {
+        match e {
+            RegistryEvent::Session {
+                session,
+                entry: Some(en),
+            } => {
+                self.registry.insert(&session, &en.node, &en.route, &en.inbound);
+            }
+            RegistryEvent::Session { session, entry: None } => self.registry.remove(&session),
+            RegistryEvent::Heartbeat { node, revision, .. } => {
+                self.nodes.insert(
+                    node,
+                    NodeLease {
+                        seen: Instant::now(),
+                        revision,
+                    },
+                );
+            }
+            RegistryEvent::NodeGone { node } => {
+                self.nodes.remove(&node);
+            }
+        }
+    }
+
+    /// Ends the sessions of every node whose lease lapsed (if this router wins the claim).
+    async fn sweep(&mut self) {
+        let Some(durable) = self.durable.clone() else { return };
+        let lapsed: Vec<(String, u64)> = self
+            .nodes
+            .iter()
+            .filter(|(_, l)| l.seen.elapsed() > self.cfg.lease)
+            .map(|(n, l)| (n.clone(), l.revision))
+            .collect();
+        for (node, revision) in lapsed {
+            self.nodes.remove(&node);
+            match durable.claim_expiry(&node, revision).await {
+                Ok(true) => self.expire_node(&durable, &node).await,
+                Ok(false) => tracing::debug!(%node, "another router claimed the expiry, or the node renewed"),
+                Err(e) => tracing::warn!(%node, error = %e, "could not claim a lapsed lease"),
+            }
+        }
+    }
+
+    async fn expire_node(&self, durable: &Arc<dyn SessionRegistry>, node: &str) {
+        let sessions = self.registry.sessions_on(node);
+        tracing::warn!(%node, sessions = sessions.len(), "node lease lapsed: ending its sessions");
+        for (session, entry) in sessions {
+            let mut e = Envelope::new(session.clone(), Kind::Disconnect, Bytes::new());
+            e.node = Some(node.to_owned());
+            e.route = Some(entry.route.to_string());
+            e.code = Some(1006);
+            e.reason = Some("node lease expired".into());
+            e.synthetic = true;
+            e.timestamp_ms = now_ms();
+            let rec = Record {
+                key: Some(e.key()),
+                headers: e.headers(),
+                payload: Bytes::new(),
+            };
+            if !entry.inbound.is_empty() {
+                if let Err(err) = self.bus.publish(&entry.inbound, rec.clone()).await {
+                    tracing::warn!(%session, error = %err, "could not publish a synthetic disconnect");
+                }
+            }
+            let _ = self.bus.publish(&self.cfg.naming.sessions(), rec).await;
+            let _ = durable.unregister(&session).await;
+            self.registry.remove(&session);
+            metrics::counter!(EXPIRED).increment(1);
+        }
+        let _ = durable.leave(node).await;
+    }
+
+    /// Forwards one outbound record. Returns false (counted) when it could not be.
+    async fn route(&self, m: &Message) -> bool {
+        let r = &m.record;
+        let env = match Envelope::from_record(r.key.as_deref(), &r.headers, Bytes::new()) {
+            Ok(e) => e,
+            Err(e) => {
+                drop_count("invalid");
+                tracing::debug!(error = %e, "undecodable outbound record");
+                return false;
+            }
+        };
+        if !matches!(env.kind, Kind::Deliver | Kind::Control) {
+            drop_count("invalid");
+            tracing::debug!(
+                kind = env.kind.as_str(),
+                "outbound record of a kind the router does not route"
+            );
+            return false;
+        }
+        let mut lookup = self.registry.lookup(&env.session);
+        if lookup == Lookup::Unknown {
+            // The feed may not have shown this session yet: ask the durable registry.
+            if let Some(d) = &self.durable {
+                if let Ok(Some(en)) = d.lookup(&env.session).await {
+                    self.registry.insert(&env.session, &en.node, &en.route, &en.inbound);
+                    lookup = Lookup::Open(en.node.as_str().into());
+                }
+            }
+        }
+        let node = match lookup {
+            Lookup::Open(node) => node,
+            Lookup::Closed => {
+                drop_count("closed_session");
+                tracing::debug!(session = %env.session, "outbound record for a closed session");
+                return false;
+            }
+            Lookup::Unknown => {
+                drop_count("unknown_session");
+                tracing::debug!(session = %env.session, "outbound record for an unknown session");
+                return false;
+            }
+        };
+        let mut rec: Record = (**r).clone();
+        if rec.key.is_none() {
+            rec.key = Some(env.key());
+        }
+        match self.bus.publish(&self.cfg.naming.node(&node), rec).await {
+            Ok(_) => true,
+            Err(e) => {
+                drop_count("bus_refused");
+                tracing::debug!(session = %env.session, error = %e, "could not forward to node");
+                false
+            }
         }
     }
 }
 
-fn apply(registry: &Registry, m: &Message) {
-    let r = &m.record;
-    match Envelope::from_record(r.key.as_deref(), &r.headers, r.payload.clone()) {
-        Ok(e) => match (e.kind, e.node) {
-            (Kind::Connect, Some(node)) => {
-                registry.insert(&e.session, &node, e.route.as_deref().unwrap_or(""))
-            }
-            (Kind::Disconnect, _) => registry.remove(&e.session),
-            _ => tracing::debug!(kind = e.kind.as_str(), "ignored record on the session feed"),
-        },
-        Err(e) => tracing::debug!(error = %e, "undecodable record on the session feed"),
+async fn recv_opt(rx: &mut Option<mpsc::Receiver<RegistryEvent>>) -> Option<RegistryEvent> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
 fn drop_count(reason: &'static str) {
     metrics::counter!(DROPPED, "reason" => reason).increment(1);
-}
-
-/// Forwards one outbound record. Returns false (counted) when it could not be.
-async fn route(bus: &Arc<dyn Bus>, naming: &Naming, registry: &Registry, m: &Message) -> bool {
-    let r = &m.record;
-    let env = match Envelope::from_record(r.key.as_deref(), &r.headers, Bytes::new()) {
-        Ok(e) => e,
-        Err(e) => {
-            drop_count("invalid");
-            tracing::debug!(error = %e, "undecodable outbound record");
-            return false;
-        }
-    };
-    if !matches!(env.kind, Kind::Deliver | Kind::Control) {
-        drop_count("invalid");
-        tracing::debug!(
-            kind = env.kind.as_str(),
-            "outbound record of a kind the router does not route"
-        );
-        return false;
-    }
-    let node = match registry.lookup(&env.session) {
-        Lookup::Open(node) => node,
-        Lookup::Closed => {
-            drop_count("closed_session");
-            tracing::debug!(session = %env.session, "outbound record for a closed session");
-            return false;
-        }
-        Lookup::Unknown => {
-            drop_count("unknown_session");
-            tracing::debug!(session = %env.session, "outbound record for an unknown session");
-            return false;
-        }
-    };
-    let mut rec: Record = (**r).clone();
-    if rec.key.is_none() {
-        rec.key = Some(env.key());
-    }
-    match bus.publish(&naming.node(&node), rec).await {
-        Ok(_) => true,
-        Err(e) => {
-            drop_count("bus_refused");
-            tracing::debug!(session = %env.session, error = %e, "could not forward to node");
-            false
-        }
-    }
 }

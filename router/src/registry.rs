@@ -11,6 +11,8 @@ use std::sync::Arc;
 pub struct Entry {
     pub node: Arc<str>,
     pub route: Arc<str>,
+    /// The route's inbound topic (where a synthetic disconnect goes).
+    pub inbound: Arc<str>,
 }
 
 /// Result of a lookup.
@@ -37,14 +39,24 @@ impl Registry {
         }
     }
 
-    pub fn insert(&self, session: &str, node: &str, route: &str) {
+    pub fn insert(&self, session: &str, node: &str, route: &str, inbound: &str) {
         self.open.insert(
             session.to_owned(),
             Entry {
                 node: node.into(),
                 route: route.into(),
+                inbound: inbound.into(),
             },
         );
+    }
+
+    /// Sessions currently registered on `node`.
+    pub fn sessions_on(&self, node: &str) -> Vec<(String, Entry)> {
+        self.open
+            .iter()
+            .filter(|e| &*e.node == node)
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect()
     }
 
     pub fn remove(&self, session: &str) {
@@ -93,13 +105,13 @@ mod tests {
     #[test]
     fn open_closed_unknown() {
         let r = Registry::new(2);
-        r.insert("a", "n1", "/ws");
+        r.insert("a", "n1", "/ws", "sy.in.app");
         assert_eq!(r.lookup("a"), Lookup::Open("n1".into()));
         r.remove("a");
         assert_eq!(r.lookup("a"), Lookup::Closed);
         assert_eq!(r.lookup("b"), Lookup::Unknown);
         for s in ["b", "c", "d"] {
-            r.insert(s, "n", "/");
+            r.insert(s, "n", "/", "sy.in.x");
             r.remove(s);
         }
         assert_eq!(r.lookup("a"), Lookup::Unknown, "closed memory is bounded");

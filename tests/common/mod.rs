@@ -90,9 +90,7 @@ pub async fn connect(url: &str) -> (Ws, String) {
 /// Next data message (text or binary), skipping pings/pongs; panics on close or timeout.
 pub async fn next_data(ws: &mut Ws) -> Message {
     loop {
-        let m = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("message in time");
+        let m = tokio::time::timeout(WAIT, ws.next()).await.expect("message in time");
         match m {
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
             Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => return m,
@@ -128,11 +126,9 @@ pub async fn framed_subscriber(url: &str, channel: &str) -> (Ws, String) {
     let w = next_json(&mut ws).await;
     assert_eq!(w["op"], "welcome");
     assert_eq!(w["session"], id.as_str());
-    ws.send(Message::text(format!(
-        r#"{{"op":"subscribe","channel":"{channel}"}}"#
-    )))
-    .await
-    .unwrap();
+    ws.send(Message::text(format!(r#"{{"op":"subscribe","channel":"{channel}"}}"#)))
+        .await
+        .unwrap();
     let s = next_json(&mut ws).await;
     assert_eq!(s, serde_json::json!({"op":"subscribed","channel":channel}));
     (ws, id)
@@ -197,14 +193,8 @@ pub async fn spawn_binary(
     })
     .await
     .expect("switchyard starts in time");
-    let client = started["fields"]["client"]
-        .as_str()
-        .and_then(|s| s.parse().ok());
-    let admin = started["fields"]["admin"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let client = started["fields"]["client"].as_str().and_then(|s| s.parse().ok());
+    let admin = started["fields"]["admin"].as_str().unwrap().parse().unwrap();
     let rest = tokio::spawn(async move {
         let mut all = Vec::new();
         while let Ok(Some(l)) = lines.next_line().await {
