@@ -183,9 +183,13 @@ impl Cli {
         }
         let bus = BusOptions {
             buffer: o.bus_buffer,
+            outage_buffer: o.outage_buffer,
             name: format!("switchyard-{}", edge.node_id),
+            prefix: o.prefix.clone(),
+            partitions: o.partitions,
             ..BusOptions::default()
         };
+
         Ok(Settings {
             command,
             bus_url: o.bus.clone(),

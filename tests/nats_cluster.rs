@@ -1,0 +1,428 @@
+//! Switchyard as a distributed system on a real nats-server: edges, routers and backends as
+//! separate processes. `scripts/test` starts nats-server with JetStream and exports NATS_URL,
+//! NATS_MONITOR_URL and NATS_SERVER_BIN; every test uses its own subject prefix.
+
+mod common;
+
+use common::*;
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::process::Child;
+use tokio_tungstenite::tungstenite::Message;
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run ./scripts/test, which starts nats-server"))
+}
+
+struct Proc {
+    child: Child,
+    client: Option<SocketAddr>,
+    admin: SocketAddr,
+}
+
+impl Proc {
+    fn ws(&self, path: &str) -> String {
+        format!("ws://{}{}", self.client.expect("an edge"), path)
+    }
+    fn admin(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+    fn kill9(&mut self) {
+        let pid = self.child.id().expect("running").to_string();
+        assert!(std::process::Command::new("kill")
+            .args(["-9", &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+}
+
+async fn spawn(role: &str, bus: &str, prefix: &str, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        role,
+        "--bus",
+        bus,
+        "--prefix",
+        prefix,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let (child, client, admin, _logs) = spawn_binary(&args).await;
+    Proc { child, client, admin }
+}
+
+fn prefix() -> String {
+    unique("t")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_sessions_over_two_edges_and_two_routers_get_their_own_replies_in_order() {
+    raise_fd_limit();
+    let (url, p) = (env("NATS_URL"), prefix());
+    let edges = [spawn("edge", &url, &p, &[]).await, spawn("edge", &url, &p, &[]).await];
+    let _routers = [
+        spawn("router", &url, &p, &[]).await,
+        spawn("router", &url, &p, &[]).await,
+    ];
+    let _demo = spawn("demo", &url, &p, &[]).await;
+
+    // Raw echo: the backend answers on sy-reply, straight to the node, in order.
+    let mut tasks = Vec::new();
+    for c in 0..1000 {
+        let url = edges[c % 2].ws("/ws/echo");
+        tasks.push(tokio::spawn(async move {
+            let (mut ws, id) = connect(&url).await;
+            for i in 0..5 {
+                ws.send(Message::text(format!("{id}:{i}"))).await.unwrap();
+            }
+            for i in 0..5 {
+                assert_eq!(
+                    next_data(&mut ws).await,
+                    Message::text(format!("{id}:{i}")),
+                    "session {c}"
+                );
+            }
+            close_normal(&mut ws).await;
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+
+    // Framed `send`: the backend answers on the outbound subject; a router forwards it.
+    let mut tasks = Vec::new();
+    for c in 0..200 {
+        let url = edges[c % 2].ws("/ws");
+        tasks.push(tokio::spawn(async move {
+            let (mut ws, _) = connect(&url).await;
+            assert_eq!(next_json(&mut ws).await["op"], "welcome");
+            for i in 0..3 {
+                ws.send(Message::text(json!({"op":"send","data":[c, i],"id":i}).to_string()))
+                    .await
+                    .unwrap();
+            }
+            let (mut acks, mut replies) = (BTreeSet::new(), BTreeSet::new());
+            while acks.len() + replies.len() < 6 {
+                let v = next_json(&mut ws).await;
+                if v["op"] == "ack" {
+                    acks.insert(v["id"].as_u64().unwrap());
+                } else {
+                    let e = v["echo"].as_array().unwrap_or_else(|| panic!("unexpected {v}"));
+                    assert_eq!(e[0], c, "only its own replies");
+                    replies.insert(e[1].as_u64().unwrap());
+                }
+            }
+            assert_eq!(acks, BTreeSet::from([0, 1, 2]));
+            assert_eq!(replies, BTreeSet::from([0, 1, 2]));
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_fans_out_on_both_edges_with_one_nats_subscription_per_edge() {
+    let (url, p) = (env("NATS_URL"), prefix());
+    let nodes = [unique("ea"), unique("eb")];
+    let edges = [
+        spawn("edge", &url, &p, &["--node-id", &nodes[0]]).await,
+        spawn("edge", &url, &p, &["--node-id", &nodes[1]]).await,
+    ];
+    let channel = unique("ch");
+    let mut subs = Vec::new();
+    for i in 0..40 {
+        subs.push(framed_subscriber(&edges[i % 2].ws("/ws"), &channel).await.0);
+    }
+    let conns: Value = reqwest::get(format!("{}/connz?subs=detail&limit=4096", env("NATS_MONITOR_URL")))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let subject = format!("{p}.ch.{channel}");
+    for node in &nodes {
+        let name = format!("switchyard-{node}");
+        let conn = conns["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name.as_str());
+        let conn = conn.unwrap_or_else(|| panic!("connection {name} in connz"));
+        let n = conn["subscriptions_list_detail"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["subject"] == subject.as_str())
+            .count();
+        assert_eq!(
+            n, 1,
+            "{name}: exactly one NATS subscription for the channel with 20 local subscribers"
+        );
+    }
+    let http = reqwest::Client::new();
+    for n in 0..10 {
+        let r = http
+            .post(edges[0].admin("/api/publish"))
+            .json(&json!({"channel": channel, "data": {"n": n}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    for mut ws in subs {
+        for n in 0..10 {
+            assert_eq!(next_json(&mut ws).await["data"], json!({"n": n}));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_edge_sessions_expire_with_synthetic_disconnects_within_the_lease() {
+    let (url, p) = (env("NATS_URL"), prefix());
+    const LEASE: Duration = Duration::from_secs(3);
+    let lease = "3s";
+    let mut doomed = spawn("edge", &url, &p, &["--lease", lease]).await;
+    let routers = [
+        spawn("router", &url, &p, &["--lease", lease]).await,
+        spawn("router", &url, &p, &["--lease", lease]).await,
+    ];
+    // A backend with the stock client, listening for lifecycle events.
+    let nc = async_nats::connect(&url).await.unwrap();
+    let mut inbound = nc.subscribe(format!("{p}.in.echo.*")).await.unwrap();
+    nc.flush().await.unwrap();
+    let mut sessions = BTreeSet::new();
+    let mut sockets = Vec::new();
+    for _ in 0..20 {
+        let (ws, id) = connect(&doomed.ws("/ws/echo")).await;
+        sessions.insert(id);
+        sockets.push(ws);
+    }
+    // Every connect has reached the backend before the edge dies.
+    let mut connected = BTreeSet::new();
+    while connected.len() < 20 {
+        let m = tokio::time::timeout(WAIT, inbound.next()).await.unwrap().unwrap();
+        let h = m.headers.unwrap();
+        if h.get("sy-kind").unwrap().as_str() == "connect" {
+            connected.insert(h.get("sy-session").unwrap().to_string());
+        }
+    }
+    assert_eq!(connected, sessions);
+    doomed.kill9();
+    let killed = Instant::now();
+    let mut ended = BTreeSet::new();
+    while ended.len() < 20 {
+        let m = tokio::time::timeout(WAIT, inbound.next())
+            .await
+            .expect("synthetic disconnects arrive")
+            .unwrap();
+        let h = m.headers.unwrap();
+        if h.get("sy-kind").unwrap().as_str() == "disconnect" {
+            assert_eq!(h.get("sy-synthetic").map(|v| v.as_str()), Some("true"));
+            assert_eq!(h.get("sy-code").map(|v| v.as_str()), Some("1006"));
+            assert!(
+                ended.insert(h.get("sy-session").unwrap().to_string()),
+                "one disconnect per session"
+            );
+        }
+    }
+    let took = killed.elapsed();
+    eprintln!("lease {LEASE:?}: all 20 synthetic disconnects {took:?} after kill -9");
+    assert_eq!(ended, sessions);
+    assert!(
+        took <= LEASE + Duration::from_secs(1),
+        "within the lease (+ sweep tick): {took:?}"
+    );
+    // Exactly one router published them.
+    let mut total = 0;
+    for r in &routers {
+        let text = reqwest::get(r.admin("/metrics")).await.unwrap().text().await.unwrap();
+        total += text
+            .lines()
+            .find_map(|l| l.strip_prefix("switchyard_router_expired_sessions_total "))
+            .map(|v| v.trim().parse::<u64>().unwrap())
+            .unwrap_or(0);
+    }
+    assert_eq!(total, 20, "one synthetic disconnect per session across both routers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_backend_with_stock_client_answers_clients_on_both_edges() {
+    let (url, p) = (env("NATS_URL"), prefix());
+    let edges = [spawn("edge", &url, &p, &[]).await, spawn("edge", &url, &p, &[]).await];
+    let _router = spawn("router", &url, &p, &[]).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python/echo_backend.py");
+    let mut py = tokio::process::Command::new("python3")
+        .args([script, "--nats", &url, "--prefix", &p, "--topic", "echo"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3");
+    let mut out = tokio::io::BufReader::new(py.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::time::timeout(WAIT, tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(line.contains("ready"), "python backend started: {line}");
+    for c in 0..20 {
+        let (mut ws, id) = connect(&edges[c % 2].ws("/ws/echo")).await;
+        ws.send(Message::text(format!("hi {id}"))).await.unwrap();
+        ws.send(Message::binary(vec![c as u8, 0xff])).await.unwrap();
+        assert_eq!(next_data(&mut ws).await, Message::text(format!("py:hi {id}")));
+        assert_eq!(
+            next_data(&mut ws).await,
+            Message::binary(vec![b'p', b'y', b':', c as u8, 0xff])
+        );
+    }
+}
+
+/// Sends framed `send` ops with ids until `until` and returns (acked, told) id sets. Every
+/// op must be answered (ack or error): an unanswered op would be a silent loss.
+async fn sender(url: String, until: Instant) -> (String, BTreeSet<u64>, BTreeSet<u64>) {
+    let (mut ws, id) = connect(&url).await;
+    assert_eq!(next_json(&mut ws).await["op"], "welcome");
+    let (mut acked, mut told) = (BTreeSet::new(), BTreeSet::new());
+    let mut i = 0u64;
+    while Instant::now() < until {
+        ws.send(Message::text(json!({"op":"send","data":i,"id":i}).to_string()))
+            .await
+            .unwrap();
+        loop {
+            let v = next_json(&mut ws).await;
+            if v["id"] != json!(i) {
+                continue; // e.g. a backend message; there is no backend in this test
+            }
+            match v["op"].as_str() {
+                Some("ack") => acked.insert(i),
+                Some("error") => told.insert(i),
+                _ => panic!("unexpected {v}"),
+            };
+            break;
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(2)).await; // pacing, not synchronisation
+    }
+    (id, acked, told)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_mid_stream_loses_no_acknowledged_frame_and_counts_the_rest() {
+    let bin = env("NATS_SERVER_BIN");
+    let store = std::env::temp_dir().join(unique("js"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let start_nats = || {
+        tokio::process::Command::new(&bin)
+            .args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd", store.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("nats-server")
+    };
+    let mut nats = start_nats();
+    let url = format!("nats://127.0.0.1:{port}");
+    let ready = |url: String| async move {
+        for _ in 0..100 {
+            if async_nats::connect(&url).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("nats-server did not start");
+    };
+    ready(url.clone()).await;
+    let p = prefix();
+    let gw = spawn("standalone", &url, &p, &["--outage-buffer", "64"]).await;
+    let ws_url = gw.ws("/ws");
+    let readyz = gw.admin("/readyz");
+
+    let until = Instant::now() + Duration::from_secs(6);
+    let senders: Vec<_> = (0..10).map(|_| tokio::spawn(sender(ws_url.clone(), until))).collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await; // let traffic flow first
+    nats.kill().await.unwrap();
+    // /readyz turns 503 while the bus is down.
+    let mut saw_503 = false;
+    for _ in 0..100 {
+        if reqwest::get(&readyz).await.unwrap().status() == 503 {
+            saw_503 = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(saw_503, "/readyz reports the outage");
+    let _nats2 = start_nats();
+    ready(url.clone()).await;
+
+    let mut results = Vec::new();
+    for s in senders {
+        results.push(s.await.unwrap());
+    }
+    // What the stream holds, per session.
+    let nc = async_nats::connect(&url).await.unwrap();
+    let js = async_nats::jetstream::new(nc);
+    let stream_name = format!("{}_IN", p.to_uppercase());
+    let mut stream = js.get_stream(&stream_name).await.unwrap();
+    let total = stream.info().await.unwrap().state.messages;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut stored: HashMap<String, Vec<u64>> = HashMap::new();
+    let mut msgs = consumer.fetch().max_messages(total as usize).messages().await.unwrap();
+    let mut read = 0u64;
+    while read < total {
+        let m = tokio::time::timeout(WAIT, msgs.next()).await.unwrap().unwrap().unwrap();
+        read += 1;
+        let h = m.headers.clone().unwrap();
+        if h.get("sy-kind").unwrap().as_str() == "frame" {
+            let v: u64 = serde_json::from_slice(&m.payload).unwrap();
+            stored
+                .entry(h.get("sy-session").unwrap().to_string())
+                .or_default()
+                .push(v);
+        }
+    }
+    let (mut acked_n, mut told_n, mut told_but_stored) = (0, 0, 0);
+    for (session, acked, told) in &results {
+        let got = stored.remove(session).unwrap_or_default();
+        let got_set: BTreeSet<u64> = got.iter().copied().collect();
+        assert_eq!(got.len(), got_set.len(), "no duplicates for {session}");
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "stored in order for {session}");
+        let lost: Vec<_> = acked.difference(&got_set).collect();
+        assert!(lost.is_empty(), "acknowledged frames lost for {session}: {lost:?}");
+        let unexplained: Vec<_> = got_set
+            .iter()
+            .filter(|i| !acked.contains(i) && !told.contains(i))
+            .collect();
+        assert!(unexplained.is_empty(), "stored frames nobody answered: {unexplained:?}");
+        acked_n += acked.len();
+        told_n += told.len();
+        told_but_stored += got_set.intersection(told).count();
+    }
+    let metrics = reqwest::get(gw.admin("/metrics")).await.unwrap().text().await.unwrap();
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("switchyard_drops_total{route=\"/ws\",reason=\"bus_refused\"} "))
+        .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+        .unwrap_or(0);
+    eprintln!(
+        "nats restart: {acked_n} acked (all stored), {told_n} refused and told ({told_but_stored} of them stored anyway: ack lost with the server), metric bus_refused={refused}"
+    );
+    assert!(acked_n > 0);
+    assert_eq!(refused as usize, told_n, "every refusal counted exactly");
+}
