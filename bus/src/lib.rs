@@ -16,6 +16,8 @@
 //!   a key always goes to the same member, so per-key order holds inside a group.
 
 pub mod memory;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "nats")]
 pub mod nats;
 
@@ -50,6 +52,9 @@ pub enum StartFrom {
     /// Only what is published after the subscription is live.
     #[default]
     Latest,
+    /// Everything the bus still holds (Kafka: the log's beginning; memory and NATS core
+    /// subjects hold nothing, so this is the same as `Latest` there).
+    Earliest,
 }
 
 /// How to subscribe.
@@ -226,7 +231,16 @@ pub async fn connect(url: &str, opts: &BusOptions) -> Result<Arc<dyn Bus>, BusEr
                 return Err(BusError::SchemeDisabled("nats"));
             }
         }
-        "kafka" => return Err(BusError::SchemeDisabled("kafka")),
+        "kafka" => {
+            #[cfg(feature = "kafka")]
+            {
+                Arc::new(kafka::KafkaBus::connect(url, opts).await?)
+            }
+            #[cfg(not(feature = "kafka"))]
+            {
+                return Err(BusError::SchemeDisabled("kafka"));
+            }
+        }
         other => {
             return Err(BusError::InvalidUrl {
                 url: url.into(),
@@ -254,7 +268,14 @@ pub fn validate_url(url: &str) -> Result<(), String> {
                 Err(BusError::SchemeDisabled("nats").to_string())
             }
         }
-        "kafka" => Err(BusError::SchemeDisabled("kafka").to_string()),
+        "kafka" => {
+            if cfg!(feature = "kafka") {
+                Ok(())
+            } else {
+                Err(BusError::SchemeDisabled("kafka").to_string())
+            }
+        }
+
         other => Err(format!(
             "invalid bus URL {url:?}: unknown scheme {other:?} (memory, nats, kafka)"
         )),

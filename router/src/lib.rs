@@ -21,7 +21,10 @@ use registry::{Lookup, Registry};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use switchyard_bus::{Bus, BusError, Message, Record, RegistryEvent, SessionRegistry, SubscribeOptions, Subscription};
+use switchyard_bus::{
+    Bus, BusError, Message, Record, RegistryEvent, SessionRegistry, StartFrom, SubscribeOptions, Subscription,
+};
+
 use switchyard_protocol::envelope::now_ms;
 use switchyard_protocol::{Envelope, Kind, Naming};
 use tokio::sync::mpsc;
@@ -59,9 +62,9 @@ impl Router {
     /// loads the durable registry if the bus has one, then routes until `shutdown`.
     pub async fn start(bus: Arc<dyn Bus>, cfg: RouterConfig, shutdown: CancellationToken) -> Result<Router, BusError> {
         let registry = Arc::new(Registry::new(100_000));
-        let sessions = bus
-            .subscribe(&cfg.naming.sessions(), SubscribeOptions::default())
-            .await?;
+        // From the beginning: on Kafka the compacted feed is the registry, rebuilt on start.
+        let from_start = SubscribeOptions { start: StartFrom::Earliest, ..SubscribeOptions::default() };
+        let sessions = bus.subscribe(&cfg.naming.sessions(), from_start).await?;
         let outbound = bus
             .subscribe(&cfg.naming.outbound(), SubscribeOptions::group("switchyard-router"))
             .await?;

@@ -1,0 +1,405 @@
+//! `kafka://HOST:PORT[,HOST:PORT…]`: rdkafka.
+//!
+//! - One idempotent producer per process (`acks=all`, `enable.idempotence=true`) with Kafka's
+//!   murmur2 partitioner, so Java clients, NATS partition tokens and `replay` agree on
+//!   key → partition. `publish` returns the record's offset once the broker acknowledged it.
+//! - Topics are created on first use: inbound and outbound with `partitions` partitions, the
+//!   session feed compacted, node delivery and channel topics with one partition (one partition
+//!   keeps a channel's order and gives it one offset sequence).
+//! - Group subscriptions are consumer groups (`<prefix>-<group>`); `subscribe` returns once the
+//!   group has assigned partitions. A new group starts at the end of its topics.
+//! - Plain subscriptions share one assign-based consumer per process and start at the high
+//!   watermark resolved at subscribe time: everything published after `subscribe` returns is
+//!   delivered. [`StartFrom::Earliest`] starts at the log's beginning instead.
+
+use crate::{check_name, Bus, BusError, BusOptions, Message, Record, StartFrom, SubscribeOptions, Subscription};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use parking_lot::Mutex;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers as _, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use switchyard_protocol::Headers;
+use tokio::sync::mpsc;
+
+type Senders = Arc<Mutex<HashMap<String, Vec<(u64, mpsc::Sender<Message>)>>>>;
+
+pub struct KafkaBus {
+    brokers: String,
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    /// The shared assign-based consumer for plain subscriptions, and who wants which topic.
+    fanout: Arc<StreamConsumer>,
+    senders: Senders,
+    next_id: AtomicU64,
+    created: Mutex<HashSet<String>>,
+    prefix: String,
+    partitions: i32,
+    buffer: usize,
+    ack_timeout: Duration,
+    _fanout_task: AbortOnDrop,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(e.to_string())
+}
+
+fn map_err(e: KafkaError) -> BusError {
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::QueueFull) => BusError::Overflow { topic: String::new() },
+        _ => unavailable(e),
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The base config every client shares.
+fn base(brokers: &str, name: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers).set("client.id", name).set("log_level", "3");
+    c
+}
+
+fn to_record(m: &rdkafka::message::BorrowedMessage<'_>) -> Message {
+    use rdkafka::Message as _;
+    let mut headers = Headers::new();
+    if let Some(h) = m.headers() {
+        for hd in h.iter() {
+            if let Some(v) = hd.value {
+                headers.insert(hd.key, String::from_utf8_lossy(v).into_owned());
+            }
+        }
+    }
+    Message {
+        topic: Arc::from(m.topic()),
+        offset: u64::try_from(m.offset()).ok(),
+        record: Arc::new(Record {
+            key: m.key().map(Bytes::copy_from_slice),
+            headers,
+            payload: m.payload().map(Bytes::copy_from_slice).unwrap_or_default(),
+        }),
+    }
+}
+
+/// NATS-style pattern → librdkafka regex subscription (`^…$`).
+fn pattern_regex(pattern: &str) -> String {
+    let parts: Vec<String> = pattern
+        .split('.')
+        .map(|t| match t {
+            "*" => "[^.]+".to_owned(),
+            ">" => ".+".to_owned(),
+            t => regex_escape(t),
+        })
+        .collect();
+    format!("^{}$", parts.join("\\."))
+}
+
+fn regex_escape(t: &str) -> String {
+    t.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c.to_string() } else { format!("\\{c}") }).collect()
+}
+
+impl KafkaBus {
+    pub async fn connect(url: &str, opts: &BusOptions) -> Result<Self, BusError> {
+        let brokers = url.trim_start_matches("kafka://").trim_end_matches('/').to_owned();
+        let producer: FutureProducer = base(&brokers, &opts.name)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "1")
+            .set("message.timeout.ms", opts.ack_timeout.as_millis().max(1000).to_string())
+            .set("queue.buffering.max.messages", opts.outage_buffer.max(1).to_string())
+            .create()
+            .map_err(unavailable)?;
+        let admin: AdminClient<DefaultClientContext> = base(&brokers, &opts.name).create().map_err(unavailable)?;
+        // Fail fast on an unreachable broker, with a clear message.
+        let p2 = producer.clone();
+        tokio::task::spawn_blocking(move || {
+            use rdkafka::producer::Producer as _;
+            p2.client().fetch_metadata(None, Duration::from_secs(10)).map(|_| ())
+        })
+        .await
+        .map_err(unavailable)?
+        .map_err(|e| unavailable(format!("cannot reach Kafka at {brokers}: {e}")))?;
+        let fanout: StreamConsumer = base(&brokers, &opts.name)
+            .set("group.id", format!("{}-fanout-{}", opts.prefix, std::process::id()))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .create()
+            .map_err(unavailable)?;
+        let fanout = Arc::new(fanout);
+        let senders: Senders = Arc::default();
+        let task = tokio::spawn(pump_fanout(fanout.clone(), senders.clone()));
+        Ok(Self {
+            brokers,
+            producer,
+            admin,
+            fanout,
+            senders,
+            next_id: AtomicU64::new(1),
+            created: Mutex::new(HashSet::new()),
+            prefix: opts.prefix.clone(),
+            partitions: opts.partitions.max(1) as i32,
+            buffer: opts.buffer.max(1),
+            ack_timeout: opts.ack_timeout,
+            _fanout_task: AbortOnDrop(task),
+        })
+    }
+
+    /// Creates `topic` if this process has not seen it yet (an existing topic is fine).
+    async fn ensure_topic(&self, topic: &str) -> Result<(), BusError> {
+        if self.created.lock().contains(topic) {
+            return Ok(());
+        }
+        let class = topic.strip_prefix(&self.prefix).and_then(|t| t.split('.').nth(1)).unwrap_or("");
+        let partitions = match class {
+            "in" | "out" | "sessions" => self.partitions,
+            _ => 1,
+        };
+        let mut nt = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+        if class == "sessions" {
+            nt = nt.set("cleanup.policy", "compact");
+        }
+        let res = self
+            .admin
+            .create_topics([&nt], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
+            .await
+            .map_err(unavailable)?;
+        for r in res {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((t, code)) => return Err(unavailable(format!("cannot create topic {t}: {code}"))),
+            }
+        }
+        self.created.lock().insert(topic.to_owned());
+        Ok(())
+    }
+
+    /// Partition count of an existing topic.
+    async fn partitions_of(&self, topic: &str) -> Result<Vec<i32>, BusError> {
+        let c = self.fanout.clone();
+        let t = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let md = c.fetch_metadata(Some(&t), Duration::from_secs(10)).map_err(unavailable)?;
+            let parts: Vec<i32> = md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+            if parts.is_empty() {
+                Err(unavailable(format!("topic {t} has no partitions")))
+            } else {
+                Ok(parts)
+            }
+        })
+        .await
+        .map_err(unavailable)?
+    }
+
+    /// The shared consumer's start offsets for `topic`: each partition's high watermark now
+    /// (or the beginning).
+    async fn start_offsets(&self, topic: &str, start: StartFrom) -> Result<TopicPartitionList, BusError> {
+        let parts = self.partitions_of(topic).await?;
+        let c = self.fanout.clone();
+        let t = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut tpl = TopicPartitionList::new();
+            for p in parts {
+                let offset = match start {
+                    StartFrom::Earliest => Offset::Beginning,
+                    StartFrom::Latest => {
+                        let (_, high) = c.fetch_watermarks(&t, p, Duration::from_secs(10)).map_err(unavailable)?;
+                        Offset::Offset(high)
+                    }
+                };
+                tpl.add_partition_offset(&t, p, offset).map_err(unavailable)?;
+            }
+            Ok(tpl)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+
+    async fn group_subscription(&self, pattern: &str, group: &str) -> Result<Subscription, BusError> {
+        let topic_or_regex = if pattern.contains(['*', '>']) {
+            pattern_regex(pattern)
+        } else {
+            self.ensure_topic(pattern).await?;
+            pattern.to_owned()
+        };
+        let consumer: StreamConsumer = base(&self.brokers, &format!("{}-{group}", self.prefix))
+            .set("group.id", format!("{}-{group}", self.prefix))
+            .set("auto.offset.reset", "latest")
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            .set("enable.partition.eof", "false")
+            .set("topic.metadata.refresh.interval.ms", "2000")
+            .create()
+            .map_err(unavailable)?;
+        consumer.subscribe(&[&topic_or_regex]).map_err(unavailable)?;
+        let consumer = Arc::new(consumer);
+        let (tx, rx) = mpsc::channel(self.buffer);
+        let c = consumer.clone();
+        let task = tokio::spawn(async move {
+            let mut stream = c.stream();
+            while let Some(m) = stream.next().await {
+                match m {
+                    Ok(m) => {
+                        if tx.send(to_record(&m)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "kafka consumer error"),
+                }
+            }
+        });
+        // Live once the group has given this member partitions.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if consumer.assignment().map(|a| a.count() > 0).unwrap_or(false) {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                task.abort();
+                return Err(unavailable(format!("group {group} got no partitions of {pattern} within 30 s")));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Subscription::new(rx, (AbortOnDrop(task), consumer)))
+    }
+}
+
+async fn pump_fanout(consumer: Arc<StreamConsumer>, senders: Senders) {
+    let mut stream = consumer.stream();
+    while let Some(m) = stream.next().await {
+        let m = match m {
+            Ok(m) => to_record(&m),
+            Err(e) => {
+                tracing::warn!(error = %e, "kafka consumer error");
+                continue;
+            }
+        };
+        let targets: Vec<mpsc::Sender<Message>> =
+            senders.lock().get(&*m.topic).map(|v| v.iter().map(|(_, s)| s.clone()).collect()).unwrap_or_default();
+        for tx in targets {
+            let _ = tx.send(m.clone()).await;
+        }
+    }
+}
+
+/// Removes a plain subscriber; the last one out unassigns the topic.
+struct Unsubscribe {
+    consumer: Arc<StreamConsumer>,
+    senders: Senders,
+    topic: String,
+    id: u64,
+}
+
+impl Drop for Unsubscribe {
+    fn drop(&mut self) {
+        let mut g = self.senders.lock();
+        let empty = match g.get_mut(&self.topic) {
+            Some(v) => {
+                v.retain(|(id, _)| *id != self.id);
+                v.is_empty()
+            }
+            None => false,
+        };
+        if empty {
+            g.remove(&self.topic);
+            if let Ok(a) = self.consumer.assignment() {
+                let mut tpl = TopicPartitionList::new();
+                for e in a.elements_for_topic(&self.topic) {
+                    tpl.add_partition(&self.topic, e.partition());
+                }
+                let _ = self.consumer.incremental_unassign(&tpl);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Bus for KafkaBus {
+    fn scheme(&self) -> &'static str {
+        "kafka"
+    }
+
+    async fn publish(&self, topic: &str, record: Record) -> Result<Option<u64>, BusError> {
+        check_name(topic, false)?;
+        self.ensure_topic(topic).await?;
+        let mut h = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (k, v) in record.headers.iter() {
+            h = h.insert(Header { key: k, value: Some(v.as_bytes()) });
+        }
+        let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).payload(&record.payload[..]).headers(h);
+        if let Some(k) = &record.key {
+            fr = fr.key(&k[..]);
+        }
+        match self.producer.send(fr, self.ack_timeout).await {
+            Ok(delivery) => Ok(u64::try_from(delivery.offset).ok()),
+            Err((e, _)) => Err(match map_err(e) {
+                BusError::Overflow { .. } => BusError::Overflow { topic: topic.to_owned() },
+                other => other,
+            }),
+        }
+    }
+
+    async fn subscribe(&self, pattern: &str, opts: SubscribeOptions) -> Result<Subscription, BusError> {
+        check_name(pattern, true)?;
+        if let Some(g) = &opts.group {
+            return self.group_subscription(pattern, g).await;
+        }
+        if pattern.contains(['*', '>']) {
+            // Plain wildcard subscriptions get a private group, starting at the end.
+            let g = format!("p-{}", ulid_like(self.next_id.fetch_add(1, Ordering::Relaxed)));
+            return self.group_subscription(pattern, &g).await;
+        }
+        self.ensure_topic(pattern).await?;
+        let (tx, rx) = mpsc::channel(self.buffer);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let first = {
+            let mut g = self.senders.lock();
+            let v = g.entry(pattern.to_owned()).or_default();
+            v.push((id, tx));
+            v.len() == 1
+        };
+        if first {
+            let tpl = self.start_offsets(pattern, opts.start).await?;
+            self.fanout.incremental_assign(&tpl).map_err(unavailable)?;
+        }
+        Ok(Subscription::new(
+            rx,
+            Unsubscribe { consumer: self.fanout.clone(), senders: self.senders.clone(), topic: pattern.to_owned(), id },
+        ))
+    }
+
+    fn is_ready(&self) -> bool {
+        use rdkafka::producer::Producer as _;
+        // Ready while the producer has a broker connection (metadata answered recently).
+        self.producer.client().fetch_metadata(None, Duration::from_millis(500)).is_ok()
+    }
+
+    async fn flush(&self) -> Result<(), BusError> {
+        use rdkafka::producer::Producer as _;
+        let p = self.producer.clone();
+        tokio::task::spawn_blocking(move || p.flush(Duration::from_secs(10)))
+            .await
+            .map_err(unavailable)?
+            .map_err(unavailable)
+    }
+}
+
+fn ulid_like(n: u64) -> String {
+    format!("{}-{n}", std::process::id())
+}
