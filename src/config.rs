@@ -22,7 +22,7 @@ pub struct Cli {
 }
 
 /// What this process runs. With no subcommand: `standalone`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+#[derive(Debug, Clone, PartialEq, Subcommand)]
 pub enum Command {
     /// Edge + router (+ demo backends with --demo) in one process, on any bus (default).
     Standalone,
@@ -32,6 +32,9 @@ pub enum Command {
     Router,
     /// The demo backends only (echo, app, ticker), as an external backend would run them.
     Demo,
+    /// Print, re-drive or re-publish one session's recorded traffic (needs --bus kafka://)
+    #[cfg(feature = "kafka")]
+    Replay(crate::replay::ReplayArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -85,6 +88,10 @@ pub struct Options {
     /// Publishes that may wait while the bus is disconnected; past it, clients are told
     #[arg(long, env = "SWITCHYARD_OUTAGE_BUFFER", default_value_t = 1024, global = true)]
     pub outage_buffer: usize,
+    /// How long a durable publish (NATS stream, Kafka acks=all) may wait for the broker's
+    /// acknowledgement before the client is told it was refused
+    #[arg(long, env = "SWITCHYARD_ACK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    pub ack_timeout: Duration,
     /// Per-subscription bus buffer (messages)
     #[arg(long, env = "SWITCHYARD_BUS_BUFFER", default_value_t = 8192, global = true)]
     pub bus_buffer: usize,
@@ -142,7 +149,8 @@ impl Cli {
     /// Validates everything; the error is one line.
     pub fn settings(&self) -> Result<Settings, String> {
         let o = &self.opts;
-        let command = self.command.unwrap_or(Command::Standalone);
+        let command = self.command.clone().unwrap_or(Command::Standalone);
+
         switchyard_bus::validate_url(&o.bus)?;
         if o.bus.starts_with("memory://") && command != Command::Standalone {
             return Err(format!(
@@ -187,6 +195,7 @@ impl Cli {
             name: format!("switchyard-{}", edge.node_id),
             prefix: o.prefix.clone(),
             partitions: o.partitions,
+            ack_timeout: o.ack_timeout,
             ..BusOptions::default()
         };
 

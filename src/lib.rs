@@ -7,6 +7,8 @@
 
 pub mod config;
 pub mod demo;
+#[cfg(feature = "kafka")]
+pub mod replay;
 
 use anyhow::Context;
 use config::{Command, Settings};
@@ -68,7 +70,9 @@ impl Settings {
             let cfg = switchyard_router::RouterConfig {
                 naming: self.naming.clone(),
                 lease: self.edge.lease,
+                unknown_grace: std::time::Duration::from_secs(2),
             };
+
             Some(Router::start(bus.clone(), cfg, late.clone()).await.context("router")?)
         } else {
             None

@@ -27,6 +27,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
+    #[cfg(feature = "kafka")]
+    if let Some(switchyard::config::Command::Replay(args)) = &cli.command {
+        return replay(args.clone(), &cli.opts);
+    }
     let settings = match cli.settings() {
         Ok(s) => s,
         Err(e) => {
@@ -78,6 +82,28 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+#[cfg(feature = "kafka")]
+fn replay(args: switchyard::replay::ReplayArgs, opts: &switchyard::config::Options) -> ExitCode {
+    if let Err(e) = switchyard::replay::validate(&args, &opts.bus) {
+        eprintln!("switchyard: {e}");
+        return ExitCode::from(EX_USAGE);
+    }
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("switchyard: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(switchyard::replay::run(args, opts.bus.clone(), opts.prefix.clone())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("switchyard: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn wait_for_signal() {

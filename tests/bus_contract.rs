@@ -257,10 +257,48 @@ mod nats {
             .await
             .unwrap()
             .unwrap();
+        assert_eq!(m.subject.as_str(), format!("{prefix}.in.app.p{p0}"), "murmur2(s0) % 4");
         assert_eq!(
             m.payload,
             Bytes::from_static(b"again"),
             "key s0 lands on murmur2(s0) % 4"
         );
+    }
+}
+
+mod kafka {
+    use super::*;
+
+    async fn bus() -> Arc<dyn Bus> {
+        let brokers = std::env::var("KAFKA_BROKERS")
+            .expect("KAFKA_BROKERS is not set: run ./scripts/test, which starts a Kafka broker");
+        let opts = BusOptions {
+            prefix: common::unique("c"),
+            partitions: 4,
+            ..BusOptions::default()
+        };
+        switchyard_bus::connect(&format!("kafka://{brokers}"), &opts)
+            .await
+            .unwrap()
+    }
+
+    // Wildcard subscriptions on Kafka see only topics that exist when they are made (plus
+    // metadata refreshes), so `patterns` is not part of Kafka's contract (docs/protocol.md).
+    #[tokio::test]
+    async fn round_trip() {
+        super::round_trip(bus().await).await
+    }
+    #[tokio::test]
+    async fn fan_out_in_order() {
+        super::fan_out_in_order(bus().await).await
+    }
+    #[tokio::test]
+    async fn group_shares() {
+        // Two members of one group: partitions split, each key in one partition → sticky.
+        super::group_shares(bus().await, true).await
+    }
+    #[tokio::test]
+    async fn invalid_names() {
+        super::invalid_names(bus().await).await
     }
 }

@@ -627,8 +627,16 @@ async fn records_for_unknown_sessions_are_counted_not_fatal() {
     let (mut ws, _) = connect(&app.url("/ws/echo")).await;
     ws.send(Message::text("alive")).await.unwrap();
     assert_eq!(next_data(&mut ws).await, Message::text("alive"));
-    let after = metric(&app, "switchyard_router_dropped_total", "reason=\"unknown_session\"").await;
+    // A record for a session the router has not heard of waits up to 2 s for its connect,
+    // then is counted.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut after = before;
+    while after <= before && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        after = metric(&app, "switchyard_router_dropped_total", "reason=\"unknown_session\"").await;
+    }
     assert!(after > before, "unknown session counted ({before} → {after})");
+
     app.stop().await;
 }
 

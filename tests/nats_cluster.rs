@@ -8,53 +8,11 @@ use common::*;
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::collections::{BTreeSet, HashMap};
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use tokio::process::Child;
 use tokio_tungstenite::tungstenite::Message;
 
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run ./scripts/test, which starts nats-server"))
-}
-
-struct Proc {
-    child: Child,
-    client: Option<SocketAddr>,
-    admin: SocketAddr,
-}
-
-impl Proc {
-    fn ws(&self, path: &str) -> String {
-        format!("ws://{}{}", self.client.expect("an edge"), path)
-    }
-    fn admin(&self, path: &str) -> String {
-        format!("http://{}{}", self.admin, path)
-    }
-    fn kill9(&mut self) {
-        let pid = self.child.id().expect("running").to_string();
-        assert!(std::process::Command::new("kill")
-            .args(["-9", &pid])
-            .status()
-            .unwrap()
-            .success());
-    }
-}
-
-async fn spawn(role: &str, bus: &str, prefix: &str, extra: &[&str]) -> Proc {
-    let mut args = vec![
-        role,
-        "--bus",
-        bus,
-        "--prefix",
-        prefix,
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-    ];
-    args.extend_from_slice(extra);
-    let (child, client, admin, _logs) = spawn_binary(&args).await;
-    Proc { child, client, admin }
 }
 
 fn prefix() -> String {
@@ -281,35 +239,6 @@ async fn python_backend_with_stock_client_answers_clients_on_both_edges() {
             Message::binary(vec![b'p', b'y', b':', c as u8, 0xff])
         );
     }
-}
-
-/// Sends framed `send` ops with ids until `until` and returns (acked, told) id sets. Every
-/// op must be answered (ack or error): an unanswered op would be a silent loss.
-async fn sender(url: String, until: Instant) -> (String, BTreeSet<u64>, BTreeSet<u64>) {
-    let (mut ws, id) = connect(&url).await;
-    assert_eq!(next_json(&mut ws).await["op"], "welcome");
-    let (mut acked, mut told) = (BTreeSet::new(), BTreeSet::new());
-    let mut i = 0u64;
-    while Instant::now() < until {
-        ws.send(Message::text(json!({"op":"send","data":i,"id":i}).to_string()))
-            .await
-            .unwrap();
-        loop {
-            let v = next_json(&mut ws).await;
-            if v["id"] != json!(i) {
-                continue; // e.g. a backend message; there is no backend in this test
-            }
-            match v["op"].as_str() {
-                Some("ack") => acked.insert(i),
-                Some("error") => told.insert(i),
-                _ => panic!("unexpected {v}"),
-            };
-            break;
-        }
-        i += 1;
-        tokio::time::sleep(Duration::from_millis(2)).await; // pacing, not synchronisation
-    }
-    (id, acked, told)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

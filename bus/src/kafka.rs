@@ -7,7 +7,8 @@
 //!   session feed compacted, node delivery and channel topics with one partition (one partition
 //!   keeps a channel's order and gives it one offset sequence).
 //! - Group subscriptions are consumer groups (`<prefix>-<group>`); `subscribe` returns once the
-//!   group has assigned partitions. A new group starts at the end of its topics.
+//!   group has assigned partitions. A group without committed offsets starts at the beginning.
+
 //! - Plain subscriptions share one assign-based consumer per process and start at the high
 //!   watermark resolved at subscribe time: everything published after `subscribe` returns is
 //!   delivered. [`StartFrom::Earliest`] starts at the log's beginning instead.
@@ -43,11 +44,31 @@ pub struct KafkaBus {
     senders: Senders,
     next_id: AtomicU64,
     created: Mutex<HashSet<String>>,
+    /// Serialises topic creation: the first publisher creates, the others wait for it.
+    creating: tokio::sync::Mutex<()>,
     prefix: String,
     partitions: i32,
     buffer: usize,
     ack_timeout: Duration,
+    ready: Arc<std::sync::atomic::AtomicBool>,
     _fanout_task: AbortOnDrop,
+}
+
+/// Keeps `ready` current: true while the broker answers a metadata request (every second).
+/// Stops when the bus is dropped.
+fn watch_readiness(producer: FutureProducer, ready: std::sync::Weak<std::sync::atomic::AtomicBool>) {
+    use rdkafka::producer::Producer as _;
+    std::thread::Builder::new()
+        .name("kafka-readiness".into())
+        .spawn(move || {
+            while let Some(flag) = ready.upgrade() {
+                let ok = producer.client().fetch_metadata(None, Duration::from_secs(1)).is_ok();
+                flag.store(ok, Ordering::Relaxed);
+                drop(flag);
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+        .ok();
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BusError {
@@ -72,7 +93,17 @@ impl Drop for AbortOnDrop {
 /// The base config every client shares.
 fn base(brokers: &str, name: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers).set("client.id", name).set("log_level", "3");
+    c.set("bootstrap.servers", brokers)
+        .set("client.id", name)
+        .set("log_level", "3");
+    c
+}
+
+/// A consumer config tuned for latency: librdkafka's default fetch wait (500 ms) would add up
+/// to half a second per hop on a quiet topic.
+fn consumer_base(brokers: &str, name: &str) -> ClientConfig {
+    let mut c = base(brokers, name);
+    c.set("fetch.wait.max.ms", "20").set("fetch.min.bytes", "1");
     c
 }
 
@@ -111,7 +142,15 @@ fn pattern_regex(pattern: &str) -> String {
 }
 
 fn regex_escape(t: &str) -> String {
-    t.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c.to_string() } else { format!("\\{c}") }).collect()
+    t.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c.to_string()
+            } else {
+                format!("\\{c}")
+            }
+        })
+        .collect()
 }
 
 impl KafkaBus {
@@ -136,7 +175,7 @@ impl KafkaBus {
         .await
         .map_err(unavailable)?
         .map_err(|e| unavailable(format!("cannot reach Kafka at {brokers}: {e}")))?;
-        let fanout: StreamConsumer = base(&brokers, &opts.name)
+        let fanout: StreamConsumer = consumer_base(&brokers, &opts.name)
             .set("group.id", format!("{}-fanout-{}", opts.prefix, std::process::id()))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
@@ -145,6 +184,8 @@ impl KafkaBus {
         let fanout = Arc::new(fanout);
         let senders: Senders = Arc::default();
         let task = tokio::spawn(pump_fanout(fanout.clone(), senders.clone()));
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        watch_readiness(producer.clone(), Arc::downgrade(&ready));
         Ok(Self {
             brokers,
             producer,
@@ -153,10 +194,12 @@ impl KafkaBus {
             senders,
             next_id: AtomicU64::new(1),
             created: Mutex::new(HashSet::new()),
+            creating: tokio::sync::Mutex::new(()),
             prefix: opts.prefix.clone(),
             partitions: opts.partitions.max(1) as i32,
             buffer: opts.buffer.max(1),
             ack_timeout: opts.ack_timeout,
+            ready,
             _fanout_task: AbortOnDrop(task),
         })
     }
@@ -166,18 +209,31 @@ impl KafkaBus {
         if self.created.lock().contains(topic) {
             return Ok(());
         }
-        let class = topic.strip_prefix(&self.prefix).and_then(|t| t.split('.').nth(1)).unwrap_or("");
+        let _one_at_a_time = self.creating.lock().await;
+        if self.created.lock().contains(topic) {
+            return Ok(());
+        }
+
+        let class = topic
+            .strip_prefix(&self.prefix)
+            .and_then(|t| t.split('.').nth(1))
+            .unwrap_or("");
+        // Node delivery and channels: one partition (one order, one offset sequence).
         let partitions = match class {
-            "in" | "out" | "sessions" => self.partitions,
-            _ => 1,
+            "node" | "ch" => 1,
+            _ => self.partitions,
         };
+
         let mut nt = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
         if class == "sessions" {
             nt = nt.set("cleanup.policy", "compact");
         }
         let res = self
             .admin
-            .create_topics([&nt], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
+            .create_topics(
+                [&nt],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
             .await
             .map_err(unavailable)?;
         for r in res {
@@ -195,8 +251,14 @@ impl KafkaBus {
         let c = self.fanout.clone();
         let t = topic.to_owned();
         tokio::task::spawn_blocking(move || {
-            let md = c.fetch_metadata(Some(&t), Duration::from_secs(10)).map_err(unavailable)?;
-            let parts: Vec<i32> = md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+            let md = c
+                .fetch_metadata(Some(&t), Duration::from_secs(10))
+                .map_err(unavailable)?;
+            let parts: Vec<i32> = md
+                .topics()
+                .iter()
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect();
             if parts.is_empty() {
                 Err(unavailable(format!("topic {t} has no partitions")))
             } else {
@@ -219,7 +281,9 @@ impl KafkaBus {
                 let offset = match start {
                     StartFrom::Earliest => Offset::Beginning,
                     StartFrom::Latest => {
-                        let (_, high) = c.fetch_watermarks(&t, p, Duration::from_secs(10)).map_err(unavailable)?;
+                        let (_, high) = c
+                            .fetch_watermarks(&t, p, Duration::from_secs(10))
+                            .map_err(unavailable)?;
                         Offset::Offset(high)
                     }
                 };
@@ -231,16 +295,19 @@ impl KafkaBus {
         .map_err(unavailable)?
     }
 
-    async fn group_subscription(&self, pattern: &str, group: &str) -> Result<Subscription, BusError> {
+    async fn group_subscription(&self, pattern: &str, group: &str, reset: &str) -> Result<Subscription, BusError> {
         let topic_or_regex = if pattern.contains(['*', '>']) {
             pattern_regex(pattern)
         } else {
             self.ensure_topic(pattern).await?;
             pattern.to_owned()
         };
-        let consumer: StreamConsumer = base(&self.brokers, &format!("{}-{group}", self.prefix))
+        let consumer: StreamConsumer = consumer_base(&self.brokers, &format!("{}-{group}", self.prefix))
             .set("group.id", format!("{}-{group}", self.prefix))
-            .set("auto.offset.reset", "latest")
+            // A group with no committed offset starts at the beginning: a partition that
+            // moves to a member during a rebalance, before anything was committed, loses
+            // nothing (at the cost of reading history once, on a group's very first start).
+            .set("auto.offset.reset", reset)
             .set("enable.auto.commit", "true")
             .set("auto.commit.interval.ms", "1000")
             .set("enable.partition.eof", "false")
@@ -272,7 +339,9 @@ impl KafkaBus {
             }
             if tokio::time::Instant::now() > deadline {
                 task.abort();
-                return Err(unavailable(format!("group {group} got no partitions of {pattern} within 30 s")));
+                return Err(unavailable(format!(
+                    "group {group} got no partitions of {pattern} within 30 s"
+                )));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -290,8 +359,11 @@ async fn pump_fanout(consumer: Arc<StreamConsumer>, senders: Senders) {
                 continue;
             }
         };
-        let targets: Vec<mpsc::Sender<Message>> =
-            senders.lock().get(&*m.topic).map(|v| v.iter().map(|(_, s)| s.clone()).collect()).unwrap_or_default();
+        let targets: Vec<mpsc::Sender<Message>> = senders
+            .lock()
+            .get(&*m.topic)
+            .map(|v| v.iter().map(|(_, s)| s.clone()).collect())
+            .unwrap_or_default();
         for tx in targets {
             let _ = tx.send(m.clone()).await;
         }
@@ -340,7 +412,10 @@ impl Bus for KafkaBus {
         self.ensure_topic(topic).await?;
         let mut h = OwnedHeaders::new_with_capacity(record.headers.len());
         for (k, v) in record.headers.iter() {
-            h = h.insert(Header { key: k, value: Some(v.as_bytes()) });
+            h = h.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
         }
         let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).payload(&record.payload[..]).headers(h);
         if let Some(k) = &record.key {
@@ -349,7 +424,9 @@ impl Bus for KafkaBus {
         match self.producer.send(fr, self.ack_timeout).await {
             Ok(delivery) => Ok(u64::try_from(delivery.offset).ok()),
             Err((e, _)) => Err(match map_err(e) {
-                BusError::Overflow { .. } => BusError::Overflow { topic: topic.to_owned() },
+                BusError::Overflow { .. } => BusError::Overflow {
+                    topic: topic.to_owned(),
+                },
                 other => other,
             }),
         }
@@ -358,12 +435,12 @@ impl Bus for KafkaBus {
     async fn subscribe(&self, pattern: &str, opts: SubscribeOptions) -> Result<Subscription, BusError> {
         check_name(pattern, true)?;
         if let Some(g) = &opts.group {
-            return self.group_subscription(pattern, g).await;
+            return self.group_subscription(pattern, g, "earliest").await;
         }
         if pattern.contains(['*', '>']) {
             // Plain wildcard subscriptions get a private group, starting at the end.
             let g = format!("p-{}", ulid_like(self.next_id.fetch_add(1, Ordering::Relaxed)));
-            return self.group_subscription(pattern, &g).await;
+            return self.group_subscription(pattern, &g, "latest").await;
         }
         self.ensure_topic(pattern).await?;
         let (tx, rx) = mpsc::channel(self.buffer);
@@ -380,14 +457,17 @@ impl Bus for KafkaBus {
         }
         Ok(Subscription::new(
             rx,
-            Unsubscribe { consumer: self.fanout.clone(), senders: self.senders.clone(), topic: pattern.to_owned(), id },
+            Unsubscribe {
+                consumer: self.fanout.clone(),
+                senders: self.senders.clone(),
+                topic: pattern.to_owned(),
+                id,
+            },
         ))
     }
 
     fn is_ready(&self) -> bool {
-        use rdkafka::producer::Producer as _;
-        // Ready while the producer has a broker connection (metadata answered recently).
-        self.producer.client().fetch_metadata(None, Duration::from_millis(500)).is_ok()
+        self.ready.load(Ordering::Relaxed)
     }
 
     async fn flush(&self) -> Result<(), BusError> {
@@ -402,4 +482,176 @@ impl Bus for KafkaBus {
 
 fn ulid_like(n: u64) -> String {
     format!("{}-{n}", std::process::id())
+}
+
+/// One record read back from the log, for `replay`.
+#[derive(Debug, Clone)]
+pub struct LogRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// The broker's timestamp (ms).
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<Bytes>,
+    pub headers: Headers,
+    pub payload: Bytes,
+}
+
+/// Where a session's records are: the inbound topics (all `<prefix>.in.*`) and, once its
+/// connect names a node, that node's delivery topic.
+pub struct SessionLog {
+    brokers: String,
+    prefix: String,
+}
+
+/// Progress of a scan: (records scanned so far, records to scan in all).
+pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
+
+impl SessionLog {
+    pub fn new(url: &str, prefix: &str) -> Self {
+        Self {
+            brokers: url.trim_start_matches("kafka://").trim_end_matches('/').to_owned(),
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// Every record keyed `session` in the session's inbound partitions and its node topic,
+    /// with broker timestamps in `[from_ms, to_ms]`, in log order per topic.
+    pub fn read(
+        &self,
+        session: &str,
+        from_ms: Option<i64>,
+        to_ms: Option<i64>,
+        progress: Progress<'_>,
+    ) -> Result<Vec<LogRecord>, BusError> {
+        use rdkafka::consumer::BaseConsumer;
+        let consumer: BaseConsumer = base(&self.brokers, "switchyard-replay")
+            .set("group.id", format!("switchyard-replay-{}", std::process::id()))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .create()
+            .map_err(unavailable)?;
+        let timeout = Duration::from_secs(10);
+        let md = consumer
+            .fetch_metadata(None, timeout)
+            .map_err(|e| unavailable(format!("cannot reach Kafka at {}: {e}", self.brokers)))?;
+        let inbound_prefix = format!("{}.in.", self.prefix);
+        let key = session.as_bytes();
+        // (topic, partition) pairs to scan: murmur2 says which partition holds the session.
+        let mut targets: Vec<(String, i32)> = md
+            .topics()
+            .iter()
+            .filter(|t| t.name().starts_with(&inbound_prefix) && !t.partitions().is_empty())
+            .map(|t| {
+                (
+                    t.name().to_owned(),
+                    switchyard_protocol::naming::partition_for(key, t.partitions().len() as u32) as i32,
+                )
+            })
+            .collect();
+        if targets.is_empty() {
+            return Err(BusError::Other(format!(
+                "no inbound topics ({inbound_prefix}*) on {}",
+                self.brokers
+            )));
+        }
+        let mut out = self.scan(&consumer, &targets, key, from_ms, to_ms, progress)?;
+        // The node that held the session, from its connect record, holds the replies.
+        let node = out.iter().find_map(|r| r.headers.get("sy-node").map(str::to_owned));
+        if let Some(node) = node {
+            let topic = format!("{}.node.{node}", self.prefix);
+            if md.topics().iter().any(|t| t.name() == topic) {
+                targets = vec![(topic, 0)];
+                out.extend(self.scan(&consumer, &targets, key, from_ms, to_ms, progress)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn scan(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer,
+        targets: &[(String, i32)],
+        key: &[u8],
+        from_ms: Option<i64>,
+        to_ms: Option<i64>,
+        progress: Progress<'_>,
+    ) -> Result<Vec<LogRecord>, BusError> {
+        use rdkafka::Message as _;
+        let timeout = Duration::from_secs(10);
+        let mut out = Vec::new();
+        for (topic, partition) in targets {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, *partition, timeout)
+                .map_err(unavailable)?;
+            if high <= low {
+                continue;
+            }
+            let start = match from_ms {
+                Some(ms) => {
+                    let mut q = TopicPartitionList::new();
+                    q.add_partition_offset(topic, *partition, Offset::Offset(ms))
+                        .map_err(unavailable)?;
+                    let r = consumer.offsets_for_times(q, timeout).map_err(unavailable)?;
+                    match r.find_partition(topic, *partition).map(|e| e.offset()) {
+                        Some(Offset::Offset(o)) => o,
+                        _ => high, // nothing at or after `from`
+                    }
+                }
+                None => low,
+            };
+            if start >= high {
+                continue;
+            }
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(start))
+                .map_err(unavailable)?;
+            consumer.assign(&tpl).map_err(unavailable)?;
+            let total = (high - start) as u64;
+            let mut seen = 0u64;
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            while seen < total {
+                if std::time::Instant::now() > deadline {
+                    return Err(unavailable(format!(
+                        "reading {topic}/{partition} timed out at {seen}/{total}"
+                    )));
+                }
+                let Some(m) = consumer.poll(Duration::from_millis(500)) else {
+                    continue;
+                };
+                let m = match m {
+                    Ok(m) => m,
+                    Err(KafkaError::PartitionEOF(_)) => break,
+                    Err(e) => return Err(unavailable(e)),
+                };
+                seen = (m.offset() - start + 1) as u64;
+                progress(seen, total);
+                let ts = m.timestamp().to_millis();
+                if to_ms.is_some_and(|t| ts.is_some_and(|ts| ts > t)) {
+                    break;
+                }
+                if m.key() != Some(key) {
+                    continue;
+                }
+                let mut headers = Headers::new();
+                if let Some(h) = m.headers() {
+                    for hd in h.iter() {
+                        if let Some(v) = hd.value {
+                            headers.insert(hd.key, String::from_utf8_lossy(v).into_owned());
+                        }
+                    }
+                }
+                out.push(LogRecord {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    offset: m.offset(),
+                    timestamp_ms: ts,
+                    key: m.key().map(Bytes::copy_from_slice),
+                    headers,
+                    payload: m.payload().map(Bytes::copy_from_slice).unwrap_or_default(),
+                });
+            }
+        }
+        Ok(out)
+    }
 }

@@ -15,9 +15,9 @@
 //! - Subscriptions with the same `group` on the same pattern share the messages; with `memory://`
 //!   a key always goes to the same member, so per-key order holds inside a group.
 
-pub mod memory;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+pub mod memory;
 #[cfg(feature = "nats")]
 pub mod nats;
 
@@ -311,7 +311,7 @@ impl Default for BusOptions {
             name: "switchyard".into(),
             prefix: "sy".into(),
             partitions: 16,
-            ack_timeout: std::time::Duration::from_secs(5),
+            ack_timeout: std::time::Duration::from_secs(10),
         }
     }
 }

@@ -43,6 +43,15 @@ pub struct RouterConfig {
     pub naming: Naming,
     /// A node whose lease was not renewed for this long is dead; its sessions end.
     pub lease: Duration,
+    /// How long a record for a session the router has not heard of yet waits for that
+    /// session's connect (the feed and the outbound topic are separate streams).
+    pub unknown_grace: Duration,
+}
+
+/// Records held for a session the router has not heard of yet, in arrival order.
+struct Parked {
+    since: Instant,
+    records: std::collections::VecDeque<Message>,
 }
 
 /// A running router.
@@ -63,7 +72,10 @@ impl Router {
     pub async fn start(bus: Arc<dyn Bus>, cfg: RouterConfig, shutdown: CancellationToken) -> Result<Router, BusError> {
         let registry = Arc::new(Registry::new(100_000));
         // From the beginning: on Kafka the compacted feed is the registry, rebuilt on start.
-        let from_start = SubscribeOptions { start: StartFrom::Earliest, ..SubscribeOptions::default() };
+        let from_start = SubscribeOptions {
+            start: StartFrom::Earliest,
+            ..SubscribeOptions::default()
+        };
         let sessions = bus.subscribe(&cfg.naming.sessions(), from_start).await?;
         let outbound = bus
             .subscribe(&cfg.naming.outbound(), SubscribeOptions::group("switchyard-router"))
@@ -79,6 +91,7 @@ impl Router {
             registry: registry.clone(),
             durable,
             nodes: HashMap::new(),
+            parked: HashMap::new(),
         };
         let task = tokio::spawn(r.run(sessions, outbound, events, shutdown));
         Ok(Router { registry, task })
@@ -96,6 +109,7 @@ struct Routing {
     registry: Arc<Registry>,
     durable: Option<Arc<dyn SessionRegistry>>,
     nodes: HashMap<String, NodeLease>,
+    parked: HashMap<String, Parked>,
 }
 
 impl Routing {
@@ -106,9 +120,11 @@ impl Routing {
         mut events: Option<mpsc::Receiver<RegistryEvent>>,
         shutdown: CancellationToken,
     ) {
-        let forwarded = metrics::counter!(FORWARDED);
         let gauge = metrics::gauge!(SESSIONS);
-        let mut sweep = tokio::time::interval((self.cfg.lease / 15).max(Duration::from_millis(100)));
+        let tick = (self.cfg.lease / 15)
+            .min(self.cfg.unknown_grace / 4)
+            .max(Duration::from_millis(50));
+        let mut sweep = tokio::time::interval(tick);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Lifecycle first: a connect published before a backend saw the session is applied
@@ -117,7 +133,7 @@ impl Routing {
                 biased;
                 _ = shutdown.cancelled() => return,
                 m = sessions.recv() => match m {
-                    Some(m) => { self.apply(&m); gauge.set(self.registry.len() as f64); }
+                    Some(m) => { self.apply_and_release(&m).await; gauge.set(self.registry.len() as f64); }
                     None => { tracing::error!("session feed closed by the bus"); return; }
                 },
                 e = recv_opt(&mut events) => match e {
@@ -127,20 +143,48 @@ impl Routing {
                 m = outbound.recv() => match m {
                     Some(m) => {
                         while let Some(m) = sessions.try_recv() {
-                            self.apply(&m);
+                            self.apply_and_release(&m).await;
                         }
-                        if self.route(&m).await {
-                            forwarded.increment(1);
-                        }
+                        self.route(m).await;
                     }
                     None => { tracing::error!("outbound subscription closed by the bus"); return; }
                 },
-                _ = sweep.tick(), if self.durable.is_some() => self.sweep().await,
+                _ = sweep.tick() => {
+                    self.expire_parked();
+                    if self.durable.is_some() {
+                        self.sweep().await;
+                    }
+                }
             }
         }
     }
 
-    fn apply(&self, m: &Message) {
+    /// Applies a feed record; a connect releases what was parked for that session, in order.
+    async fn apply_and_release(&mut self, m: &Message) {
+        if let Some(session) = self.apply(m) {
+            if let Some(p) = self.parked.remove(&session) {
+                for rec in p.records {
+                    self.route(rec).await;
+                }
+            }
+        }
+    }
+
+    /// Drops (and counts) parked records whose session never showed up.
+    fn expire_parked(&mut self) {
+        let grace = self.cfg.unknown_grace;
+        self.parked.retain(|session, p| {
+            if p.since.elapsed() < grace {
+                return true;
+            }
+            metrics::counter!(DROPPED, "reason" => "unknown_session").increment(p.records.len() as u64);
+            tracing::debug!(%session, records = p.records.len(), "outbound records for an unknown session");
+            false
+        });
+    }
+
+    /// Returns the session a connect record announced.
+    fn apply(&self, m: &Message) -> Option<String> {
         let r = &m.record;
         match Envelope::from_record(r.key.as_deref(), &r.headers, r.payload.clone()) {
             Ok(e) => match (e.kind, e.node) {
@@ -150,13 +194,15 @@ impl Routing {
                         .headers
                         .get(switchyard_protocol::envelope::header::INBOUND)
                         .unwrap_or("");
-                    self.registry.insert(&e.session, &node, route, inbound)
+                    self.registry.insert(&e.session, &node, route, inbound);
+                    return Some(e.session);
                 }
                 (Kind::Disconnect, _) => self.registry.remove(&e.session),
                 _ => tracing::debug!(kind = e.kind.as_str(), "ignored record on the session feed"),
             },
             Err(e) => tracing::debug!(error = %e, "undecodable record on the session feed"),
         }
+        None
     }
 
     fn apply_durable(&mut self, e: RegistryEvent) {
@@ -231,8 +277,15 @@ impl Routing {
         let _ = durable.leave(node).await;
     }
 
-    /// Forwards one outbound record. Returns false (counted) when it could not be.
-    async fn route(&self, m: &Message) -> bool {
+    /// Forwards one outbound record, parks it while its session is not known yet, or counts
+    /// why it could not be forwarded.
+    async fn route(&mut self, m: Message) {
+        if self.route_or_park(m).await {
+            metrics::counter!(FORWARDED).increment(1);
+        }
+    }
+
+    async fn route_or_park(&mut self, m: Message) -> bool {
         let r = &m.record;
         let env = match Envelope::from_record(r.key.as_deref(), &r.headers, Bytes::new()) {
             Ok(e) => e,
@@ -248,6 +301,11 @@ impl Routing {
                 kind = env.kind.as_str(),
                 "outbound record of a kind the router does not route"
             );
+            return false;
+        }
+        if let Some(p) = self.parked.get_mut(&env.session) {
+            // Behind earlier records of the same session: order is kept.
+            p.records.push_back(m);
             return false;
         }
         let mut lookup = self.registry.lookup(&env.session);
@@ -268,8 +326,15 @@ impl Routing {
                 return false;
             }
             Lookup::Unknown => {
-                drop_count("unknown_session");
-                tracing::debug!(session = %env.session, "outbound record for an unknown session");
+                let mut records = std::collections::VecDeque::new();
+                records.push_back(m);
+                self.parked.insert(
+                    env.session,
+                    Parked {
+                        since: Instant::now(),
+                        records,
+                    },
+                );
                 return false;
             }
         };

@@ -3,8 +3,10 @@
 #![allow(dead_code, unreachable_pub)]
 
 use futures::{SinkExt, StreamExt};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
+use std::time::Instant;
 use switchyard::config::Settings;
 use switchyard::App;
 use tokio::net::TcpStream;
@@ -89,8 +91,12 @@ pub async fn connect(url: &str) -> (Ws, String) {
 
 /// Next data message (text or binary), skipping pings/pongs; panics on close or timeout.
 pub async fn next_data(ws: &mut Ws) -> Message {
+    // One deadline for the whole wait: server pings must not extend it.
+    let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let m = tokio::time::timeout(WAIT, ws.next()).await.expect("message in time");
+        let m = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("message in time");
         match m {
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
             Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => return m,
@@ -109,8 +115,12 @@ pub async fn next_json(ws: &mut Ws) -> serde_json::Value {
 /// Reads until the close frame and returns its code (None = connection ended without one),
 /// then keeps polling so the client's close reply is sent and the handshake completes.
 pub async fn close_code(ws: &mut Ws) -> Option<u16> {
+    let deadline = tokio::time::Instant::now() + WAIT;
     let code = loop {
-        match tokio::time::timeout(WAIT, ws.next()).await.expect("close in time") {
+        match tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("close in time")
+        {
             Some(Ok(Message::Close(f))) => break f.map(|f| u16::from(f.code)),
             Some(Ok(_)) => continue,
             Some(Err(_)) | None => return None,
@@ -203,4 +213,77 @@ pub async fn spawn_binary(
         all
     });
     (child, client, admin, rest)
+}
+
+/// A switchyard process started by a test.
+pub struct Proc {
+    pub child: tokio::process::Child,
+    pub client: Option<SocketAddr>,
+    pub admin: SocketAddr,
+}
+
+impl Proc {
+    pub fn ws(&self, path: &str) -> String {
+        format!("ws://{}{}", self.client.expect("an edge"), path)
+    }
+    pub fn admin(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+    pub fn kill9(&mut self) {
+        let pid = self.child.id().expect("running").to_string();
+        assert!(std::process::Command::new("kill")
+            .args(["-9", &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+}
+
+/// Starts `switchyard ROLE --bus BUS --prefix PREFIX` on ephemeral loopback ports.
+pub async fn spawn(role: &str, bus: &str, prefix: &str, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        role,
+        "--bus",
+        bus,
+        "--prefix",
+        prefix,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let (child, client, admin, _logs) = spawn_binary(&args).await;
+    Proc { child, client, admin }
+}
+
+/// Sends framed `send` ops with ids until `until` and returns (acked, told) id sets. Every
+/// op must be answered (ack or error): an unanswered op would be a silent loss.
+pub async fn sender(url: String, until: Instant) -> (String, BTreeSet<u64>, BTreeSet<u64>) {
+    let (mut ws, id) = connect(&url).await;
+    assert_eq!(next_json(&mut ws).await["op"], "welcome");
+    let (mut acked, mut told) = (BTreeSet::new(), BTreeSet::new());
+    let mut i = 0u64;
+    while Instant::now() < until {
+        ws.send(Message::text(
+            serde_json::json!({"op":"send","data":i,"id":i}).to_string(),
+        ))
+        .await
+        .unwrap();
+        loop {
+            let v = next_json(&mut ws).await;
+            if v["id"] != serde_json::json!(i) {
+                continue; // e.g. a backend message; there is no backend in this test
+            }
+            match v["op"].as_str() {
+                Some("ack") => acked.insert(i),
+                Some("error") => told.insert(i),
+                _ => panic!("unexpected {v}"),
+            };
+            break;
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(2)).await; // pacing, not synchronisation
+    }
+    (id, acked, told)
 }
