@@ -49,11 +49,7 @@ impl Settings {
         let runs_demo = self.command == Command::Demo || (self.command == Command::Standalone && self.demo);
 
         let client = if runs_edge {
-            Some(
-                TcpListener::bind(self.listen)
-                    .await
-                    .with_context(|| format!("cannot listen on {}", self.listen))?,
-            )
+            Some(bind(self.listen, 4096).with_context(|| format!("cannot listen on {}", self.listen))?)
         } else {
             None
         };
@@ -155,4 +151,17 @@ impl App {
         tracing::info!("shutdown complete");
         Ok(())
     }
+}
+
+/// Binds a listener with an explicit accept backlog (tokio's `bind` uses 128, which overflows
+/// when thousands of clients connect at once: each dropped SYN costs the client a 1 s retry).
+fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }

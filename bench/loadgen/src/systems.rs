@@ -1,0 +1,421 @@
+//! The four target systems, as seen from a client: how to connect a socket from a chosen source
+//! address, how to become a live subscriber, how to read benchmark stamps out of what arrives,
+//! how to send a unicast probe, and how to publish.
+//!
+//! | system | subscriber | publisher (the cheaper path of each) |
+//! |---|---|---|
+//! | `switchyard` | framed `/ws`: `subscribe` → wait for `subscribed` | one framed `/ws` connection sending `publish` ops (a WebSocket frame per message: cheaper than one admin-API HTTP request per message) |
+//! | `baseline` | same framed subset | same |
+//! | `nats` | NATS over WebSocket: `CONNECT`, `SUB`, `PING` → wait for `PONG` | one core-NATS TCP connection, pipelined `PUB`s |
+//! | `pushpin` | the GRIP backend subscribes the socket on `OPEN` and sends `{"op":"subscribed"}` | Pushpin's HTTP publish endpoint, one POST per batch of due messages |
+
+use crate::nats;
+use crate::payload::{self, Stamp};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::ValueEnum;
+use futures::stream::{SplitSink, StreamExt};
+use futures::SinkExt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+pub(crate) type Ws = WebSocketStream<TcpStream>;
+
+/// A system under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum System {
+    Switchyard,
+    Nats,
+    Pushpin,
+    Baseline,
+}
+
+impl System {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            System::Switchyard => "switchyard",
+            System::Nats => "nats",
+            System::Pushpin => "pushpin",
+            System::Baseline => "baseline",
+        }
+    }
+}
+
+/// `host:port` of a `ws://` or `http://` URL; only loopback targets are accepted.
+pub(crate) fn target_addr(url: &str) -> Result<SocketAddr> {
+    let rest = url
+        .split_once("://")
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("{url}: expected SCHEME://HOST:PORT/..."))?;
+    let hostport = rest.split(['/', '?']).next().unwrap_or(rest);
+    let addr: SocketAddr = hostport
+        .parse()
+        .with_context(|| format!("{url}: host must be an IP literal with a port"))?;
+    check_loopback(addr.ip())?;
+    Ok(addr)
+}
+
+/// Load is only ever sent to 127.0.0.0/8 (or ::1).
+pub(crate) fn check_loopback(ip: IpAddr) -> Result<()> {
+    if !ip.is_loopback() {
+        bail!("{ip} is not a loopback address: refusing to send load there");
+    }
+    Ok(())
+}
+
+fn ws_config() -> WebSocketConfig {
+    // Small eagerly-allocated read buffers: 16k clients in one process.
+    WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
+}
+
+/// TCP connect from `src` (port chosen by the kernel) and WebSocket upgrade.
+pub(crate) async fn open(url: &str, dst: SocketAddr, src: IpAddr, rcvbuf: Option<u32>) -> Result<Ws> {
+    let sock = TcpSocket::new_v4()?;
+    if let Some(n) = rcvbuf {
+        sock.set_recv_buffer_size(n)?;
+    }
+    sock.bind(SocketAddr::new(src, 0))
+        .with_context(|| format!("bind {src}"))?;
+    let tcp = sock.connect(dst).await.context("connect")?;
+    tcp.set_nodelay(true)?;
+    let (ws, _resp) = tokio_tungstenite::client_async_with_config(url, tcp, Some(ws_config()))
+        .await
+        .context("upgrade")?;
+    Ok(ws)
+}
+
+/// One client connection of a system.
+pub(crate) struct Conn {
+    pub ws: Ws,
+    system: System,
+    nats: nats::Parser,
+}
+
+/// What one read produced.
+pub(crate) enum Read {
+    /// A frame was processed (zero or more stamps were reported).
+    Frame,
+    /// The connection ended (close frame, EOF or error).
+    Closed,
+}
+
+impl Conn {
+    pub(crate) fn new(ws: Ws, system: System) -> Self {
+        Self {
+            ws,
+            system,
+            nats: nats::Parser::default(),
+        }
+    }
+
+    /// Makes this connection a live subscriber of `channel`. Returns once a message published
+    /// after this point is guaranteed (Switchyard, NATS) or expected (Pushpin: see the warm-up
+    /// barrier in the scenarios) to reach it.
+    pub(crate) async fn subscribe(&mut self, channel: &str) -> Result<()> {
+        match self.system {
+            System::Switchyard | System::Baseline => {
+                let op = format!(r#"{{"op":"subscribe","channel":"{channel}"}}"#);
+                self.ws.send(Message::text(op)).await?;
+                self.wait_text(br#""op":"subscribed""#).await
+            }
+            System::Nats => {
+                let cmd = format!("{}SUB {channel} 1\r\nPING\r\n", nats::CONNECT);
+                self.ws.send(Message::binary(cmd.into_bytes())).await?;
+                self.wait_pong().await
+            }
+            System::Pushpin => self.wait_text(br#""op":"subscribed""#).await,
+        }
+    }
+
+    /// Prepares a unicast session: NATS subscribes to the session's own subject `u.<id>`.
+    pub(crate) async fn prepare_unicast(&mut self, id: usize) -> Result<()> {
+        if self.system == System::Nats {
+            let cmd = format!("{}SUB u.{id} 1\r\nPING\r\n", nats::CONNECT);
+            self.ws.send(Message::binary(cmd.into_bytes())).await?;
+            self.wait_pong().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends one unicast probe that the system routes back to this session.
+    pub(crate) async fn send_unicast(&mut self, id: usize, payload: Vec<u8>) -> Result<()> {
+        let msg = match self.system {
+            System::Nats => {
+                let mut v = Vec::with_capacity(payload.len() + 32);
+                nats::push_pub(&mut v, &format!("u.{id}"), &payload);
+                Message::binary(v)
+            }
+            _ => Message::text(String::from_utf8(payload)?),
+        };
+        self.ws.send(msg).await?;
+        Ok(())
+    }
+
+    async fn wait_text(&mut self, needle: &[u8]) -> Result<()> {
+        loop {
+            match self.ws.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    let b = t.as_bytes();
+                    if memchr::memmem::find(b, needle).is_some() {
+                        return Ok(());
+                    }
+                    if memchr::memmem::find(b, br#""op":"error""#).is_some() {
+                        bail!("server refused: {}", t.as_str());
+                    }
+                }
+                Some(Ok(Message::Close(f))) => bail!("closed while subscribing: {f:?}"),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+                None => bail!("connection ended while subscribing"),
+            }
+        }
+    }
+
+    async fn wait_pong(&mut self) -> Result<()> {
+        loop {
+            let data = match self.ws.next().await {
+                Some(Ok(Message::Binary(b))) => b.to_vec(),
+                Some(Ok(Message::Text(t))) => t.as_bytes().to_vec(),
+                Some(Ok(Message::Close(f))) => bail!("closed while subscribing: {f:?}"),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(e.into()),
+                None => bail!("connection ended while subscribing"),
+            };
+            let (mut pong, mut ping, mut err) = (false, false, None);
+            self.nats.feed(&data, |e| match e {
+                nats::Event::Pong => pong = true,
+                nats::Event::Ping => ping = true,
+                nats::Event::Err(l) => err = Some(String::from_utf8_lossy(l).into_owned()),
+                _ => {}
+            });
+            if ping {
+                self.ws.send(Message::binary(&b"PONG\r\n"[..])).await?;
+            }
+            if let Some(e) = err {
+                bail!("nats: {e}");
+            }
+            if pong {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reads one frame and reports every benchmark stamp in it to `on`.
+    pub(crate) async fn read(&mut self, mut on: impl FnMut(Stamp)) -> Read {
+        let msg = match self.ws.next().await {
+            Some(Ok(m)) => m,
+            _ => return Read::Closed,
+        };
+        match (self.system, msg) {
+            (_, Message::Close(_)) => Read::Closed,
+            (System::Nats, Message::Binary(b)) => self.nats_data(&b, on).await,
+            (System::Nats, Message::Text(t)) => self.nats_data(t.as_bytes(), on).await,
+            (_, Message::Text(t)) => {
+                if let Some(s) = payload::parse(t.as_bytes()) {
+                    on(s);
+                }
+                Read::Frame
+            }
+            (_, Message::Binary(b)) => {
+                if let Some(s) = payload::parse(&b) {
+                    on(s);
+                }
+                Read::Frame
+            }
+            _ => Read::Frame,
+        }
+    }
+
+    async fn nats_data(&mut self, data: &[u8], mut on: impl FnMut(Stamp)) -> Read {
+        let mut ping = false;
+        self.nats.feed(data, |e| match e {
+            nats::Event::Msg(p) => {
+                if let Some(s) = payload::parse(p) {
+                    on(s)
+                }
+            }
+            nats::Event::Ping => ping = true,
+            _ => {}
+        });
+        if ping && self.ws.send(Message::binary(&b"PONG\r\n"[..])).await.is_err() {
+            return Read::Closed;
+        }
+        Read::Frame
+    }
+}
+
+/// The publishing side of a system.
+pub(crate) enum Publisher {
+    /// A framed `/ws` connection sending `publish` ops (Switchyard, baseline).
+    Framed {
+        sink: SplitSink<Ws, Message>,
+        channel: String,
+        _reader: JoinHandle<()>,
+    },
+    /// A core NATS TCP connection.
+    Nats {
+        writer: Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>,
+        subject: String,
+        buf: Vec<u8>,
+        _reader: JoinHandle<()>,
+    },
+    /// Pushpin's HTTP publish endpoint.
+    Pushpin {
+        client: reqwest::Client,
+        url: String,
+        channel: String,
+    },
+}
+
+impl Publisher {
+    /// Connects to `endpoint`: a `ws://` URL (framed systems), `host:port` (NATS core TCP) or the
+    /// `http://…/publish/` URL (Pushpin). `errors` counts refusals the server reports back.
+    pub(crate) async fn connect(system: System, endpoint: &str, channel: &str, errors: Arc<AtomicU64>) -> Result<Self> {
+        match system {
+            System::Switchyard | System::Baseline => {
+                let dst = target_addr(endpoint)?;
+                let ws = open(endpoint, dst, dst.ip(), None).await?;
+                let (sink, mut stream) = ws.split();
+                let reader = tokio::spawn(async move {
+                    while let Some(Ok(m)) = stream.next().await {
+                        let Message::Text(t) = m else { continue };
+                        if memchr::memmem::find(t.as_bytes(), br#""op":"error""#).is_some()
+                            && errors.fetch_add(1, Ordering::Relaxed) < 3
+                        {
+                            eprintln!("loadgen: publisher got {}", t.as_str());
+                        }
+                    }
+                });
+                Ok(Publisher::Framed {
+                    sink,
+                    channel: channel.to_owned(),
+                    _reader: reader,
+                })
+            }
+            System::Nats => {
+                let addr: SocketAddr = endpoint
+                    .trim_start_matches("nats://")
+                    .parse()
+                    .with_context(|| format!("nats publish address {endpoint}"))?;
+                check_loopback(addr.ip())?;
+                let tcp = TcpStream::connect(addr).await?;
+                tcp.set_nodelay(true)?;
+                let (r, mut w) = tcp.into_split();
+                w.write_all(format!("{}PING\r\n", nats::CONNECT).as_bytes()).await?;
+                let mut lines = BufReader::new(r);
+                // INFO, then PONG once CONNECT was accepted.
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    if lines.read_line(&mut line).await? == 0 {
+                        bail!("nats closed the publisher connection");
+                    }
+                    if line.starts_with("-ERR") {
+                        bail!("nats: {}", line.trim());
+                    }
+                    if line.starts_with("PONG") {
+                        break;
+                    }
+                }
+                let writer = Arc::new(tokio::sync::Mutex::new(w));
+                let w2 = writer.clone();
+                let reader = tokio::spawn(async move {
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        match lines.read_line(&mut line).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        if line.starts_with("PING") {
+                            let _ = w2.lock().await.write_all(b"PONG\r\n").await;
+                        } else if line.starts_with("-ERR") {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            eprintln!("loadgen: nats publisher got {}", line.trim());
+                        }
+                    }
+                });
+                Ok(Publisher::Nats {
+                    writer,
+                    subject: channel.to_owned(),
+                    buf: Vec::new(),
+                    _reader: reader,
+                })
+            }
+            System::Pushpin => {
+                target_addr(endpoint)?;
+                let client = reqwest::Client::builder()
+                    .pool_max_idle_per_host(4)
+                    .timeout(Duration::from_secs(30))
+                    .build()?;
+                Ok(Publisher::Pushpin {
+                    client,
+                    url: endpoint.to_owned(),
+                    channel: channel.to_owned(),
+                })
+            }
+        }
+    }
+
+    /// Publishes `payloads` in order (one message each).
+    pub(crate) async fn publish(&mut self, payloads: &[Vec<u8>]) -> Result<()> {
+        match self {
+            Publisher::Framed { sink, channel, .. } => {
+                for p in payloads {
+                    let mut op = String::with_capacity(p.len() + channel.len() + 40);
+                    op.push_str(r#"{"op":"publish","channel":""#);
+                    op.push_str(channel);
+                    op.push_str(r#"","data":"#);
+                    op.push_str(std::str::from_utf8(p)?);
+                    op.push('}');
+                    sink.feed(Message::text(op)).await?;
+                }
+                sink.flush().await?;
+            }
+            Publisher::Nats {
+                writer, subject, buf, ..
+            } => {
+                buf.clear();
+                for p in payloads {
+                    nats::push_pub(buf, subject, p);
+                }
+                writer.lock().await.write_all(buf).await?;
+            }
+            Publisher::Pushpin { client, url, channel } => {
+                let items: Vec<serde_json::Value> = payloads
+                    .iter()
+                    .map(|p| {
+                        serde_json::json!({
+                            "channel": channel,
+                            "formats": {"ws-message": {"content": String::from_utf8_lossy(p)}},
+                        })
+                    })
+                    .collect();
+                let body = serde_json::to_vec(&serde_json::json!({ "items": items }))?;
+                let resp = client
+                    .post(url.as_str())
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await?;
+                if !resp.status().is_success() {
+                    bail!(
+                        "pushpin publish: {} {}",
+                        resp.status(),
+                        resp.text().await.unwrap_or_default()
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
