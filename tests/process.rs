@@ -141,3 +141,19 @@ async fn sigterm_closes_clients_1001_and_exits_zero() {
     let logs = logs.await.unwrap().join("\n");
     assert!(logs.contains("shutdown complete"), "{logs}");
 }
+
+/// The compose deployment, checked as far as this machine allows (no Docker engine here):
+/// files parse, references resolve, the dashboard queries declared metrics.
+#[test]
+fn compose_files_are_consistent() {
+    let out = std::process::Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/compose/check.py"))
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
