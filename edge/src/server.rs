@@ -214,7 +214,7 @@ async fn upgrade(
     let token = st.tracker.token();
     let st2 = st.clone();
     let mut resp = ws
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(1024)
         .write_buffer_size(16 * 1024)
         .max_write_buffer_size(route.max_message_size + (64 << 10))
         .max_message_size(route.max_message_size)
