@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use futures::SinkExt;
 use serde_json::{json, Value};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use switchyard_bus::kafka::SessionLog;
 use tokio_tungstenite::tungstenite::Message;
@@ -324,44 +324,27 @@ async fn broker_restart_mid_stream_loses_no_acknowledged_frame_and_counts_the_re
     for s in senders {
         results.push(s.await.unwrap());
     }
-    let (mut acked_n, mut told_n, mut told_but_stored) = (0, 0, 0);
-    for (session, acked, told) in &results {
+    let mut stored: HashMap<String, Vec<u64>> = HashMap::new();
+    for (session, _, _) in &results {
         let log = SessionLog::new(&url, &p);
         let sid = session.clone();
         let recs = tokio::task::spawn_blocking(move || log.read(&sid, None, None, &|_, _| {}))
             .await
             .unwrap()
             .unwrap();
-        let got: Vec<u64> = recs
+        let frames = recs
             .iter()
             .filter(|r| r.headers.get("sy-kind") == Some("frame"))
             .map(|r| serde_json::from_slice(&r.payload).unwrap())
             .collect();
-        let got_set: BTreeSet<u64> = got.iter().copied().collect();
-        assert_eq!(
-            got.len(),
-            got_set.len(),
-            "no duplicates for {session} (idempotent producer)"
-        );
-        assert!(got.windows(2).all(|w| w[0] < w[1]), "in order for {session}");
-        let lost: Vec<_> = acked.difference(&got_set).collect();
-        assert!(lost.is_empty(), "acknowledged frames lost for {session}: {lost:?}");
-        let unexplained: Vec<_> = got_set
-            .iter()
-            .filter(|i| !acked.contains(i) && !told.contains(i))
-            .collect();
-        assert!(unexplained.is_empty(), "stored frames nobody answered: {unexplained:?}");
-        acked_n += acked.len();
-        told_n += told.len();
-        told_but_stored += got_set.intersection(told).count();
+        stored.insert(session.clone(), frames);
     }
-    let metrics = reqwest::get(gw.admin("/metrics")).await.unwrap().text().await.unwrap();
-    let refused: HashMap<&str, u64> = metrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("switchyard_drops_total{route=\"/ws\",reason=\"bus_refused\"} "))
-        .map(|v| ("refused", v.trim().parse::<f64>().unwrap() as u64))
-        .collect();
-    let refused = refused.get("refused").copied().unwrap_or(0);
+    let (acked_n, told_n, told_but_stored) = account(&results, &mut stored);
+    let refused = sample(
+        &gw.admin.to_string(),
+        r#"switchyard_drops_total{route="/ws",reason="bus_refused"}"#,
+    )
+    .await;
     eprintln!("kafka restart: {acked_n} acked (all stored), {told_n} refused and told ({told_but_stored} stored anyway), metric bus_refused={refused}");
     assert!(acked_n > 0);
     assert_eq!(refused as usize, told_n, "every refusal counted exactly");

@@ -326,29 +326,12 @@ async fn nats_restart_mid_stream_loses_no_acknowledged_frame_and_counts_the_rest
                 .push(v);
         }
     }
-    let (mut acked_n, mut told_n, mut told_but_stored) = (0, 0, 0);
-    for (session, acked, told) in &results {
-        let got = stored.remove(session).unwrap_or_default();
-        let got_set: BTreeSet<u64> = got.iter().copied().collect();
-        assert_eq!(got.len(), got_set.len(), "no duplicates for {session}");
-        assert!(got.windows(2).all(|w| w[0] < w[1]), "stored in order for {session}");
-        let lost: Vec<_> = acked.difference(&got_set).collect();
-        assert!(lost.is_empty(), "acknowledged frames lost for {session}: {lost:?}");
-        let unexplained: Vec<_> = got_set
-            .iter()
-            .filter(|i| !acked.contains(i) && !told.contains(i))
-            .collect();
-        assert!(unexplained.is_empty(), "stored frames nobody answered: {unexplained:?}");
-        acked_n += acked.len();
-        told_n += told.len();
-        told_but_stored += got_set.intersection(told).count();
-    }
-    let metrics = reqwest::get(gw.admin("/metrics")).await.unwrap().text().await.unwrap();
-    let refused: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("switchyard_drops_total{route=\"/ws\",reason=\"bus_refused\"} "))
-        .map(|v| v.trim().parse::<f64>().unwrap() as u64)
-        .unwrap_or(0);
+    let (acked_n, told_n, told_but_stored) = account(&results, &mut stored);
+    let refused = sample(
+        &gw.admin.to_string(),
+        r#"switchyard_drops_total{route="/ws",reason="bus_refused"}"#,
+    )
+    .await;
     eprintln!(
         "nats restart: {acked_n} acked (all stored), {told_n} refused and told ({told_but_stored} of them stored anyway: ack lost with the server), metric bus_refused={refused}"
     );

@@ -264,6 +264,8 @@ impl Routing {
                 headers: e.headers(),
                 payload: Bytes::new(),
             };
+            // Counted when decided, so whoever sees the disconnect also sees it counted.
+            metrics::counter!(EXPIRED).increment(1);
             if !entry.inbound.is_empty() {
                 if let Err(err) = self.bus.publish(&entry.inbound, rec.clone()).await {
                     tracing::warn!(%session, error = %err, "could not publish a synthetic disconnect");
@@ -272,8 +274,8 @@ impl Routing {
             let _ = self.bus.publish(&self.cfg.naming.sessions(), rec).await;
             let _ = durable.unregister(&session).await;
             self.registry.remove(&session);
-            metrics::counter!(EXPIRED).increment(1);
         }
+
         let _ = durable.leave(node).await;
     }
 

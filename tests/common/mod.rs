@@ -287,3 +287,46 @@ pub async fn sender(url: String, until: Instant) -> (String, BTreeSet<u64>, BTre
     }
     (id, acked, told)
 }
+
+/// After an outage: checks each session's frames as the log holds them (in log order) against
+/// what its client was told, and returns (acked, refused-and-told, told-but-stored) totals.
+/// Fails on a lost acknowledged frame, a duplicate, a reordering, or a stored frame nobody
+/// answered.
+pub fn account(
+    results: &[(String, BTreeSet<u64>, BTreeSet<u64>)],
+    stored: &mut std::collections::HashMap<String, Vec<u64>>,
+) -> (usize, usize, usize) {
+    let (mut acked_n, mut told_n, mut told_but_stored) = (0, 0, 0);
+    for (session, acked, told) in results {
+        let got = stored.remove(session).unwrap_or_default();
+        let got_set: BTreeSet<u64> = got.iter().copied().collect();
+        assert_eq!(got.len(), got_set.len(), "no duplicates for {session}");
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "stored in order for {session}");
+        let lost: Vec<_> = acked.difference(&got_set).collect();
+        assert!(lost.is_empty(), "acknowledged frames lost for {session}: {lost:?}");
+        let unexplained: Vec<_> = got_set
+            .iter()
+            .filter(|i| !acked.contains(i) && !told.contains(i))
+            .collect();
+        assert!(unexplained.is_empty(), "stored frames nobody answered: {unexplained:?}");
+        acked_n += acked.len();
+        told_n += told.len();
+        told_but_stored += got_set.intersection(told).count();
+    }
+    (acked_n, told_n, told_but_stored)
+}
+
+/// The value of one Prometheus sample, given its name and labels exactly as rendered.
+pub async fn sample(admin: &str, series: &str) -> u64 {
+    let text = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let prefix = format!("{series} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+        .unwrap_or(0)
+}
