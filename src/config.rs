@@ -92,6 +92,17 @@ pub struct Options {
     /// acknowledgement before the client is told it was refused
     #[arg(long, env = "SWITCHYARD_ACK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
     pub ack_timeout: Duration,
+    /// Most WebSocket connections this node holds (past it: 503 before the upgrade)
+    #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS", default_value_t = 100_000, global = true)]
+    pub max_connections: usize,
+    /// Most connections one client IP may hold (past it: 429 before the upgrade)
+    #[arg(
+        long,
+        env = "SWITCHYARD_MAX_CONNECTIONS_PER_IP",
+        default_value_t = 10_000,
+        global = true
+    )]
+    pub max_connections_per_ip: usize,
     /// Per-subscription bus buffer (messages)
     #[arg(long, env = "SWITCHYARD_BUS_BUFFER", default_value_t = 8192, global = true)]
     pub bus_buffer: usize,
@@ -179,6 +190,9 @@ impl Cli {
         edge.idle_timeout = o.idle_timeout;
         edge.shutdown_grace = o.shutdown_grace;
         edge.lease = o.lease;
+        edge.max_connections = o.max_connections;
+        edge.max_connections_per_ip = o.max_connections_per_ip;
+
         edge.validate()?;
         if o.partitions == 0 || o.partitions > 4096 {
             return Err(format!("--partitions {} out of range 1..=4096", o.partitions));

@@ -142,6 +142,8 @@ fn route(mode: Mode, queue: usize, slow: SlowPolicy) -> RouteConfig {
         queue_size: queue,
         slow_policy: slow,
         max_message_size: None,
+        allowed_origins: vec![],
+        auth: None,
     }
 }
 

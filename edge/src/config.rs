@@ -43,6 +43,11 @@ pub struct RouteConfig {
     pub slow_policy: SlowPolicy,
     /// Largest client message in bytes (default: the node's `max_message_size`).
     pub max_message_size: Option<usize>,
+    /// Exact `Origin` values allowed (scheme://host[:port]); empty = any, including none.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// Authentication at the handshake (`[route.auth]`); absent = anonymous.
+    pub auth: Option<crate::auth::AuthConfig>,
 }
 
 fn default_queue() -> usize {
@@ -103,6 +108,10 @@ pub struct EdgeConfig {
     pub shutdown_grace: Duration,
     /// Lease of this node's sessions in a durable registry; renewed every lease/3.
     pub lease: Duration,
+    /// Most sockets this node holds (past it: 503 before the upgrade).
+    pub max_connections: usize,
+    /// Most sockets one client IP may hold (past it: 429 before the upgrade).
+    pub max_connections_per_ip: usize,
 }
 
 impl EdgeConfig {
@@ -116,6 +125,8 @@ impl EdgeConfig {
             idle_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(10),
             lease: Duration::from_secs(15),
+            max_connections: 100_000,
+            max_connections_per_ip: 10_000,
         }
     }
 
@@ -141,6 +152,9 @@ impl EdgeConfig {
                 "idle timeout ({:?}) must be longer than the ping interval ({:?}), and both non-zero",
                 self.idle_timeout, self.ping_interval
             ));
+        }
+        if self.max_connections == 0 || self.max_connections_per_ip == 0 {
+            return Err("connection caps must be at least 1".into());
         }
         if self.lease < Duration::from_secs(1) || self.lease > Duration::from_secs(3600) {
             return Err(format!("lease {:?} out of range 1s..=1h", self.lease));
@@ -168,6 +182,19 @@ impl EdgeConfig {
             }
             if r.allow_publish && r.mode == Mode::Raw {
                 return Err(format!("{at}: allow_publish applies to framed routes only"));
+            }
+            for o in &r.allowed_origins {
+                let ok = (o.starts_with("https://") || o.starts_with("http://"))
+                    && !o.ends_with('/')
+                    && !o[o.find("://").map_or(0, |i| i + 3)..].contains(['/', '*', ' ']);
+                if !ok {
+                    return Err(format!(
+                        "{at}: allowed origin {o:?} must be exactly scheme://host[:port]"
+                    ));
+                }
+            }
+            if let Some(a) = &r.auth {
+                crate::auth::Verifier::load(a).map_err(|e| format!("{at}: auth: {e}"))?;
             }
         }
         Ok(())

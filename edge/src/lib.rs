@@ -15,6 +15,8 @@
 //! - [`metrics`]: every metric the process exports, declared in one place.
 
 pub mod admin;
+pub mod auth;
+
 pub mod channels;
 pub mod config;
 pub mod delivery;

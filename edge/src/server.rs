@@ -25,6 +25,8 @@ use tokio_util::task::TaskTracker;
 /// A configured route plus what is derived from it once: its inbound topic and metric handles.
 pub struct Route {
     pub cfg: RouteConfig,
+    pub verifier: Option<crate::auth::Verifier>,
+
     pub inbound: String,
     pub max_message_size: usize,
     pub frames_in: Counter,
@@ -38,9 +40,11 @@ pub struct Route {
 }
 
 impl Route {
-    fn new(cfg: RouteConfig, edge: &EdgeConfig) -> Self {
+    fn new(cfg: RouteConfig, edge: &EdgeConfig) -> Result<Self, String> {
         let r = cfg.path.clone();
-        Self {
+        let verifier = cfg.auth.as_ref().map(crate::auth::Verifier::load).transpose()?;
+        Ok(Self {
+            verifier,
             inbound: edge.naming.inbound(&cfg.topic),
             max_message_size: cfg.max_message_size.unwrap_or(edge.max_message_size),
             frames_in: metrics::counter!(m::FRAMES_IN, "route" => r.clone()),
@@ -52,7 +56,7 @@ impl Route {
             drop_slow_close: metrics::counter!(m::DROPS, "route" => r.clone(), "reason" => "slow_close"),
             drop_bus: metrics::counter!(m::DROPS, "route" => r, "reason" => "bus_refused"),
             cfg,
-        }
+        })
     }
 
     pub fn path(&self) -> &str {
@@ -77,6 +81,9 @@ pub struct EdgeState {
     pub shutdown: CancellationToken,
     /// Every session task, so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// Sockets open on this node, and per client IP (the connection caps).
+    pub open: std::sync::atomic::AtomicUsize,
+    pub per_ip: DashMap<std::net::IpAddr, usize>,
 }
 
 /// A running edge node.
@@ -112,8 +119,9 @@ impl Edge {
         let routes = cfg
             .routes
             .iter()
-            .map(|r| (r.path.clone(), Arc::new(Route::new(r.clone(), &cfg))))
-            .collect();
+            .map(|r| Ok((r.path.clone(), Arc::new(Route::new(r.clone(), &cfg)?))))
+            .collect::<Result<_, String>>()
+            .map_err(BusError::Other)?;
         let node_topic = cfg.naming.node(&cfg.node_id);
         let state = Arc::new(EdgeState {
             channels: ChannelHub::new(bus.clone(), cfg.naming.clone()),
@@ -123,6 +131,8 @@ impl Edge {
             node_topic: node_topic.clone(),
             shutdown: shutdown.clone(),
             tracker: TaskTracker::new(),
+            open: Default::default(),
+            per_ip: DashMap::new(),
             cfg,
         });
         let sub = bus.subscribe(&node_topic, SubscribeOptions::default()).await?;
@@ -180,8 +190,57 @@ impl Edge {
     }
 }
 
+fn refuse(status: StatusCode, reason: &'static str, body: &'static str) -> Response {
+    metrics::counter!(m::HANDSHAKE_REJECTED, "reason" => reason).increment(1);
+    (status, body).into_response()
+}
+
+/// Holds one slot of the connection caps; released on drop.
+struct Slot {
+    st: Arc<EdgeState>,
+    ip: std::net::IpAddr,
+}
+
+impl Slot {
+    /// Takes a slot, or says which cap is full.
+    fn take(st: &Arc<EdgeState>, ip: std::net::IpAddr) -> Result<Slot, Response> {
+        use std::sync::atomic::Ordering;
+        if st.open.fetch_add(1, Ordering::AcqRel) >= st.cfg.max_connections {
+            st.open.fetch_sub(1, Ordering::AcqRel);
+            return Err(refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "node_cap",
+                "node at its connection cap\n",
+            ));
+        }
+        let mut n = st.per_ip.entry(ip).or_insert(0);
+        if *n >= st.cfg.max_connections_per_ip {
+            drop(n);
+            st.open.fetch_sub(1, Ordering::AcqRel);
+            return Err(refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "ip_cap",
+                "too many connections from this address\n",
+            ));
+        }
+        *n += 1;
+        Ok(Slot { st: st.clone(), ip })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.st.open.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.st.per_ip.remove_if_mut(&self.ip, |_, n| {
+            *n -= 1;
+            *n == 0
+        });
+    }
+}
+
 async fn upgrade(
     State(st): State<Arc<EdgeState>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
     uri: Uri,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -201,6 +260,27 @@ async fn upgrade(
         metrics::counter!(m::HANDSHAKE_REJECTED, "reason" => "draining").increment(1);
         return (StatusCode::SERVICE_UNAVAILABLE, "node is shutting down\n").into_response();
     }
+    // Exact Origin match: no suffix, prefix or `null` tricks.
+    if !route.cfg.allowed_origins.is_empty() {
+        let origin = headers.get("origin").and_then(|v| v.to_str().ok());
+        if !origin.is_some_and(|o| route.cfg.allowed_origins.iter().any(|a| a == o)) {
+            return refuse(StatusCode::FORBIDDEN, "origin", "origin not allowed\n");
+        }
+    }
+    let slot = match Slot::take(&st, peer.ip()) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let verified = match &route.verifier {
+        Some(v) => match v.verify(&headers, uri.query()) {
+            Ok(v) => Some(v),
+            Err(r) => {
+                let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::UNAUTHORIZED);
+                return refuse(status, r.reason, "unauthorized\n");
+            }
+        },
+        None => None,
+    };
     let trace = headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
@@ -210,7 +290,12 @@ async fn upgrade(
         })
         .unwrap_or_else(new_trace);
     let id = ulid::Ulid::new().to_string();
-    let sess = Arc::new(Session::new(id.clone(), route.clone(), trace));
+    let mut sess = Session::new(id.clone(), route.clone(), trace);
+    if let Some(v) = verified {
+        sess.identity = Some(v.identity);
+        sess.expires_at = v.expires_at;
+    }
+    let sess = Arc::new(sess);
     let token = st.tracker.token();
     let st2 = st.clone();
     let mut resp = ws
@@ -219,10 +304,12 @@ async fn upgrade(
         .max_write_buffer_size(route.max_message_size + (64 << 10))
         .max_message_size(route.max_message_size)
         .max_frame_size(route.max_message_size)
+        .protocols(["switchyard.v1"])
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "upgrade failed"))
         .on_upgrade(move |socket| async move {
             session::run(st2, sess, socket).await;
             drop(token);
+            drop(slot);
         });
     metrics::counter!(m::HANDSHAKES, "route" => route.cfg.path.clone()).increment(1);
     if let Ok(v) = HeaderValue::from_str(&id) {

@@ -42,6 +42,10 @@ pub struct Session {
     pub close_sent: Mutex<Option<(u16, String)>>,
     /// Cancelled together with `close_sent`, to wake the reader.
     close_sent_signal: CancellationToken,
+    /// Verified identity, stamped into every inbound record.
+    pub identity: Option<switchyard_protocol::Identity>,
+    /// When the credential expires (Unix seconds): the socket is closed with 4001 then.
+    pub expires_at: Option<u64>,
 }
 
 impl Session {
@@ -58,6 +62,8 @@ impl Session {
             stop: CancellationToken::new(),
             close_sent: Mutex::new(None),
             close_sent_signal: CancellationToken::new(),
+            identity: None,
+            expires_at: None,
         }
     }
 
@@ -158,6 +164,11 @@ where
     // After we have sent a close (shutdown, idle, error), wait this long for the client's.
     let mut closing_deadline: Option<tokio::time::Instant> = None;
     let mut ended: Option<Ended> = None;
+    // A credential that expires mid-connection ends the session with 4001.
+    let expiry = sess.expires_at.map(|exp| {
+        let left = exp.saturating_sub(now_ms() / 1000);
+        tokio::time::Instant::now() + Duration::from_secs(left)
+    });
     loop {
         let deadline = closing_deadline.unwrap_or_else(|| tokio::time::Instant::now() + idle);
         let next = tokio::select! {
@@ -176,6 +187,12 @@ where
             }
             _ = sess.stop.cancelled() => {
                 return ended.or_else(|| sent(sess)).unwrap_or(Ended { code: 1006, reason: "write failed".into() });
+            }
+            _ = sleep_until_opt(expiry), if closing_deadline.is_none() => {
+                sess.queue.close(close::TOKEN_EXPIRED, "token expired");
+                ended = Some(Ended { code: close::TOKEN_EXPIRED, reason: "token expired".into() });
+                closing_deadline = Some(tokio::time::Instant::now() + st.cfg.shutdown_grace.min(Duration::from_secs(5)));
+                continue;
             }
             r = tokio::time::timeout_at(deadline, stream.next()) => r,
         };
@@ -246,7 +263,15 @@ where
     }
 }
 
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The close we sent, if any.
+
 fn sent(sess: &Session) -> Option<Ended> {
     sess.close_sent
         .lock()
@@ -399,6 +424,8 @@ impl Publisher<'_> {
         e.route = Some(self.sess.route.cfg.path.clone());
         e.opcode = opcode;
         e.trace = Some(self.sess.trace.clone());
+        e.identity = self.sess.identity.clone();
+
         e.timestamp_ms = now_ms();
         e.reply = Some(self.st.node_topic.clone());
         e

@@ -16,3 +16,5 @@ pub const INTERNAL: u16 = 1011;
 pub const TRY_AGAIN_LATER: u16 = 1013;
 /// The socket did not drain its queue fast enough and the route's policy is `close`.
 pub const SLOW_CONSUMER: u16 = 4008;
+/// The credential the socket was opened with expired.
+pub const TOKEN_EXPIRED: u16 = 4001;

@@ -1,0 +1,258 @@
+//! Handshake authentication: JWT (HS256, RS256, ES256, EdDSA) with an explicit algorithm
+//! allowlist, exp / nbf / aud / iss checked, or a static API key. Keys are loaded once, at
+//! config time. Tokens are never logged.
+
+use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use switchyard_protocol::Identity;
+
+/// Where a token may be taken from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenSource {
+    /// `Authorization: Bearer <token>`
+    Header,
+    /// A `Sec-WebSocket-Protocol` entry `bearer.<token>` (the client must also offer
+    /// `switchyard.v1`, which the server selects).
+    Protocol,
+    /// The query parameter named by `query_param` (default `access_token`).
+    Query,
+}
+
+/// A route's `[route.auth]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Accepted JWT algorithms (explicit; HS* and asymmetric ones may not be mixed).
+    #[serde(default)]
+    pub algorithms: Vec<String>,
+    /// PEM public key for RS256 / ES256 / EdDSA.
+    pub key_file: Option<PathBuf>,
+    /// File holding the HS256 secret.
+    pub secret_file: Option<PathBuf>,
+    pub audience: Option<String>,
+    pub issuer: Option<String>,
+    #[serde(default = "default_sources")]
+    pub token_from: Vec<TokenSource>,
+    #[serde(default = "default_query")]
+    pub query_param: String,
+    /// Claims copied into every inbound record besides `sub` (`sy-claims`).
+    #[serde(default)]
+    pub stamp_claims: Vec<String>,
+    /// File of static API keys, one `KEY SUBJECT` per line (`#` comments), taken from the
+    /// `x-api-key` header.
+    pub api_keys_file: Option<PathBuf>,
+}
+
+fn default_sources() -> Vec<TokenSource> {
+    vec![TokenSource::Header, TokenSource::Protocol, TokenSource::Query]
+}
+fn default_query() -> String {
+    "access_token".into()
+}
+
+/// A loaded, validated verifier for one route.
+pub struct Verifier {
+    key: Option<DecodingKey>,
+    validation: Validation,
+    algorithms: Vec<Algorithm>,
+    sources: Vec<TokenSource>,
+    query_param: String,
+    stamp: Vec<String>,
+    api_keys: HashMap<String, String>,
+}
+
+/// Why a handshake was refused; `status` is what the client gets, `reason` the metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub reason: &'static str,
+}
+
+/// A verified caller.
+pub struct Verified {
+    pub identity: Identity,
+    /// Expiry (Unix seconds), when the credential has one.
+    pub expires_at: Option<u64>,
+}
+
+impl Verifier {
+    /// Loads keys and checks the table; the error is one line.
+    pub fn load(c: &AuthConfig) -> Result<Self, String> {
+        let mut algorithms = Vec::new();
+        for a in &c.algorithms {
+            let alg: Algorithm = a.parse().map_err(|_| format!("unknown JWT algorithm {a:?}"))?;
+            if !matches!(
+                alg,
+                Algorithm::HS256 | Algorithm::RS256 | Algorithm::ES256 | Algorithm::EdDSA
+            ) {
+                return Err(format!(
+                    "JWT algorithm {a} is not supported (HS256, RS256, ES256, EdDSA)"
+                ));
+            }
+            algorithms.push(alg);
+        }
+        let hmac = algorithms.iter().any(|a| *a == Algorithm::HS256);
+        let asym: Vec<Algorithm> = algorithms.iter().copied().filter(|a| *a != Algorithm::HS256).collect();
+        if hmac && !asym.is_empty() {
+            return Err("HS256 and asymmetric algorithms in one allowlist invite key confusion: use one family".into());
+        }
+        let families: std::collections::HashSet<_> = asym.iter().map(|a| format!("{a:?}")).collect();
+        if families.len() > 1 {
+            return Err("one key file serves one algorithm: list one of RS256, ES256, EdDSA".into());
+        }
+        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+        let key = if hmac {
+            let p = c.secret_file.as_ref().ok_or("HS256 needs secret_file")?;
+            let secret = read(p)?;
+            let secret = secret.trim_ascii();
+            if secret.len() < 32 {
+                return Err(format!("{}: HS256 secret shorter than 32 bytes", p.display()));
+            }
+            Some(DecodingKey::from_secret(secret))
+        } else if let Some(alg) = asym.first() {
+            let p = c
+                .key_file
+                .as_ref()
+                .ok_or("RS256 / ES256 / EdDSA need key_file (PEM public key)")?;
+            let pem = read(p)?;
+            let k = match alg {
+                Algorithm::RS256 => DecodingKey::from_rsa_pem(&pem),
+                Algorithm::ES256 => DecodingKey::from_ec_pem(&pem),
+                _ => DecodingKey::from_ed_pem(&pem),
+            };
+            Some(k.map_err(|e| format!("{}: {e}", p.display()))?)
+        } else {
+            None
+        };
+        let api_keys = match &c.api_keys_file {
+            Some(p) => {
+                let text = String::from_utf8(read(p)?).map_err(|_| format!("{}: not UTF-8", p.display()))?;
+                let mut m = HashMap::new();
+                for (n, line) in text.lines().enumerate() {
+                    let line = line.trim();
+                    if line.is_empty() || line.starts_with('#') {
+                        continue;
+                    }
+                    let (k, sub) = line.split_once(char::is_whitespace).ok_or(format!(
+                        "{}:{}: expected `KEY SUBJECT`",
+                        p.display(),
+                        n + 1
+                    ))?;
+                    m.insert(k.to_owned(), sub.trim().to_owned());
+                }
+                m
+            }
+            None => HashMap::new(),
+        };
+        if key.is_none() && api_keys.is_empty() {
+            return Err("auth needs algorithms with a key, or api_keys_file".into());
+        }
+        let mut validation = Validation::new(*algorithms.first().unwrap_or(&Algorithm::HS256));
+        validation.algorithms = algorithms.clone();
+        validation.leeway = 0;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        match &c.audience {
+            Some(a) => validation.set_audience(&[a]),
+            None => validation.validate_aud = false,
+        }
+        if let Some(i) = &c.issuer {
+            validation.set_issuer(&[i]);
+        }
+        Ok(Self {
+            key,
+            validation,
+            algorithms,
+            sources: c.token_from.clone(),
+            query_param: c.query_param.clone(),
+            stamp: c.stamp_claims.clone(),
+            api_keys,
+        })
+    }
+
+    /// Verifies the handshake's credentials.
+    pub fn verify(&self, headers: &axum::http::HeaderMap, query: Option<&str>) -> Result<Verified, Refusal> {
+        let unauthorized = |reason| Refusal { status: 401, reason };
+        if let Some(k) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+            return match self.api_keys.get(k) {
+                Some(sub) => Ok(Verified {
+                    identity: Identity {
+                        subject: sub.clone(),
+                        claims: Map::new(),
+                    },
+                    expires_at: None,
+                }),
+                None => Err(unauthorized("bad_api_key")),
+            };
+        }
+        let token = self.token(headers, query).ok_or(unauthorized("missing_token"))?;
+        let key = self.key.as_ref().ok_or(unauthorized("missing_token"))?;
+        // Refuse anything outside the allowlist before touching the signature (alg: none,
+        // HS/RS confusion).
+        let header = decode_header(&token).map_err(|_| unauthorized("malformed_token"))?;
+        if !self.algorithms.contains(&header.alg) {
+            return Err(unauthorized("algorithm"));
+        }
+        let data = decode::<Map<String, Value>>(&token, key, &self.validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            unauthorized(match e.kind() {
+                K::ExpiredSignature => "expired",
+                K::ImmatureSignature => "not_yet_valid",
+                K::InvalidAudience => "audience",
+                K::InvalidIssuer => "issuer",
+                K::InvalidSignature => "signature",
+                K::MissingRequiredClaim(_) => "missing_claim",
+                _ => "invalid_token",
+            })
+        })?;
+        let claims = data.claims;
+        let subject = claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .ok_or(unauthorized("missing_claim"))?
+            .to_owned();
+        let mut stamped = Map::new();
+        for c in &self.stamp {
+            if let Some(v) = claims.get(c) {
+                stamped.insert(c.clone(), v.clone());
+            }
+        }
+        Ok(Verified {
+            identity: Identity {
+                subject,
+                claims: stamped,
+            },
+            expires_at: claims.get("exp").and_then(Value::as_u64),
+        })
+    }
+
+    fn token(&self, headers: &axum::http::HeaderMap, query: Option<&str>) -> Option<String> {
+        for s in &self.sources {
+            let t = match s {
+                TokenSource::Header => headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+                    .map(str::to_owned),
+                TokenSource::Protocol => headers
+                    .get_all("sec-websocket-protocol")
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(|v| v.split(','))
+                    .find_map(|p| p.trim().strip_prefix("bearer.").map(str::to_owned)),
+                TokenSource::Query => query.and_then(|q| {
+                    q.split('&')
+                        .find_map(|kv| kv.strip_prefix(&self.query_param)?.strip_prefix('=').map(str::to_owned))
+                }),
+            };
+            if t.is_some() {
+                return t;
+            }
+        }
+        None
+    }
+}
