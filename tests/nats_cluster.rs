@@ -338,3 +338,38 @@ async fn nats_restart_mid_stream_loses_no_acknowledged_frame_and_counts_the_rest
     assert!(acked_n > 0);
     assert_eq!(refused as usize, told_n, "every refusal counted exactly");
 }
+
+/// A close reason with CR/LF (client-chosen text) must not break the session's teardown on
+/// NATS (header values may not hold line breaks): the backend still gets the disconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_reason_with_line_breaks_still_yields_a_disconnect() {
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+    let (url, p) = (env("NATS_URL"), prefix());
+    let edge = spawn("edge", &url, &p, &[]).await;
+    let nc = async_nats::connect(&url).await.unwrap();
+    let mut inbound = nc.subscribe(format!("{p}.in.echo.*")).await.unwrap();
+    nc.flush().await.unwrap();
+    let (mut ws, id) = connect(&edge.ws("/ws/echo")).await;
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye\r\nX-Injected: 1".into(),
+    }))
+    .await
+    .unwrap();
+    loop {
+        let m = tokio::time::timeout(WAIT, inbound.next())
+            .await
+            .expect("disconnect arrives")
+            .unwrap();
+        let h = m.headers.unwrap();
+        if h.get("sy-kind").unwrap().as_str() == "disconnect" {
+            assert_eq!(h.get("sy-session").unwrap().as_str(), id);
+            assert_eq!(h.get("sy-reason").unwrap().as_str(), "byeX-Injected: 1");
+            assert!(h.get("X-Injected").is_none(), "no header injection");
+            break;
+        }
+    }
+    // The edge is still serving.
+    let (mut ws2, _) = connect(&edge.ws("/ws/echo")).await;
+    close_normal(&mut ws2).await;
+}

@@ -452,9 +452,18 @@ impl Bus for KafkaBus {
             v.len() == 1
         };
         if first {
-            let tpl = self.start_offsets(pattern, opts.start).await?;
-            self.fanout.incremental_assign(&tpl).map_err(unavailable)?;
+            let assigned = match self.start_offsets(pattern, opts.start).await {
+                Ok(tpl) => self.fanout.incremental_assign(&tpl).map_err(unavailable),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = assigned {
+                // Leave no subscriber behind: the next subscribe must try the assignment again.
+                let mut g = self.senders.lock();
+                g.remove(pattern);
+                return Err(e);
+            }
         }
+
         Ok(Subscription::new(
             rx,
             Unsubscribe {

@@ -148,13 +148,23 @@ impl Drop for Waiting {
     }
 }
 
+/// NATS header values may not hold CR or LF (async-nats panics on them): replace them. Values
+/// can come from clients (a close reason) or tokens (a subject).
+fn header_value(v: &str) -> HeaderValue {
+    if v.contains(['\r', '\n']) {
+        HeaderValue::from(v.replace(['\r', '\n'], " ").as_str())
+    } else {
+        HeaderValue::from(v)
+    }
+}
+
 fn to_nats_headers(record: &Record) -> HeaderMap {
     let mut h = HeaderMap::new();
     for (k, v) in record.headers.iter() {
-        h.insert(k, HeaderValue::from(v));
+        h.insert(k, header_value(v));
     }
     if let Some(k) = &record.key {
-        h.insert(KEY_HEADER, HeaderValue::from(String::from_utf8_lossy(k).as_ref()));
+        h.insert(KEY_HEADER, header_value(String::from_utf8_lossy(k).as_ref()));
     }
     h
 }

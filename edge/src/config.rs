@@ -168,12 +168,15 @@ impl EdgeConfig {
             if !seen.insert(r.path.as_str()) {
                 return Err(format!("{at}: duplicate path"));
             }
-            if !valid_channel(&r.topic) {
+            // One token: on NATS the inbound subject is <prefix>.in.<topic>.p<N>, and a dot in
+            // the topic would make one route's subjects match another's.
+            if !valid_channel(&r.topic) || r.topic.contains('.') {
                 return Err(format!(
-                    "{at}: invalid topic {:?}: dot-separated tokens of [A-Za-z0-9_-]",
+                    "{at}: invalid topic {:?}: one token of [A-Za-z0-9_-], no dots",
                     r.topic
                 ));
             }
+
             if r.queue_size == 0 || r.queue_size > 1 << 20 {
                 return Err(format!("{at}: queue_size {} out of range 1..=1048576", r.queue_size));
             }

@@ -46,11 +46,13 @@ pub async fn run(st: Arc<EdgeState>, mut sub: Subscription) {
                 control.increment(1);
                 match op {
                     ControlOp::Close { code, reason } => {
-                        let code = if (1000..5000).contains(&code) && !matches!(code, 1004..=1006 | 1015) {
+                        // As documented: 1000 or an application code 3000..=4999.
+                        let code = if code == 1000 || (3000..5000).contains(&code) {
                             code
                         } else {
                             1000
                         };
+
                         sess.queue.close(code, &reason);
                     }
                     ControlOp::Subscribe { channel } => crate::session::subscribe(&st, &sess, &channel).await,

@@ -87,13 +87,25 @@ impl OutQueue {
         res
     }
 
-    /// Queues a message the protocol requires (welcome, acks, errors): never dropped for
-    /// slowness, but still refused once the socket is closing.
+    /// Queues a message the protocol requires (welcome, acks, errors). These are not subject
+    /// to drop-oldest, but a client that lets twice the queue size pile up (e.g. by sending
+    /// garbage without reading the errors) is closed with 4008 all the same.
     pub fn push_control(&self, msg: Message) -> bool {
         let mut s = self.state.lock();
         if s.closing {
             return false;
         }
+        if s.items.len() >= self.cap.saturating_mul(2) {
+            s.closing = true;
+            s.items.push_back(Out::Close(
+                switchyard_protocol::close::SLOW_CONSUMER,
+                "slow consumer".into(),
+            ));
+            drop(s);
+            self.notify.notify_one();
+            return false;
+        }
+
         s.items.push_back(Out::Msg(msg));
         drop(s);
         self.notify.notify_one();
@@ -165,6 +177,21 @@ mod tests {
             })
             .collect();
         assert_eq!(got, ["2", "3"]);
+    }
+
+    #[tokio::test]
+    async fn protocol_replies_are_bounded_too() {
+        let q = OutQueue::new(2, SlowPolicy::DropOldest);
+        for _ in 0..4 {
+            assert!(q.push_control(text("err")));
+        }
+        assert!(
+            !q.push_control(text("err")),
+            "past twice the queue size the socket closes"
+        );
+        let mut b = VecDeque::new();
+        q.take_all(&mut b).await;
+        assert!(matches!(b.back(), Some(Out::Close(4008, _))));
     }
 
     #[tokio::test]

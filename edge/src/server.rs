@@ -181,7 +181,14 @@ impl Edge {
         self.delivery.abort();
         if let Some(h) = self.heartbeat {
             h.abort();
-            if let Some(reg) = self.state.bus.registry() {
+            // Only a node whose sessions all ended (and published their disconnects) leaves;
+            // otherwise the lease lapses and a router ends what is left.
+            if !self.state.sessions.is_empty() {
+                tracing::warn!(
+                    left = self.state.sessions.len(),
+                    "not removing the node lease: sessions still open"
+                );
+            } else if let Some(reg) = self.state.bus.registry() {
                 if let Err(e) = reg.leave(&self.state.cfg.node_id).await {
                     tracing::warn!(error = %e, "could not remove the node lease");
                 }

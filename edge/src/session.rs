@@ -113,6 +113,10 @@ where
         seq: 0,
     };
 
+    // Welcome first: a backend may answer the connect event before the publish returns.
+    if sess.route.cfg.mode == Mode::Framed {
+        sess.reply(framed::welcome(&sess.id));
+    }
     let ended = match pubr.lifecycle(Kind::Connect, None).await {
         Err(e) => {
             tracing::debug!(session = %sess.id, error = %e, "bus refused connect");
@@ -121,12 +125,7 @@ where
                 reason: "bus unavailable".into(),
             }
         }
-        Ok(()) => {
-            if sess.route.cfg.mode == Mode::Framed {
-                sess.reply(framed::welcome(&sess.id));
-            }
-            read_loop(&st, &sess, &mut pubr, stream).await
-        }
+        Ok(()) => read_loop(&st, &sess, &mut pubr, stream).await,
     };
 
     // Teardown: stop the writer (sending our close frame if one is still owed), leave channels,
@@ -394,8 +393,14 @@ pub async fn subscribe(st: &EdgeState, sess: &Arc<Session>, channel: &str) {
         }
     }
     match st.channels.subscribe(sess, channel).await {
+        Ok(()) if sess.stop.is_cancelled() || sess.queue.is_closing() => {
+            // The session ended while the subscription was being made: undo it, or the hub
+            // would keep the session (and the bus subscription) forever.
+            st.channels.unsubscribe(sess, channel).await;
+        }
         Ok(()) => {
             sess.channels.lock().insert(channel.to_owned());
+
             if sess.route.is_framed() {
                 sess.reply(framed::subscribed(channel));
             }
@@ -450,8 +455,10 @@ impl Publisher<'_> {
         let mut e = self.envelope(kind, Bytes::new(), Opcode::Text);
         if let Some(x) = ended {
             e.code = Some(x.code);
-            e.reason = Some(x.reason.chars().take(120).collect());
+            // Client-chosen text: no control characters in a header.
+            e.reason = Some(x.reason.chars().filter(|c| !c.is_control()).take(120).collect());
         }
+
         let mut headers = e.headers();
         headers.insert(header::INBOUND, self.sess.route.inbound.clone());
         let rec = Record {

@@ -239,11 +239,17 @@ impl Routing {
             .map(|(n, l)| (n.clone(), l.revision))
             .collect();
         for (node, revision) in lapsed {
-            self.nodes.remove(&node);
             match durable.claim_expiry(&node, revision).await {
-                Ok(true) => self.expire_node(&durable, &node).await,
-                Ok(false) => tracing::debug!(%node, "another router claimed the expiry, or the node renewed"),
-                Err(e) => tracing::warn!(%node, error = %e, "could not claim a lapsed lease"),
+                Ok(true) => {
+                    self.nodes.remove(&node);
+                    self.expire_node(&durable, &node).await
+                }
+                Ok(false) => {
+                    // Another router won, or the node renewed (a new heartbeat event follows).
+                    self.nodes.remove(&node);
+                }
+                // Kept: the next sweep tries again.
+                Err(e) => tracing::warn!(%node, error = %e, "could not claim a lapsed lease; will retry"),
             }
         }
     }
