@@ -373,3 +373,46 @@ async fn a_close_reason_with_line_breaks_still_yields_a_disconnect() {
     let (mut ws2, _) = connect(&edge.ws("/ws/echo")).await;
     close_normal(&mut ws2).await;
 }
+
+/// An edge frozen past its lease (SIGSTOP) comes back to find its sessions ended by a router:
+/// it must not keep them as zombies whose replies go nowhere. It closes them with 1012.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_that_lost_its_lease_closes_its_sessions_1012() {
+    let (url, p) = (env("NATS_URL"), prefix());
+    let edge = spawn("edge", &url, &p, &["--lease", "2s"]).await;
+    let _router = spawn("router", &url, &p, &["--lease", "2s"]).await;
+    let nc = async_nats::connect(&url).await.unwrap();
+    let mut inbound = nc.subscribe(format!("{p}.in.echo.*")).await.unwrap();
+    nc.flush().await.unwrap();
+    let (mut ws, id) = connect(&edge.ws("/ws/echo")).await;
+    let pid = edge.child.id().unwrap().to_string();
+    let signal = |sig: &str| {
+        assert!(std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success())
+    };
+    signal("-STOP");
+    // The router ends the session while the edge is frozen.
+    loop {
+        let m = tokio::time::timeout(WAIT, inbound.next())
+            .await
+            .expect("synthetic disconnect")
+            .unwrap();
+        let h = m.headers.unwrap();
+        if h.get("sy-kind").unwrap().as_str() == "disconnect" && h.get("sy-session").unwrap().as_str() == id {
+            assert_eq!(h.get("sy-synthetic").map(|v| v.as_str()), Some("true"));
+            break;
+        }
+    }
+    signal("-CONT");
+    assert_eq!(
+        close_code(&mut ws).await,
+        Some(1012),
+        "the resumed edge closes what it can no longer serve"
+    );
+    // And it serves new sessions on a fresh lease.
+    let (mut ws2, _) = connect(&edge.ws("/ws/echo")).await;
+    close_normal(&mut ws2).await;
+}

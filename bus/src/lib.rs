@@ -89,6 +89,8 @@ pub enum BusError {
     InvalidTopic(String),
     #[error("bus error: {0}")]
     Other(String),
+    #[error("node lease lost: {0}")]
+    LeaseLost(String),
 }
 
 impl BusError {
@@ -101,6 +103,7 @@ impl BusError {
             BusError::SchemeDisabled(_) => "scheme_disabled",
             BusError::InvalidTopic(_) => "invalid_topic",
             BusError::Other(_) => "other",
+            BusError::LeaseLost(_) => "lease_lost",
         }
     }
 }
@@ -199,7 +202,10 @@ pub enum RegistryEvent {
 pub trait SessionRegistry: Send + Sync {
     async fn register(&self, session: &str, entry: &SessionEntry) -> Result<(), BusError>;
     async fn unregister(&self, session: &str) -> Result<(), BusError>;
-    async fn heartbeat(&self, node: &str) -> Result<(), BusError>;
+    /// Renews the node's lease. With `last` (the revision of this node's previous renewal)
+    /// it is a compare-and-set: [`BusError::LeaseLost`] if anyone else wrote or removed the
+    /// lease since (a router ended the node's sessions). Returns the new revision.
+    async fn heartbeat(&self, node: &str, last: Option<u64>) -> Result<u64, BusError>;
     /// The node left cleanly (its sessions were closed one by one): drop its lease record.
     async fn leave(&self, node: &str) -> Result<(), BusError>;
     /// Current contents as events, then live changes.

@@ -297,13 +297,19 @@ impl SessionRegistry for NatsRegistry {
         self.kv.delete(format!("s.{session}")).await.map_err(unavailable)
     }
 
-    async fn heartbeat(&self, node: &str) -> Result<(), BusError> {
-        let now = switchyard_protocol::envelope::now_ms();
-        self.kv
-            .put(format!("n.{node}"), Bytes::from(now.to_string()))
-            .await
-            .map(|_| ())
-            .map_err(unavailable)
+    async fn heartbeat(&self, node: &str, last: Option<u64>) -> Result<u64, BusError> {
+        let now = Bytes::from(switchyard_protocol::envelope::now_ms().to_string());
+        let key = format!("n.{node}");
+        match last {
+            None => self.kv.put(key, now).await.map_err(unavailable),
+            Some(rev) => match self.kv.update(key, now, rev).await {
+                Ok(r) => Ok(r),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Err(BusError::LeaseLost(format!(
+                    "{node}: renewed by someone else or expired"
+                ))),
+                Err(e) => Err(unavailable(e)),
+            },
+        }
     }
 
     async fn leave(&self, node: &str) -> Result<(), BusError> {

@@ -95,15 +95,36 @@ pub struct Edge {
     heartbeat: Option<JoinHandle<()>>,
 }
 
-/// Renews the node's lease until aborted. A failed renewal is retried on the next tick; if
-/// renewals keep failing for a whole lease, routers end this node's sessions.
-async fn renew(reg: Arc<dyn switchyard_bus::SessionRegistry>, node: String, every: std::time::Duration) {
-    let mut tick = tokio::time::interval(every);
+/// Renews the node's lease until aborted, compare-and-set on the last revision. A failed
+/// renewal is retried on the next tick; if renewals keep failing for a whole lease, routers end
+/// this node's sessions. When the node comes back and finds its lease claimed, its sessions
+/// are gone from the registry and their backends were told: it closes them (1012, the client
+/// should reconnect) and starts a fresh lease.
+async fn renew(
+    st: Arc<EdgeState>,
+    reg: Arc<dyn switchyard_bus::SessionRegistry>,
+    mut last: u64,
+    every: std::time::Duration,
+) {
+    let node = st.cfg.node_id.clone();
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Err(e) = reg.heartbeat(&node).await {
-            tracing::warn!(error = %e, "could not renew the node lease");
+        match reg.heartbeat(&node, Some(last)).await {
+            Ok(rev) => last = rev,
+            Err(BusError::LeaseLost(why)) => {
+                tracing::error!(%why, sessions = st.sessions.len(), "node lease lost: closing this node's sessions");
+                for s in st.sessions.iter() {
+                    s.queue
+                        .close(switchyard_protocol::close::SERVICE_RESTART, "node lease lost");
+                }
+                match reg.heartbeat(&node, None).await {
+                    Ok(rev) => last = rev,
+                    Err(e) => tracing::warn!(error = %e, "could not start a new node lease"),
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not renew the node lease"),
         }
     }
 }
@@ -141,8 +162,8 @@ impl Edge {
             Some(reg) => {
                 // First renewal before the first client: a router never sees a session of a
                 // node without a lease.
-                reg.heartbeat(&state.cfg.node_id).await?;
-                Some(tokio::spawn(renew(reg, state.cfg.node_id.clone(), state.cfg.lease / 3)))
+                let rev = reg.heartbeat(&state.cfg.node_id, None).await?;
+                Some(tokio::spawn(renew(state.clone(), reg, rev, state.cfg.lease / 3)))
             }
             None => None,
         };
