@@ -102,20 +102,11 @@ async fn python_backend_with_confluent_kafka_answers_clients() {
     .await
     .unwrap();
     bus.publish(&format!("{p}.in.echo"), Default::default()).await.unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python/kafka_backend.py");
-    let mut py = tokio::process::Command::new("python3")
-        .args([script, "--brokers", &brokers(), "--prefix", &p, "--topic", "echo"])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python3");
-    let mut out = tokio::io::BufReader::new(py.stdout.take().unwrap());
-    let mut line = String::new();
-    tokio::time::timeout(WAIT, tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(line.contains("ready"), "python backend started: {line}");
+    let _py = spawn_python(
+        "kafka_backend.py",
+        &["--brokers", &brokers(), "--prefix", &p, "--topic", "echo"],
+    )
+    .await;
     for c in 0..10 {
         let (mut ws, id) = connect(&edges[c % 2].ws("/ws/echo")).await;
         ws.send(Message::text(format!("hi {id}"))).await.unwrap();

@@ -215,20 +215,7 @@ async fn python_backend_with_stock_client_answers_clients_on_both_edges() {
     let (url, p) = (env("NATS_URL"), prefix());
     let edges = [spawn("edge", &url, &p, &[]).await, spawn("edge", &url, &p, &[]).await];
     let _router = spawn("router", &url, &p, &[]).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python/echo_backend.py");
-    let mut py = tokio::process::Command::new("python3")
-        .args([script, "--nats", &url, "--prefix", &p, "--topic", "echo"])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python3");
-    let mut out = tokio::io::BufReader::new(py.stdout.take().unwrap());
-    let mut line = String::new();
-    tokio::time::timeout(WAIT, tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(line.contains("ready"), "python backend started: {line}");
+    let _py = spawn_python("echo_backend.py", &["--nats", &url, "--prefix", &p, "--topic", "echo"]).await;
     for c in 0..20 {
         let (mut ws, id) = connect(&edges[c % 2].ws("/ws/echo")).await;
         ws.send(Message::text(format!("hi {id}"))).await.unwrap();

@@ -70,13 +70,7 @@ impl OutQueue {
                     res = Push::DroppedOldest;
                 }
                 SlowPolicy::Close => {
-                    s.closing = true;
-                    s.items.push_back(Out::Close(
-                        switchyard_protocol::close::SLOW_CONSUMER,
-                        "slow consumer".into(),
-                    ));
-                    drop(s);
-                    self.notify.notify_one();
+                    self.close_slow(s);
                     return Push::Overflowed;
                 }
             }
@@ -96,20 +90,24 @@ impl OutQueue {
             return false;
         }
         if s.items.len() >= self.cap.saturating_mul(2) {
-            s.closing = true;
-            s.items.push_back(Out::Close(
-                switchyard_protocol::close::SLOW_CONSUMER,
-                "slow consumer".into(),
-            ));
-            drop(s);
-            self.notify.notify_one();
+            self.close_slow(s);
             return false;
         }
-
         s.items.push_back(Out::Msg(msg));
         drop(s);
         self.notify.notify_one();
         true
+    }
+
+    /// Marks the queue closing and queues the 4008 close (the message that overflowed is dropped).
+    fn close_slow(&self, mut s: parking_lot::MutexGuard<'_, State>) {
+        s.closing = true;
+        s.items.push_back(Out::Close(
+            switchyard_protocol::close::SLOW_CONSUMER,
+            "slow consumer".into(),
+        ));
+        drop(s);
+        self.notify.notify_one();
     }
 
     /// Asks the writer to close the socket after what is already queued. Returns false when a

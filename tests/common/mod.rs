@@ -330,3 +330,22 @@ pub async fn sample(admin: &str, series: &str) -> u64 {
         .map(|v| v.trim().parse::<f64>().unwrap() as u64)
         .unwrap_or(0)
 }
+
+/// Starts one of the Python example backends and waits for its "ready" line.
+pub async fn spawn_python(script: &str, args: &[&str]) -> tokio::process::Child {
+    let mut py = tokio::process::Command::new("python3")
+        .arg(format!("{}/examples/python/{script}", env!("CARGO_MANIFEST_DIR")))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3");
+    let mut out = tokio::io::BufReader::new(py.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::time::timeout(WAIT, tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(line.contains("ready"), "{script} started: {line}");
+    py
+}
