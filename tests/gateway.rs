@@ -731,3 +731,30 @@ async fn shutdown_closes_1001_and_every_accepted_frame_reaches_the_bus() {
     );
     assert!(frames <= sent, "{frames} ≤ {sent}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_reply_for_a_session_not_on_the_node_is_counted_not_misdelivered() {
+    let app = start_default().await;
+    let (mut ws, id) = connect(&app.url("/ws/echo")).await;
+    close_normal(&mut ws).await;
+    let (mut other, _) = connect(&app.url("/ws/echo")).await;
+    let series = r#"switchyard_drops_total{route="",reason="unknown_session"}"#;
+    let before = sample(&app.admin.to_string(), series).await;
+    // A backend answers the closed session on its old sy-reply subject.
+    let env = Envelope::new(id.clone(), Kind::Deliver, Bytes::from_static(b"late"));
+    let rec = Record {
+        key: Some(env.key()),
+        headers: env.headers(),
+        payload: env.payload.clone(),
+    };
+    app.bus.publish(&app.edge.node_topic, rec).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while sample(&app.admin.to_string(), series).await <= before {
+        assert!(tokio::time::Instant::now() < deadline, "counted");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Nobody else got it: the other session's next message is its own echo.
+    other.send(Message::text("mine")).await.unwrap();
+    assert_eq!(next_data(&mut other).await, Message::text("mine"));
+    app.stop().await;
+}
