@@ -147,20 +147,6 @@ fn route(mode: Mode, queue: usize, slow: SlowPolicy) -> RouteConfig {
     }
 }
 
-async fn metric(app: &Running, name: &str, labels: &str) -> u64 {
-    let text = reqwest::get(app.admin_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let key = format!("{name}{{{labels}}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .map(|v| v.trim().parse::<f64>().unwrap() as u64)
-        .unwrap_or(0)
-}
-
 /// Healthy readers report how far they got, so the publisher can stay within a window of
 /// the slowest healthy reader: their queues never fill, only a stalled socket's does.
 #[derive(Default)]
@@ -256,12 +242,8 @@ async fn stalled_subscriber_is_dropped_oldest_and_others_get_everything() {
     for r in readers {
         r.await.unwrap();
     }
-    let dropped = metric(
-        &app,
-        "switchyard_drops_total",
-        &format!("route=\"{path}\",reason=\"slow_drop_oldest\""),
-    )
-    .await;
+    let series = format!(r#"switchyard_drops_total{{route="{path}",reason="slow_drop_oldest"}}"#);
+    let dropped = sample(&app.admin.to_string(), &series).await;
     assert!(dropped > 0, "the stalled socket's queue dropped its oldest messages");
     assert!(dropped < M as u64, "only the stalled socket dropped");
     drop(stalled);
@@ -288,10 +270,9 @@ async fn stalled_subscriber_on_close_policy_gets_4008() {
     // Reading the stalled socket now drains what reached it, then the 4008 close.
     assert_eq!(close_code(&mut stalled).await, Some(4008));
     assert_eq!(
-        metric(
-            &app,
-            "switchyard_drops_total",
-            &format!("route=\"{path}\",reason=\"slow_close\"")
+        sample(
+            &app.admin.to_string(),
+            &format!(r#"switchyard_drops_total{{route="{path}",reason="slow_close"}}"#)
         )
         .await,
         1
@@ -606,7 +587,8 @@ async fn backend_control_ops_subscribe_and_close_a_session() {
 async fn records_for_unknown_sessions_are_counted_not_fatal() {
     let app = start_default().await;
     let naming = switchyard_protocol::Naming::default();
-    let before = metric(&app, "switchyard_router_dropped_total", "reason=\"unknown_session\"").await;
+    let series = r#"switchyard_router_dropped_total{reason="unknown_session"}"#;
+    let before = sample(&app.admin.to_string(), series).await;
     let env = Envelope::new("01NOBODY", Kind::Deliver, Bytes::from_static(b"x"));
     app.bus
         .publish(
@@ -635,7 +617,7 @@ async fn records_for_unknown_sessions_are_counted_not_fatal() {
     let mut after = before;
     while after <= before && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        after = metric(&app, "switchyard_router_dropped_total", "reason=\"unknown_session\"").await;
+        after = sample(&app.admin.to_string(), series).await;
     }
     assert!(after > before, "unknown session counted ({before} → {after})");
 

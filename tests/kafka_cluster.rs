@@ -66,16 +66,7 @@ async fn thousand_sessions_keep_per_session_order_end_to_end() {
                     );
                 }
             } else {
-                for i in 0..5 {
-                    ws.send(Message::text(format!("{id}:{i}"))).await.unwrap();
-                }
-                for i in 0..5 {
-                    assert_eq!(
-                        next_data(&mut ws).await,
-                        Message::text(format!("{id}:{i}")),
-                        "session {c}"
-                    );
-                }
+                echo_in_order(&mut ws, &id, 5).await;
             }
             close_normal(&mut ws).await;
             drop(permit);

@@ -36,16 +36,7 @@ async fn thousand_sessions_over_two_edges_and_two_routers_get_their_own_replies_
         let url = edges[c % 2].ws("/ws/echo");
         tasks.push(tokio::spawn(async move {
             let (mut ws, id) = connect(&url).await;
-            for i in 0..5 {
-                ws.send(Message::text(format!("{id}:{i}"))).await.unwrap();
-            }
-            for i in 0..5 {
-                assert_eq!(
-                    next_data(&mut ws).await,
-                    Message::text(format!("{id}:{i}")),
-                    "session {c}"
-                );
-            }
+            echo_in_order(&mut ws, &id, 5).await;
             close_normal(&mut ws).await;
         }));
     }
@@ -200,12 +191,7 @@ async fn killed_edge_sessions_expire_with_synthetic_disconnects_within_the_lease
     // Exactly one router published them.
     let mut total = 0;
     for r in &routers {
-        let text = reqwest::get(r.admin("/metrics")).await.unwrap().text().await.unwrap();
-        total += text
-            .lines()
-            .find_map(|l| l.strip_prefix("switchyard_router_expired_sessions_total "))
-            .map(|v| v.trim().parse::<u64>().unwrap())
-            .unwrap_or(0);
+        total += sample(&r.admin.to_string(), "switchyard_router_expired_sessions_total").await;
     }
     assert_eq!(total, 20, "one synthetic disconnect per session across both routers");
 }

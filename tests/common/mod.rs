@@ -349,3 +349,18 @@ pub async fn spawn_python(script: &str, args: &[&str]) -> tokio::process::Child 
     assert!(line.contains("ready"), "{script} started: {line}");
     py
 }
+
+/// Sends `n` frames tagged with the session id, then expects exactly those back, in order
+/// (an echo route): each session gets its own replies and no one else's.
+pub async fn echo_in_order(ws: &mut Ws, id: &str, n: usize) {
+    for i in 0..n {
+        ws.send(Message::text(format!("{id}:{i}"))).await.unwrap();
+    }
+    for i in 0..n {
+        assert_eq!(
+            next_data(ws).await,
+            Message::text(format!("{id}:{i}")),
+            "session {id}: frame {i}"
+        );
+    }
+}
