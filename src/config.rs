@@ -103,6 +103,70 @@ pub struct Options {
         global = true
     )]
     pub max_connections_per_ip: usize,
+    /// Most connections one authenticated subject may hold (past it: 429 before the upgrade)
+    #[arg(
+        long,
+        env = "SWITCHYARD_MAX_CONNECTIONS_PER_USER",
+        default_value_t = 1_000,
+        global = true
+    )]
+    pub max_connections_per_user: usize,
+    /// New connections per second one client IP may open, burst the same (past it: 429); 0 = off
+    #[arg(long, env = "SWITCHYARD_CONNECT_RATE_PER_IP", default_value_t = 0, global = true)]
+    pub connect_rate_per_ip: u32,
+    /// Only accept clients from these CIDRs (comma-separated; default: any)
+    #[arg(long, env = "SWITCHYARD_ALLOW_CIDRS", value_delimiter = ',', global = true)]
+    pub allow_cidr: Vec<ipnet::IpNet>,
+    /// Refuse clients from these CIDRs at accept (comma-separated; checked before --allow-cidr)
+    #[arg(long, env = "SWITCHYARD_DENY_CIDRS", value_delimiter = ',', global = true)]
+    pub deny_cidr: Vec<ipnet::IpNet>,
+    /// TLS handshake and HTTP request headers must complete within this (slowloris)
+    #[arg(long, env = "SWITCHYARD_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    pub handshake_timeout: Duration,
+    /// Largest HTTP request head in bytes (431 past it; 8192..=1048576)
+    #[arg(long, env = "SWITCHYARD_MAX_HEADER_BYTES", default_value_t = 16 << 10, global = true)]
+    pub max_header_bytes: usize,
+    /// Most HTTP request headers (431 past it)
+    #[arg(long, env = "SWITCHYARD_MAX_HEADERS", default_value_t = 64, global = true)]
+    pub max_headers: usize,
+    /// Frames per second per socket, any kind incl. continuation (past it: close 1008)
+    #[arg(
+        long,
+        env = "SWITCHYARD_MAX_FRAMES_PER_SECOND",
+        default_value_t = 20_000,
+        global = true
+    )]
+    pub max_frames_per_second: u32,
+    /// Control frames (ping, pong, close) per second per socket (past it: close 1008)
+    #[arg(
+        long,
+        env = "SWITCHYARD_MAX_CONTROL_FRAMES_PER_SECOND",
+        default_value_t = 100,
+        global = true
+    )]
+    pub max_control_frames_per_second: u32,
+    /// wss://: PEM certificate chain (with --tls-key); reloaded when the file changes or on SIGHUP
+    #[arg(long, env = "SWITCHYARD_TLS_CERT", requires = "tls_key", global = true)]
+    pub tls_cert: Option<PathBuf>,
+    /// wss://: PEM private key (with --tls-cert)
+    #[arg(long, env = "SWITCHYARD_TLS_KEY", requires = "tls_cert", global = true)]
+    pub tls_key: Option<PathBuf>,
+    /// On SIGTERM, how long sessions keep running (readyz already 503) before they are closed
+    /// with 1012
+    #[arg(long, env = "SWITCHYARD_DRAIN_GRACE", default_value = "0s", value_parser = humantime::parse_duration, global = true)]
+    pub drain_grace: Duration,
+    /// File holding the key (>= 32 bytes) for `sy-sig`, an HMAC-SHA256 on every inbound record
+    #[arg(long, env = "SWITCHYARD_IDENTITY_HMAC_KEY_FILE", global = true)]
+    pub identity_hmac_key_file: Option<PathBuf>,
+    /// TLS to the broker: PEM CA bundle to trust (NATS: TLS required once any --bus-tls-* is set)
+    #[arg(long, env = "SWITCHYARD_BUS_TLS_CA", global = true)]
+    pub bus_tls_ca: Option<PathBuf>,
+    /// TLS to the broker: client certificate (mutual TLS, with --bus-tls-key)
+    #[arg(long, env = "SWITCHYARD_BUS_TLS_CERT", requires = "bus_tls_key", global = true)]
+    pub bus_tls_cert: Option<PathBuf>,
+    /// TLS to the broker: client key (with --bus-tls-cert)
+    #[arg(long, env = "SWITCHYARD_BUS_TLS_KEY", requires = "bus_tls_cert", global = true)]
+    pub bus_tls_key: Option<PathBuf>,
     /// Per-subscription bus buffer (messages)
     #[arg(long, env = "SWITCHYARD_BUS_BUFFER", default_value_t = 8192, global = true)]
     pub bus_buffer: usize,
@@ -118,6 +182,24 @@ pub struct Options {
         global = true
     )]
     pub log_format: LogFormat,
+}
+
+impl Options {
+    /// Broker TLS from the --bus-tls-* flags; every named file must be readable.
+    pub fn bus_tls(&self) -> Result<Option<switchyard_bus::BusTls>, String> {
+        let files = [&self.bus_tls_ca, &self.bus_tls_cert, &self.bus_tls_key];
+        if files.iter().all(|f| f.is_none()) {
+            return Ok(None);
+        }
+        for f in files.into_iter().flatten() {
+            std::fs::metadata(f).map_err(|e| format!("bus TLS file {}: {e}", f.display()))?;
+        }
+        Ok(Some(switchyard_bus::BusTls {
+            ca: self.bus_tls_ca.clone(),
+            cert: self.bus_tls_cert.clone(),
+            key: self.bus_tls_key.clone(),
+        }))
+    }
 }
 
 /// Validated settings, ready to build an [`crate::App`].
@@ -192,6 +274,32 @@ impl Cli {
         edge.lease = o.lease;
         edge.max_connections = o.max_connections;
         edge.max_connections_per_ip = o.max_connections_per_ip;
+        edge.max_connections_per_user = o.max_connections_per_user;
+        edge.connect_rate_per_ip = o.connect_rate_per_ip;
+        edge.allow_cidrs = o.allow_cidr.clone();
+        edge.deny_cidrs = o.deny_cidr.clone();
+        edge.handshake_timeout = o.handshake_timeout;
+        edge.max_header_bytes = o.max_header_bytes;
+        edge.max_headers = o.max_headers;
+        edge.frame_limits = switchyard_edge::guard::FrameLimits {
+            frames_per_second: o.max_frames_per_second,
+            control_per_second: o.max_control_frames_per_second,
+        };
+        edge.tls = match (&o.tls_cert, &o.tls_key) {
+            (Some(cert), Some(key)) => Some(switchyard_edge::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        };
+        edge.drain_grace = o.drain_grace;
+        edge.identity_hmac_key = match &o.identity_hmac_key_file {
+            Some(p) => {
+                let k = std::fs::read(p).map_err(|e| format!("cannot read identity HMAC key {}: {e}", p.display()))?;
+                Some(std::sync::Arc::new(k.trim_ascii().to_vec()))
+            }
+            None => None,
+        };
 
         edge.validate()?;
         if o.partitions == 0 || o.partitions > 4096 {
@@ -210,6 +318,7 @@ impl Cli {
             prefix: o.prefix.clone(),
             partitions: o.partitions,
             ack_timeout: o.ack_timeout,
+            tls: o.bus_tls()?,
             ..BusOptions::default()
         };
 

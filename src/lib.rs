@@ -127,12 +127,14 @@ impl App {
         self.shutdown.clone()
     }
 
-    /// Runs until the shutdown token is cancelled, then drains in order: `/readyz` turns 503,
-    /// the edge stops accepting, closes every session with 1001 and publishes their
-    /// disconnects; then the router, demo backends and admin stop, and the bus is flushed.
+    /// Runs until the shutdown token is cancelled, then drains in order: `/readyz` turns 503
+    /// and the edge stops accepting; sessions keep running for the drain grace, then are
+    /// closed with 1012 and publish their disconnects; the bus is flushed; then the router,
+    /// demo backends and admin stop.
     pub async fn run(mut self) -> anyhow::Result<()> {
         self.shutdown.cancelled().await;
         self.draining.store(true, Ordering::Relaxed);
+        metrics::gauge!(switchyard_edge::metrics::DRAINING).set(1.0);
         tracing::info!("shutting down: draining sessions");
         if let Some(edge) = self.edge.take() {
             edge.drained().await;

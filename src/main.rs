@@ -74,6 +74,18 @@ fn main() -> ExitCode {
             wait_for_signal().await;
             token.cancel();
         });
+        if let Some(tls) = app.edge.as_ref().and_then(|e| e.tls.clone()) {
+            // SIGHUP: re-read the certificate and key now (they are also polled).
+            tokio::spawn(async move {
+                use tokio::signal::unix::{signal, SignalKind};
+                let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                    return;
+                };
+                while hup.recv().await.is_some() {
+                    let _ = tls.reload();
+                }
+            });
+        }
         match app.run().await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -97,7 +109,19 @@ fn replay(args: switchyard::replay::ReplayArgs, opts: &switchyard::config::Optio
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(switchyard::replay::run(args, opts.bus.clone(), opts.prefix.clone())) {
+    let tls = match opts.bus_tls() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    match rt.block_on(switchyard::replay::run(
+        args,
+        opts.bus.clone(),
+        opts.prefix.clone(),
+        tls,
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("switchyard: {e:#}");

@@ -117,7 +117,12 @@ fn transcript_line(r: &LogRecord) -> Value {
     line
 }
 
-pub async fn run(args: ReplayArgs, bus_url: String, prefix: String) -> anyhow::Result<()> {
+pub async fn run(
+    args: ReplayArgs,
+    bus_url: String,
+    prefix: String,
+    tls: Option<switchyard_bus::BusTls>,
+) -> anyhow::Result<()> {
     let from = args.from.as_deref().map(parse_time).transpose()?;
     let to = args.to.as_deref().map(parse_time).transpose()?;
     let bar = indicatif::ProgressBar::new(0);
@@ -130,7 +135,7 @@ pub async fn run(args: ReplayArgs, bus_url: String, prefix: String) -> anyhow::R
         indicatif::ProgressStyle::with_template("{spinner} reading {pos}/{len} records {wide_bar} {eta}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let log = SessionLog::new(&bus_url, &prefix);
+    let log = SessionLog::new(&bus_url, &prefix, tls.clone());
     let session = args.session.clone();
     let b2 = bar.clone();
     let mut records = tokio::task::spawn_blocking(move || {
@@ -144,7 +149,7 @@ pub async fn run(args: ReplayArgs, bus_url: String, prefix: String) -> anyhow::R
     if records.is_empty() {
         // Tell "no such session" apart from "nothing in that range".
         if from.is_some() || to.is_some() {
-            let log = SessionLog::new(&bus_url, &prefix);
+            let log = SessionLog::new(&bus_url, &prefix, tls.clone());
             let s = args.session.clone();
             let any = tokio::task::spawn_blocking(move || log.read(&s, None, None, &|_, _| {})).await??;
             if !any.is_empty() {
@@ -166,6 +171,7 @@ pub async fn run(args: ReplayArgs, bus_url: String, prefix: String) -> anyhow::R
         let opts = BusOptions {
             prefix: prefix.clone(),
             name: "switchyard-replay".into(),
+            tls: tls.clone(),
             ..BusOptions::default()
         };
         let bus = switchyard_bus::connect(&bus_url, &opts).await?;

@@ -144,6 +144,8 @@ fn route(mode: Mode, queue: usize, slow: SlowPolicy) -> RouteConfig {
         max_message_size: None,
         allowed_origins: vec![],
         auth: None,
+        rate_limit: None,
+        channels: Default::default(),
     }
 }
 
@@ -625,7 +627,7 @@ async fn records_for_unknown_sessions_are_counted_not_fatal() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_closes_1001_and_every_accepted_frame_reaches_the_bus() {
+async fn shutdown_closes_1012_and_every_accepted_frame_reaches_the_bus() {
     let app = start_default().await;
     let tap = app
         .bus
@@ -681,7 +683,7 @@ async fn shutdown_closes_1001_and_every_accepted_frame_reaches_the_bus() {
             other => panic!("expected close, got {other:?}"),
         }
     };
-    assert_eq!(code, Some(1001));
+    assert_eq!(code, Some(1012), "service restart: reconnect elsewhere");
     let sent = sender.await.unwrap();
     tokio::time::timeout(WAIT, app.task).await.unwrap().unwrap().unwrap();
     // The bus saw frames 0..k in order, no gap, then the disconnect with seq k+2.
@@ -702,7 +704,7 @@ async fn shutdown_closes_1001_and_every_accepted_frame_reaches_the_bus() {
             }
             Kind::Disconnect => {
                 assert_eq!(e.seq, frames + 2);
-                assert_eq!(e.code, Some(1001));
+                assert_eq!(e.code, Some(1012));
             }
             k => panic!("unexpected {k:?}"),
         }

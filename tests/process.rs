@@ -108,14 +108,18 @@ fn help_documents_every_option() {
     }
 }
 
+/// Graceful drain: SIGTERM → `/readyz` 503 and no new connections at once; open sessions keep
+/// working through the drain grace; then 1012; exit 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_closes_clients_1001_and_exits_zero() {
+async fn sigterm_drains_then_closes_clients_1012_and_exits_zero() {
     let (mut child, client, admin, logs) = spawn_binary(&[
         "--demo",
         "--listen",
         "127.0.0.1:0",
         "--admin",
         "127.0.0.1:0",
+        "--drain-grace",
+        "2s",
         "--shutdown-grace",
         "3s",
     ])
@@ -132,7 +136,29 @@ async fn sigterm_closes_clients_1001_and_exits_zero() {
         .status()
         .unwrap();
     assert!(st.success());
-    assert_eq!(close_code(&mut ws).await, Some(1001));
+    let term = std::time::Instant::now();
+    // readyz turns 503 (polled: the signal is handled asynchronously).
+    let deadline = term + WAIT;
+    loop {
+        let r = reqwest::get(format!("http://{admin}/readyz")).await.unwrap();
+        if r.status() == 503 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "readyz never turned 503");
+        tokio::task::yield_now().await;
+    }
+    // No new sockets while draining...
+    let refused = tokio_tungstenite::connect_async(format!("ws://{client}/ws/echo")).await;
+    assert!(refused.is_err(), "a new connection during the drain is refused");
+    // ...but the open one still works until the grace ends.
+    ws.send(Message::text("during")).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::text("during"));
+    assert_eq!(close_code(&mut ws).await, Some(1012));
+    assert!(
+        term.elapsed() >= std::time::Duration::from_millis(1900),
+        "closed only after the 2 s drain grace ({:?})",
+        term.elapsed()
+    );
     let status = tokio::time::timeout(WAIT, child.wait())
         .await
         .expect("exits in time")

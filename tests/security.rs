@@ -10,8 +10,6 @@ use serde_json::json;
 use std::path::PathBuf;
 use switchyard::config::Settings;
 use switchyard_bus::SubscribeOptions;
-use switchyard_edge::auth::{AuthConfig, TokenSource};
-use switchyard_edge::{Mode, RouteConfig, SlowPolicy};
 use switchyard_protocol::Envelope;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
@@ -75,7 +73,8 @@ fn rs256(k: &Keys, claims: serde_json::Value) -> String {
 }
 
 fn good_claims() -> serde_json::Value {
-    json!({"sub": "alice", "aud": "sy", "iss": "test", "exp": now() + 600, "tenant": "t1"})
+    json!({"sub": "alice", "aud": "sy", "iss": "test", "exp": now() + 600, "tenant": "t1",
+           "channels": ["ticker.>", "room.*"], "publish": ["room.lobby"]})
 }
 
 fn b64(v: &serde_json::Value) -> String {
@@ -83,31 +82,54 @@ fn b64(v: &serde_json::Value) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
 }
 
-async fn secured(keys: &Keys, per_ip: usize) -> Running {
+/// The secured routes: `/secure` (rate limit → close 1008) and `/secure-soft` (rate limit →
+/// error op), both RS256 with channel grants from the `channels` / `publish` claims.
+fn secured_routes(keys: &Keys) -> Vec<switchyard_edge::RouteConfig> {
+    let route = |path: &str, action: &str| {
+        format!(
+            r#"
+[[route]]
+path = "{path}"
+topic = "secure"
+mode = "framed"
+allow_publish = true
+queue_size = 64
+slow_policy = "close"
+max_message_size = 4096
+allowed_origins = ["{ORIGIN}"]
+[route.auth]
+algorithms = ["RS256"]
+key_file = "{key}"
+audience = "sy"
+issuer = "test"
+stamp_claims = ["tenant"]
+subscribe_claim = "channels"
+publish_claim = "publish"
+[route.rate_limit]
+messages_per_second = 50
+burst = 100
+action = "{action}"
+[route.channels]
+subscribe = ["ticker.>", "news.*", "room.*"]
+publish = ["room.*"]
+"#,
+            key = keys.public_path.display()
+        )
+    };
+    let text = route("/secure", "close") + &route("/secure-soft", "error");
+    switchyard_edge::config::parse_routes(&text).expect("test routes parse")
+}
+
+async fn secured_with(keys: &Keys, tweak: impl FnOnce(&mut Settings)) -> Running {
     let mut s = Settings::for_tests();
-    s.edge.max_connections_per_ip = per_ip;
-    s.edge.routes.push(RouteConfig {
-        path: "/secure".into(),
-        topic: "secure".into(),
-        mode: Mode::Framed,
-        allow_publish: false,
-        queue_size: 64,
-        slow_policy: SlowPolicy::Close,
-        max_message_size: Some(4096),
-        allowed_origins: vec![ORIGIN.into()],
-        auth: Some(AuthConfig {
-            algorithms: vec!["RS256".into()],
-            key_file: Some(keys.public_path.clone()),
-            secret_file: None,
-            audience: Some("sy".into()),
-            issuer: Some("test".into()),
-            token_from: vec![TokenSource::Header, TokenSource::Protocol, TokenSource::Query],
-            query_param: "access_token".into(),
-            stamp_claims: vec!["tenant".into()],
-            api_keys_file: None,
-        }),
-    });
+    s.edge.routes.extend(secured_routes(keys));
+    tweak(&mut s);
+    s.edge.validate().expect("test settings validate");
     start(s).await
+}
+
+async fn secured(keys: &Keys, per_ip: usize) -> Running {
+    secured_with(keys, |s| s.edge.max_connections_per_ip = per_ip).await
 }
 
 /// Attempts an upgrade; Ok(socket) or Err(HTTP status).

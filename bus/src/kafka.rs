@@ -37,6 +37,7 @@ type Senders = Arc<Mutex<HashMap<String, Vec<(u64, mpsc::Sender<Message>)>>>>;
 
 pub struct KafkaBus {
     brokers: String,
+    tls: Option<crate::BusTls>,
     producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
     /// The shared assign-based consumer for plain subscriptions, and who wants which topic.
@@ -91,18 +92,30 @@ impl Drop for AbortOnDrop {
 }
 
 /// The base config every client shares.
-fn base(brokers: &str, name: &str) -> ClientConfig {
+fn base(brokers: &str, name: &str, tls: Option<&crate::BusTls>) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", brokers)
         .set("client.id", name)
         .set("log_level", "3");
+    if let Some(t) = tls {
+        c.set("security.protocol", "ssl");
+        for (k, v) in [
+            ("ssl.ca.location", &t.ca),
+            ("ssl.certificate.location", &t.cert),
+            ("ssl.key.location", &t.key),
+        ] {
+            if let Some(p) = v {
+                c.set(k, p.display().to_string());
+            }
+        }
+    }
     c
 }
 
 /// A consumer config tuned for latency: librdkafka's default fetch wait (500 ms) would add up
 /// to half a second per hop on a quiet topic.
-fn consumer_base(brokers: &str, name: &str) -> ClientConfig {
-    let mut c = base(brokers, name);
+fn consumer_base(brokers: &str, name: &str, tls: Option<&crate::BusTls>) -> ClientConfig {
+    let mut c = base(brokers, name, tls);
     c.set("fetch.wait.max.ms", "20").set("fetch.min.bytes", "1");
     c
 }
@@ -156,7 +169,7 @@ fn regex_escape(t: &str) -> String {
 impl KafkaBus {
     pub async fn connect(url: &str, opts: &BusOptions) -> Result<Self, BusError> {
         let brokers = url.trim_start_matches("kafka://").trim_end_matches('/').to_owned();
-        let producer: FutureProducer = base(&brokers, &opts.name)
+        let producer: FutureProducer = base(&brokers, &opts.name, opts.tls.as_ref())
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("partitioner", "murmur2_random")
@@ -165,7 +178,9 @@ impl KafkaBus {
             .set("queue.buffering.max.messages", opts.outage_buffer.max(1).to_string())
             .create()
             .map_err(unavailable)?;
-        let admin: AdminClient<DefaultClientContext> = base(&brokers, &opts.name).create().map_err(unavailable)?;
+        let admin: AdminClient<DefaultClientContext> = base(&brokers, &opts.name, opts.tls.as_ref())
+            .create()
+            .map_err(unavailable)?;
         // Fail fast on an unreachable broker, with a clear message.
         let p2 = producer.clone();
         tokio::task::spawn_blocking(move || {
@@ -175,7 +190,7 @@ impl KafkaBus {
         .await
         .map_err(unavailable)?
         .map_err(|e| unavailable(format!("cannot reach Kafka at {brokers}: {e}")))?;
-        let fanout: StreamConsumer = consumer_base(&brokers, &opts.name)
+        let fanout: StreamConsumer = consumer_base(&brokers, &opts.name, opts.tls.as_ref())
             .set("group.id", format!("{}-fanout-{}", opts.prefix, std::process::id()))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
@@ -188,6 +203,7 @@ impl KafkaBus {
         watch_readiness(producer.clone(), Arc::downgrade(&ready));
         Ok(Self {
             brokers,
+            tls: opts.tls.clone(),
             producer,
             admin,
             fanout,
@@ -302,18 +318,19 @@ impl KafkaBus {
             self.ensure_topic(pattern).await?;
             pattern.to_owned()
         };
-        let consumer: StreamConsumer = consumer_base(&self.brokers, &format!("{}-{group}", self.prefix))
-            .set("group.id", format!("{}-{group}", self.prefix))
-            // A group with no committed offset starts at the beginning: a partition that
-            // moves to a member during a rebalance, before anything was committed, loses
-            // nothing (at the cost of reading history once, on a group's very first start).
-            .set("auto.offset.reset", reset)
-            .set("enable.auto.commit", "true")
-            .set("auto.commit.interval.ms", "1000")
-            .set("enable.partition.eof", "false")
-            .set("topic.metadata.refresh.interval.ms", "2000")
-            .create()
-            .map_err(unavailable)?;
+        let consumer: StreamConsumer =
+            consumer_base(&self.brokers, &format!("{}-{group}", self.prefix), self.tls.as_ref())
+                .set("group.id", format!("{}-{group}", self.prefix))
+                // A group with no committed offset starts at the beginning: a partition that
+                // moves to a member during a rebalance, before anything was committed, loses
+                // nothing (at the cost of reading history once, on a group's very first start).
+                .set("auto.offset.reset", reset)
+                .set("enable.auto.commit", "true")
+                .set("auto.commit.interval.ms", "1000")
+                .set("enable.partition.eof", "false")
+                .set("topic.metadata.refresh.interval.ms", "2000")
+                .create()
+                .map_err(unavailable)?;
         consumer.subscribe(&[&topic_or_regex]).map_err(unavailable)?;
         let consumer = Arc::new(consumer);
         let (tx, rx) = mpsc::channel(self.buffer);
@@ -511,16 +528,18 @@ pub struct LogRecord {
 pub struct SessionLog {
     brokers: String,
     prefix: String,
+    tls: Option<crate::BusTls>,
 }
 
 /// Progress of a scan: (records scanned so far, records to scan in all).
 pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
 
 impl SessionLog {
-    pub fn new(url: &str, prefix: &str) -> Self {
+    pub fn new(url: &str, prefix: &str, tls: Option<crate::BusTls>) -> Self {
         Self {
             brokers: url.trim_start_matches("kafka://").trim_end_matches('/').to_owned(),
             prefix: prefix.to_owned(),
+            tls,
         }
     }
 
@@ -534,7 +553,7 @@ impl SessionLog {
         progress: Progress<'_>,
     ) -> Result<Vec<LogRecord>, BusError> {
         use rdkafka::consumer::BaseConsumer;
-        let consumer: BaseConsumer = base(&self.brokers, "switchyard-replay")
+        let consumer: BaseConsumer = base(&self.brokers, "switchyard-replay", self.tls.as_ref())
             .set("group.id", format!("switchyard-replay-{}", std::process::id()))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")

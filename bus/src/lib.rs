@@ -306,6 +306,17 @@ pub struct BusOptions {
     pub partitions: u32,
     /// How long a network bus waits for the broker to acknowledge a durable publish.
     pub ack_timeout: std::time::Duration,
+    /// TLS to the broker (NATS: required once set; Kafka: `security.protocol=ssl`).
+    pub tls: Option<BusTls>,
+}
+
+/// TLS to the broker: a CA bundle to trust, and optionally a client certificate (mutual TLS).
+/// All PEM files.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BusTls {
+    pub ca: Option<std::path::PathBuf>,
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
 }
 
 impl Default for BusOptions {
@@ -318,6 +329,7 @@ impl Default for BusOptions {
             prefix: "sy".into(),
             partitions: 16,
             ack_timeout: std::time::Duration::from_secs(10),
+            tls: None,
         }
     }
 }

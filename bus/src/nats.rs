@@ -51,7 +51,17 @@ fn undotted(prefix: &str) -> String {
 
 impl NatsBus {
     pub async fn connect(url: &str, opts: &BusOptions) -> Result<Self, BusError> {
-        let client = async_nats::ConnectOptions::new()
+        let mut connect = async_nats::ConnectOptions::new();
+        if let Some(t) = &opts.tls {
+            connect = connect.require_tls(true);
+            if let Some(ca) = &t.ca {
+                connect = connect.add_root_certificates(ca.clone());
+            }
+            if let (Some(cert), Some(key)) = (&t.cert, &t.key) {
+                connect = connect.add_client_certificate(cert.clone(), key.clone());
+            }
+        }
+        let client = connect
             .name(&opts.name)
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(5))
@@ -67,7 +77,7 @@ impl NatsBus {
                     other => tracing::info!(event = %other, "nats event"),
                 }
             })
-            .connect(url.replace("tls://", "tls://"))
+            .connect(url)
             .await
             .map_err(|e| unavailable(format!("cannot connect to {url}: {e}")))?;
         let mut js = jetstream::new(client.clone());

@@ -1,6 +1,7 @@
 //! Handshake authentication: JWT (HS256, RS256, ES256, EdDSA) with an explicit algorithm
-//! allowlist, exp / nbf / aud / iss checked, or a static API key. Keys are loaded once, at
-//! config time. Tokens are never logged.
+//! allowlist, exp / nbf / aud / iss checked, or a static API key. Keys come from a PEM file, a
+//! secret file or a JWKS file (selected by `kid`), loaded once at config time. Tokens are never
+//! logged. Claims named by the route grant channel permissions (see `config::ChannelRules`).
 
 use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
@@ -33,6 +34,13 @@ pub struct AuthConfig {
     pub key_file: Option<PathBuf>,
     /// File holding the HS256 secret.
     pub secret_file: Option<PathBuf>,
+    /// JWKS file (`{"keys": [...]}`): the token's `kid` picks the key; a key's `alg`, when
+    /// present, must equal the token's.
+    pub jwks_file: Option<PathBuf>,
+    /// Claim holding the channel patterns this client may subscribe to (e.g. `channels`).
+    pub subscribe_claim: Option<String>,
+    /// Claim holding the channel patterns this client may publish on.
+    pub publish_claim: Option<String>,
     pub audience: Option<String>,
     pub issuer: Option<String>,
     #[serde(default = "default_sources")]
@@ -57,6 +65,10 @@ fn default_query() -> String {
 /// A loaded, validated verifier for one route.
 pub struct Verifier {
     key: Option<DecodingKey>,
+    /// JWKS keys by `kid`, with the algorithm the JWK declares.
+    jwks: HashMap<String, (DecodingKey, Option<Algorithm>)>,
+    subscribe_claim: Option<String>,
+    publish_claim: Option<String>,
     validation: Validation,
     algorithms: Vec<Algorithm>,
     sources: Vec<TokenSource>,
@@ -77,6 +89,15 @@ pub struct Verified {
     pub identity: Identity,
     /// Expiry (Unix seconds), when the credential has one.
     pub expires_at: Option<u64>,
+    pub grants: Grants,
+}
+
+/// Channel patterns a credential grants; `None` = the route names no claim for that operation.
+/// A route that names a claim grants nothing to a token without it (or to an API key).
+#[derive(Debug, Clone, Default)]
+pub struct Grants {
+    pub subscribe: Option<Vec<String>>,
+    pub publish: Option<Vec<String>>,
 }
 
 impl Verifier {
@@ -101,11 +122,20 @@ impl Verifier {
             return Err("HS256 and asymmetric algorithms in one allowlist invite key confusion: use one family".into());
         }
         let families: std::collections::HashSet<_> = asym.iter().map(|a| format!("{a:?}")).collect();
-        if families.len() > 1 {
+        if families.len() > 1 && c.jwks_file.is_none() {
             return Err("one key file serves one algorithm: list one of RS256, ES256, EdDSA".into());
         }
         let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
-        let key = if hmac {
+        let jwks = match &c.jwks_file {
+            Some(p) => load_jwks(p, &algorithms)?,
+            None => HashMap::new(),
+        };
+        let key = if !jwks.is_empty() {
+            if c.key_file.is_some() || c.secret_file.is_some() {
+                return Err("jwks_file replaces key_file / secret_file: give one".into());
+            }
+            None
+        } else if hmac {
             let p = c.secret_file.as_ref().ok_or("HS256 needs secret_file")?;
             let secret = read(p)?;
             let secret = secret.trim_ascii();
@@ -148,7 +178,7 @@ impl Verifier {
             }
             None => HashMap::new(),
         };
-        if key.is_none() && api_keys.is_empty() {
+        if key.is_none() && jwks.is_empty() && api_keys.is_empty() {
             return Err("auth needs algorithms with a key, or api_keys_file".into());
         }
         let mut validation = Validation::new(*algorithms.first().unwrap_or(&Algorithm::HS256));
@@ -165,6 +195,9 @@ impl Verifier {
         }
         Ok(Self {
             key,
+            jwks,
+            subscribe_claim: c.subscribe_claim.clone(),
+            publish_claim: c.publish_claim.clone(),
             validation,
             algorithms,
             sources: c.token_from.clone(),
@@ -185,18 +218,31 @@ impl Verifier {
                         claims: Map::new(),
                     },
                     expires_at: None,
+                    grants: self.grants(&Map::new()),
                 }),
                 None => Err(unauthorized("bad_api_key")),
             };
         }
         let token = self.token(headers, query).ok_or(unauthorized("missing_token"))?;
-        let key = self.key.as_ref().ok_or(unauthorized("missing_token"))?;
         // Refuse anything outside the allowlist before touching the signature (alg: none,
         // HS/RS confusion).
         let header = decode_header(&token).map_err(|_| unauthorized("malformed_token"))?;
         if !self.algorithms.contains(&header.alg) {
             return Err(unauthorized("algorithm"));
         }
+        let key = if self.jwks.is_empty() {
+            self.key.as_ref().ok_or(unauthorized("missing_token"))?
+        } else {
+            let (k, alg) = header
+                .kid
+                .as_ref()
+                .and_then(|kid| self.jwks.get(kid))
+                .ok_or(unauthorized("unknown_kid"))?;
+            if alg.is_some_and(|a| a != header.alg) {
+                return Err(unauthorized("algorithm"));
+            }
+            k
+        };
         let data = decode::<Map<String, Value>>(&token, key, &self.validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind as K;
             unauthorized(match e.kind() {
@@ -227,7 +273,23 @@ impl Verifier {
                 claims: stamped,
             },
             expires_at: claims.get("exp").and_then(Value::as_u64),
+            grants: self.grants(&claims),
         })
+    }
+
+    /// The channel patterns the token's configured claims hold (strings or arrays of strings).
+    fn grants(&self, claims: &Map<String, Value>) -> Grants {
+        let list = |name: &Option<String>| {
+            name.as_ref().map(|n| match claims.get(n) {
+                Some(Value::String(s)) => vec![s.clone()],
+                Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+                _ => Vec::new(),
+            })
+        };
+        Grants {
+            subscribe: list(&self.subscribe_claim),
+            publish: list(&self.publish_claim),
+        }
     }
 
     fn token(&self, headers: &axum::http::HeaderMap, query: Option<&str>) -> Option<String> {
@@ -255,4 +317,44 @@ impl Verifier {
         }
         None
     }
+}
+
+/// Reads a JWKS file: every key needs a `kid`; a key's declared `alg` must be in the allowlist.
+fn load_jwks(
+    p: &std::path::Path,
+    allowed: &[Algorithm],
+) -> Result<HashMap<String, (DecodingKey, Option<Algorithm>)>, String> {
+    let text = std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+    let set: jsonwebtoken::jwk::JwkSet =
+        serde_json::from_slice(&text).map_err(|e| format!("{}: not a JWKS: {e}", p.display()))?;
+    let mut keys = HashMap::new();
+    for (i, jwk) in set.keys.iter().enumerate() {
+        let kid = jwk
+            .common
+            .key_id
+            .clone()
+            .ok_or_else(|| format!("{}: key {i} has no kid", p.display()))?;
+        let alg = match jwk.common.key_algorithm {
+            Some(a) => {
+                let a: Algorithm = a
+                    .to_string()
+                    .parse()
+                    .map_err(|_| format!("{}: key {kid:?}: algorithm {a} is not usable", p.display()))?;
+                if !allowed.contains(&a) {
+                    return Err(format!(
+                        "{}: key {kid:?} is for {a:?}, not in the allowlist",
+                        p.display()
+                    ));
+                }
+                Some(a)
+            }
+            None => None,
+        };
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("{}: key {kid:?}: {e}", p.display()))?;
+        keys.insert(kid, (key, alg));
+    }
+    if keys.is_empty() {
+        return Err(format!("{}: no keys", p.display()));
+    }
+    Ok(keys)
 }

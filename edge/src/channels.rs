@@ -3,7 +3,6 @@
 //! same bytes are queued to every subscriber.
 
 use crate::session::Session;
-use axum::extract::ws::{Message, Utf8Bytes};
 use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,6 +11,7 @@ use switchyard_protocol::envelope::header;
 use switchyard_protocol::{framed, Naming};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
+use tungstenite::{Message, Utf8Bytes};
 
 type Subscribers = Arc<RwLock<HashMap<String, Arc<Session>>>>;
 

@@ -48,6 +48,71 @@ pub struct RouteConfig {
     pub allowed_origins: Vec<String>,
     /// Authentication at the handshake (`[route.auth]`); absent = anonymous.
     pub auth: Option<crate::auth::AuthConfig>,
+    /// Per-session message rate (`[route.rate_limit]`); absent = unlimited (the node's frame
+    /// flood budget still applies).
+    pub rate_limit: Option<RateLimit>,
+    /// Which channels may be subscribed to / published on (`[route.channels]`).
+    #[serde(default)]
+    pub channels: ChannelRules,
+}
+
+/// What happens to a client message over the session's rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RateAction {
+    /// Framed routes: the message is not published and the client gets an `error` op with code
+    /// `rate_limited` (and its `id`).
+    Error,
+    /// Close the socket with 1008 (policy violation).
+    Close,
+}
+
+/// A token bucket per session.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub messages_per_second: u32,
+    /// Bucket size (default: one second's worth).
+    pub burst: Option<u32>,
+    pub action: RateAction,
+}
+
+/// Channel authorization of a route. Patterns are dot-separated tokens where `*` matches one
+/// token and a final `>` matches one or more (NATS style). A channel is allowed when it matches
+/// the route's list (empty = any) and, when `[route.auth]` names a claim for the operation, a
+/// pattern in that claim of the client's token.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelRules {
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+    #[serde(default)]
+    pub publish: Vec<String>,
+}
+
+/// Does `channel` match the NATS-style `pattern`?
+pub fn channel_matches(pattern: &str, channel: &str) -> bool {
+    let mut c = channel.split('.');
+    for p in pattern.split('.') {
+        match (p, c.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (p, Some(t)) if p == t => {}
+            _ => return false,
+        }
+    }
+    c.next().is_none()
+}
+
+/// A pattern is `valid_channel` once `*` and a final `>` are replaced by a token.
+pub fn valid_pattern(p: &str) -> bool {
+    let n = p.split('.').count();
+    let plain: Vec<&str> = p
+        .split('.')
+        .enumerate()
+        .map(|(i, t)| if t == "*" || (t == ">" && i + 1 == n) { "x" } else { t })
+        .collect();
+    valid_channel(&plain.join("."))
 }
 
 fn default_queue() -> usize {
@@ -112,6 +177,29 @@ pub struct EdgeConfig {
     pub max_connections: usize,
     /// Most sockets one client IP may hold (past it: 429 before the upgrade).
     pub max_connections_per_ip: usize,
+    /// Most sockets one authenticated subject may hold (past it: 429 before the upgrade).
+    pub max_connections_per_user: usize,
+    /// New connections per second one client IP may open (burst the same); 0 = no limit.
+    pub connect_rate_per_ip: u32,
+    /// Client addresses refused at accept (checked first).
+    pub deny_cidrs: Vec<ipnet::IpNet>,
+    /// When non-empty, only these client addresses are accepted.
+    pub allow_cidrs: Vec<ipnet::IpNet>,
+    /// TLS handshake and HTTP request headers must complete within this (slowloris).
+    pub handshake_timeout: Duration,
+    /// Largest request head in bytes (431 past it; at least 8 KiB).
+    pub max_header_bytes: usize,
+    /// Most request headers (431 past it).
+    pub max_headers: usize,
+    /// Frame-flood budgets per connection (close 1008 past them).
+    pub frame_limits: crate::guard::FrameLimits,
+    /// wss://: certificate and key files, reloaded when they change or on SIGHUP.
+    pub tls: Option<crate::tls::TlsFiles>,
+    /// On SIGTERM, how long sessions keep running (readyz already 503) before they are closed
+    /// with 1012.
+    pub drain_grace: Duration,
+    /// When set, every inbound record carries `sy-sig`, an HMAC-SHA256 by this key.
+    pub identity_hmac_key: Option<std::sync::Arc<Vec<u8>>>,
 }
 
 impl EdgeConfig {
@@ -127,7 +215,28 @@ impl EdgeConfig {
             lease: Duration::from_secs(15),
             max_connections: 100_000,
             max_connections_per_ip: 10_000,
+            max_connections_per_user: 1_000,
+            connect_rate_per_ip: 0,
+            deny_cidrs: Vec::new(),
+            allow_cidrs: Vec::new(),
+            handshake_timeout: Duration::from_secs(10),
+            max_header_bytes: 16 << 10,
+            max_headers: 64,
+            frame_limits: crate::guard::FrameLimits::default(),
+            tls: None,
+            drain_grace: Duration::ZERO,
+            identity_hmac_key: None,
         }
+    }
+
+    /// Is a client at `ip` let in (deny list first, then the allow list if any)?
+    pub fn ip_allowed(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        !self.deny_cidrs.iter().any(|n| n.contains(&ip))
+            && (self.allow_cidrs.is_empty() || self.allow_cidrs.iter().any(|n| n.contains(&ip)))
     }
 
     /// Checks everything that can be checked without I/O. The error is one line.
@@ -153,8 +262,32 @@ impl EdgeConfig {
                 self.idle_timeout, self.ping_interval
             ));
         }
-        if self.max_connections == 0 || self.max_connections_per_ip == 0 {
+        if self.max_connections == 0 || self.max_connections_per_ip == 0 || self.max_connections_per_user == 0 {
             return Err("connection caps must be at least 1".into());
+        }
+        if self.handshake_timeout < Duration::from_millis(100) || self.handshake_timeout > Duration::from_secs(300) {
+            return Err(format!(
+                "handshake timeout {:?} out of range 100ms..=5m",
+                self.handshake_timeout
+            ));
+        }
+        if !(8192..=1 << 20).contains(&self.max_header_bytes) {
+            return Err(format!(
+                "max header bytes {} out of range 8192..=1048576",
+                self.max_header_bytes
+            ));
+        }
+        if !(8..=1024).contains(&self.max_headers) {
+            return Err(format!("max headers {} out of range 8..=1024", self.max_headers));
+        }
+        if self.frame_limits.frames_per_second == 0 || self.frame_limits.control_per_second == 0 {
+            return Err("frame flood budgets must be at least 1 per second".into());
+        }
+        if let Some(t) = &self.tls {
+            crate::tls::load(t).map_err(|e| format!("TLS: {e}"))?;
+        }
+        if self.identity_hmac_key.as_ref().is_some_and(|k| k.len() < 32) {
+            return Err("identity HMAC key shorter than 32 bytes".into());
         }
         if self.lease < Duration::from_secs(1) || self.lease > Duration::from_secs(3600) {
             return Err(format!("lease {:?} out of range 1s..=1h", self.lease));
@@ -199,6 +332,21 @@ impl EdgeConfig {
             if let Some(a) = &r.auth {
                 crate::auth::Verifier::load(a).map_err(|e| format!("{at}: auth: {e}"))?;
             }
+            if let Some(rl) = &r.rate_limit {
+                if rl.messages_per_second == 0 || rl.burst == Some(0) {
+                    return Err(format!("{at}: rate_limit needs messages_per_second and burst >= 1"));
+                }
+                if rl.action == RateAction::Error && r.mode == Mode::Raw {
+                    return Err(format!(
+                        "{at}: rate_limit action \"error\" needs a framed route (raw clients have no error op): use \"close\""
+                    ));
+                }
+            }
+            for p in r.channels.subscribe.iter().chain(&r.channels.publish) {
+                if !valid_pattern(p) {
+                    return Err(format!("{at}: invalid channel pattern {p:?}"));
+                }
+            }
         }
         Ok(())
     }
@@ -213,6 +361,35 @@ mod tests {
         let shipped = parse_routes(include_str!("../../examples/routes.toml")).unwrap();
         let fmt = |r: &[RouteConfig]| format!("{r:?}");
         assert_eq!(fmt(&shipped), fmt(&default_routes()));
+    }
+
+    #[test]
+    fn channel_patterns() {
+        assert!(channel_matches("ticker.*", "ticker.btc"));
+        assert!(!channel_matches("ticker.*", "ticker.btc.usd"));
+        assert!(!channel_matches("ticker.*", "ticker"));
+        assert!(channel_matches("ticker.>", "ticker.btc.usd"));
+        assert!(!channel_matches("ticker.>", "ticker"));
+        assert!(channel_matches("a.b", "a.b"));
+        assert!(!channel_matches("a.b", "a.bc"));
+        assert!(!channel_matches("a.b", "a.b.c"));
+        assert!(channel_matches(">", "x.y"));
+        assert!(valid_pattern("ticker.*") && valid_pattern("a.>") && valid_pattern("*"));
+        assert!(!valid_pattern("a.>.b") && !valid_pattern("a..b") && !valid_pattern("a b"));
+    }
+
+    #[test]
+    fn cidr_rules() {
+        let mut c = EdgeConfig::new("n1");
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(c.ip_allowed(ip("10.1.2.3")));
+        c.deny_cidrs = vec!["10.0.0.0/8".parse().unwrap()];
+        assert!(!c.ip_allowed(ip("10.1.2.3")));
+        assert!(!c.ip_allowed(ip("::ffff:10.1.2.3")), "v4-mapped v6 is the v4 address");
+        assert!(c.ip_allowed(ip("192.168.0.1")));
+        c.allow_cidrs = vec!["192.168.0.0/16".parse().unwrap(), "::1/128".parse().unwrap()];
+        assert!(c.ip_allowed(ip("192.168.0.1")) && c.ip_allowed(ip("::1")));
+        assert!(!c.ip_allowed(ip("172.16.0.1")));
     }
 
     #[test]

@@ -4,11 +4,11 @@
 
 use crate::metrics as m;
 use crate::server::EdgeState;
-use axum::extract::ws::{Message, Utf8Bytes};
 use std::sync::Arc;
 use switchyard_bus::Subscription;
 use switchyard_protocol::framed;
 use switchyard_protocol::{ControlOp, Envelope, Kind, Opcode};
+use tungstenite::{Message, Utf8Bytes};
 
 pub async fn run(st: Arc<EdgeState>, mut sub: Subscription) {
     let delivered = metrics::counter!(m::DELIVERIES, "kind" => "deliver");
@@ -33,6 +33,10 @@ pub async fn run(st: Arc<EdgeState>, mut sub: Subscription) {
         match (env.kind, env.control) {
             (Kind::Deliver, _) => {
                 delivered.increment(1);
+                if let Some(t) = &env.trace {
+                    // The backend's trace context is honoured in the delivery's log line.
+                    tracing::debug!(session = %env.session, trace_id = %t.trace_id(), "delivering a backend record");
+                }
                 let m = match env.opcode {
                     Opcode::Text => match Utf8Bytes::try_from(env.payload.clone()) {
                         Ok(t) => Message::Text(t),

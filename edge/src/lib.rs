@@ -10,7 +10,10 @@
 //! - [`session`]: one socket = one reader loop + one writer task.
 //! - [`channels`]: one bus subscription per channel with local subscribers; encode once, share.
 //! - [`delivery`]: the node delivery subscription (backend replies and control ops).
-//! - [`server`]: the axum listener: route lookup, 404 before upgrade, upgrade.
+//! - [`listener`]: the accept loop: CIDR rules, TLS, header timeouts and limits.
+//! - [`tls`]: wss:// certificates, reloaded when their files change or on SIGHUP.
+//! - [`guard`]: the per-socket frame-flood budget (continuation and control floods).
+//! - [`server`]: route lookup, 404 before upgrade, every handshake check, the upgrade.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` and the JSON API.
 //! - [`metrics`]: every metric the process exports, declared in one place.
 
@@ -20,10 +23,13 @@ pub mod auth;
 pub mod channels;
 pub mod config;
 pub mod delivery;
+pub mod guard;
+pub mod listener;
 pub mod metrics;
 pub mod queue;
 pub mod server;
 pub mod session;
+pub mod tls;
 
 pub use config::{EdgeConfig, Mode, RouteConfig, SlowPolicy};
 pub use server::{Edge, EdgeState};

@@ -25,6 +25,10 @@ pub const BUS_PUBLISH_ERRORS: &str = "switchyard_bus_publish_errors_total";
 pub const BUS_PUBLISH_SECONDS: &str = "switchyard_bus_publish_seconds";
 pub const BUS_SUBSCRIBE_ERRORS: &str = "switchyard_bus_subscribe_errors_total";
 pub const BUS_READY: &str = "switchyard_bus_ready";
+pub const TLS_RELOADS: &str = "switchyard_tls_reloads_total";
+pub const RATE_LIMITED: &str = "switchyard_rate_limited_total";
+pub const FORBIDDEN: &str = "switchyard_forbidden_total";
+pub const DRAINING: &str = "switchyard_draining";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -87,4 +91,14 @@ fn describe() {
     );
     describe_counter!(BUS_SUBSCRIBE_ERRORS, "Failed bus subscriptions, by reason");
     describe_gauge!(BUS_READY, "1 while the bus can take records, else 0");
+    describe_counter!(TLS_RELOADS, "TLS certificate reloads, by result (ok, error)");
+    describe_counter!(
+        RATE_LIMITED,
+        "Client messages over a session's rate, by route and action (error, close)"
+    );
+    describe_counter!(
+        FORBIDDEN,
+        "Subscribe or publish refused by channel authorization, by route and op"
+    );
+    describe_gauge!(DRAINING, "1 once the node has started draining (SIGTERM), else 0");
 }

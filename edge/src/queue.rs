@@ -6,10 +6,10 @@
 //! drop the oldest message, or close the socket with 4008. Both are counted by the caller.
 
 use crate::config::SlowPolicy;
-use axum::extract::ws::Message;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
 use tokio::sync::Notify;
+use tungstenite::Message;
 
 /// What the writer should do next.
 #[derive(Debug)]

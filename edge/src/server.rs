@@ -5,12 +5,12 @@ use crate::channels::ChannelHub;
 use crate::config::{EdgeConfig, Mode, RouteConfig};
 use crate::metrics as m;
 use crate::session::{self, Session};
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{State, WebSocketUpgrade};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use dashmap::DashMap;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use metrics::{Counter, Gauge};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 /// A configured route plus what is derived from it once: its inbound topic and metric handles.
 pub struct Route {
@@ -37,6 +38,8 @@ pub struct Route {
     pub drop_oldest: Counter,
     pub drop_slow_close: Counter,
     pub drop_bus: Counter,
+    /// The route's per-session message rate, as a governor quota.
+    pub rate: Option<Quota>,
 }
 
 impl Route {
@@ -55,6 +58,12 @@ impl Route {
             drop_oldest: metrics::counter!(m::DROPS, "route" => r.clone(), "reason" => "slow_drop_oldest"),
             drop_slow_close: metrics::counter!(m::DROPS, "route" => r.clone(), "reason" => "slow_close"),
             drop_bus: metrics::counter!(m::DROPS, "route" => r, "reason" => "bus_refused"),
+            rate: cfg.rate_limit.map(|rl| {
+                let per = std::num::NonZeroU32::new(rl.messages_per_second.max(1)).expect("non-zero");
+                let burst =
+                    std::num::NonZeroU32::new(rl.burst.unwrap_or(rl.messages_per_second).max(1)).expect("non-zero");
+                Quota::per_second(per).allow_burst(burst)
+            }),
             cfg,
         })
     }
@@ -65,6 +74,20 @@ impl Route {
 
     pub fn is_framed(&self) -> bool {
         self.cfg.mode == Mode::Framed
+    }
+
+    /// Channel authorization: the route's patterns (empty = any) and the credential's grants.
+    pub fn may(&self, publish: bool, grants: &crate::auth::Grants, channel: &str) -> bool {
+        use crate::config::channel_matches;
+        let (route, granted) = if publish {
+            (&self.cfg.channels.publish, &grants.publish)
+        } else {
+            (&self.cfg.channels.subscribe, &grants.subscribe)
+        };
+        (route.is_empty() || route.iter().any(|p| channel_matches(p, channel)))
+            && granted
+                .as_ref()
+                .is_none_or(|g| g.iter().any(|p| channel_matches(p, channel)))
     }
 }
 
@@ -84,12 +107,20 @@ pub struct EdgeState {
     /// Sockets open on this node, and per client IP (the connection caps).
     pub open: std::sync::atomic::AtomicUsize,
     pub per_ip: DashMap<std::net::IpAddr, usize>,
+    /// Sockets per authenticated subject (the per-user cap).
+    pub per_user: DashMap<String, usize>,
+    /// New connections per client IP (when `connect_rate_per_ip` is set).
+    pub ip_rate: Option<DefaultKeyedRateLimiter<std::net::IpAddr>>,
+    /// Cancelled after the drain grace: every session closes with 1012.
+    pub close_all: CancellationToken,
 }
 
 /// A running edge node.
 pub struct Edge {
     pub state: Arc<EdgeState>,
     pub addr: SocketAddr,
+    /// The wss:// certificate, when configured (reload it on SIGHUP).
+    pub tls: Option<Arc<crate::tls::TlsReloader>>,
     server: JoinHandle<()>,
     delivery: JoinHandle<()>,
     heartbeat: Option<JoinHandle<()>>,
@@ -154,8 +185,20 @@ impl Edge {
             tracker: TaskTracker::new(),
             open: Default::default(),
             per_ip: DashMap::new(),
+            per_user: DashMap::new(),
+            ip_rate: std::num::NonZeroU32::new(cfg.connect_rate_per_ip)
+                .map(|n| RateLimiter::keyed(Quota::per_second(n).allow_burst(n))),
+            close_all: CancellationToken::new(),
             cfg,
         });
+        let tls = match &state.cfg.tls {
+            Some(files) => {
+                let t = crate::tls::TlsReloader::new(files.clone()).map_err(BusError::Other)?;
+                tokio::spawn(t.clone().watch(std::time::Duration::from_secs(2), shutdown.clone()));
+                Some(t)
+            }
+            None => None,
+        };
         let sub = bus.subscribe(&node_topic, SubscribeOptions::default()).await?;
         let delivery = tokio::spawn(crate::delivery::run(state.clone(), sub));
         let heartbeat = match bus.registry() {
@@ -169,29 +212,53 @@ impl Edge {
         };
         let addr = listener.local_addr().map_err(|e| BusError::Other(e.to_string()))?;
         let app = Router::new().fallback(upgrade).with_state(state.clone());
-        let stop = shutdown.clone();
-        let server = tokio::spawn(async move {
-            let serve = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(async move { stop.cancelled().await });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "client listener failed");
-            }
-        });
+        let server = tokio::spawn(crate::listener::serve(
+            listener,
+            app,
+            state.clone(),
+            tls.clone(),
+            shutdown.clone(),
+        ));
+        if state.ip_rate.is_some() {
+            // Forget addresses whose bucket is full again, so the map stays bounded.
+            let st = state.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+                loop {
+                    tokio::select! {
+                        _ = st.shutdown.cancelled() => return,
+                        _ = tick.tick() => if let Some(l) = &st.ip_rate { l.retain_recent() },
+                    }
+                }
+            });
+        }
         tracing::info!(%addr, node = %state.cfg.node_id, "edge listening");
         Ok(Edge {
             state,
             addr,
+            tls,
             server,
             delivery,
             heartbeat,
         })
     }
 
-    /// Waits for the listener to stop (after `shutdown`), then for every session to finish its
-    /// close handshake and publish its disconnect, up to the configured grace (+1 s).
+    /// Waits for the listener to stop (after `shutdown`); lets sessions run for the drain
+    /// grace (or until none is left); closes the rest with 1012; then waits for every session
+    /// to finish its close handshake and publish its disconnect, up to the shutdown grace (+1 s).
     pub async fn drained(self) {
         let _ = self.server.await;
         self.state.tracker.close();
+        let grace = self.state.cfg.drain_grace;
+        if !grace.is_zero() {
+            tracing::info!(
+                sessions = self.state.sessions.len(),
+                ?grace,
+                "draining: sessions keep running for the drain grace"
+            );
+            let _ = tokio::time::timeout(grace, self.state.tracker.wait()).await;
+        }
+        self.state.close_all.cancel();
         let grace = self.state.cfg.shutdown_grace + std::time::Duration::from_secs(1);
         if tokio::time::timeout(grace, self.state.tracker.wait()).await.is_err() {
             tracing::warn!(
@@ -227,6 +294,7 @@ fn refuse(status: StatusCode, reason: &'static str, body: &'static str) -> Respo
 struct Slot {
     st: Arc<EdgeState>,
     ip: std::net::IpAddr,
+    user: Option<String>,
 }
 
 impl Slot {
@@ -252,7 +320,28 @@ impl Slot {
             ));
         }
         *n += 1;
-        Ok(Slot { st: st.clone(), ip })
+        Ok(Slot {
+            st: st.clone(),
+            ip,
+            user: None,
+        })
+    }
+
+    /// Also takes a slot of the subject's per-user cap.
+    fn add_user(&mut self, subject: &str) -> Result<(), Response> {
+        let mut n = self.st.per_user.entry(subject.to_owned()).or_insert(0);
+        if *n >= self.st.cfg.max_connections_per_user {
+            drop(n);
+            self.st.per_user.remove_if(subject, |_, n| *n == 0);
+            return Err(refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "user_cap",
+                "too many connections for this user\n",
+            ));
+        }
+        *n += 1;
+        self.user = Some(subject.to_owned());
+        Ok(())
     }
 }
 
@@ -263,44 +352,91 @@ impl Drop for Slot {
             *n -= 1;
             *n == 0
         });
+        if let Some(u) = &self.user {
+            self.st.per_user.remove_if_mut(u, |_, n| {
+                *n -= 1;
+                *n == 0
+            });
+        }
     }
 }
 
+/// Does a comma-separated header hold `token` (case-insensitive)?
+fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Every check before a socket exists, cheapest first: route (404), WebSocket handshake
+/// (400/426), draining (503), Origin (403), connection rate and caps (429/503),
+/// authentication (401), per-user cap (429). Then the 101 and, on its own task, the session.
 async fn upgrade(
     State(st): State<Arc<EdgeState>>,
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
-    uri: Uri,
-    headers: HeaderMap,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    req: axum::extract::Request,
 ) -> Response {
-    let Some(route) = st.routes.get(uri.path()).cloned() else {
+    let (mut parts, _body) = req.into_parts();
+    let headers = &parts.headers;
+    let Some(route) = st.routes.get(parts.uri.path()).cloned() else {
         metrics::counter!(m::HANDSHAKE_REJECTED, "reason" => "unknown_path").increment(1);
         return (StatusCode::NOT_FOUND, "no such route\n").into_response();
     };
-    let ws = match ws {
-        Ok(ws) => ws,
-        Err(rej) => {
-            metrics::counter!(m::HANDSHAKE_REJECTED, "reason" => "not_websocket").increment(1);
-            return rej.into_response();
-        }
+    // RFC 6455 §4.2.1.
+    let is_ws = parts.method == Method::GET
+        && has_token(headers, header::CONNECTION, "upgrade")
+        && has_token(headers, header::UPGRADE, "websocket");
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).map(|k| k.as_bytes().to_vec());
+    let (Some(key), true) = (key, is_ws) else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "not_websocket",
+            "expected a WebSocket upgrade\n",
+        );
+    };
+    if headers.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v != "13") {
+        let mut r = refuse(
+            StatusCode::UPGRADE_REQUIRED,
+            "ws_version",
+            "WebSocket version 13 only\n",
+        );
+        r.headers_mut()
+            .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return r;
+    }
+    let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "not_websocket",
+            "connection cannot be upgraded\n",
+        );
     };
     if st.shutdown.is_cancelled() {
-        metrics::counter!(m::HANDSHAKE_REJECTED, "reason" => "draining").increment(1);
-        return (StatusCode::SERVICE_UNAVAILABLE, "node is shutting down\n").into_response();
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "draining", "node is shutting down\n");
     }
     // Exact Origin match: no suffix, prefix or `null` tricks.
     if !route.cfg.allowed_origins.is_empty() {
-        let origin = headers.get("origin").and_then(|v| v.to_str().ok());
+        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
         if !origin.is_some_and(|o| route.cfg.allowed_origins.iter().any(|a| a == o)) {
             return refuse(StatusCode::FORBIDDEN, "origin", "origin not allowed\n");
         }
     }
-    let slot = match Slot::take(&st, peer.ip()) {
+    if st.ip_rate.as_ref().is_some_and(|l| l.check_key(&peer.ip()).is_err()) {
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "ip_rate",
+            "connecting too fast from this address\n",
+        );
+    }
+    let mut slot = match Slot::take(&st, peer.ip()) {
         Ok(s) => s,
         Err(r) => return r,
     };
     let verified = match &route.verifier {
-        Some(v) => match v.verify(&headers, uri.query()) {
+        Some(v) => match v.verify(headers, parts.uri.query()) {
             Ok(v) => Some(v),
             Err(r) => {
                 let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::UNAUTHORIZED);
@@ -309,6 +445,11 @@ async fn upgrade(
         },
         None => None,
     };
+    if let Some(v) = &verified {
+        if let Err(r) = slot.add_user(&v.identity.subject) {
+            return r;
+        }
+    }
     let trace = headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
@@ -317,29 +458,63 @@ async fn upgrade(
             TraceContext::parse(tp, ts).ok()
         })
         .unwrap_or_else(new_trace);
+    let offered_v1 = has_token(headers, header::SEC_WEBSOCKET_PROTOCOL, "switchyard.v1");
     let id = ulid::Ulid::new().to_string();
+    let span = tracing::info_span!("session", session = %id, route = %route.cfg.path, trace_id = %trace.trace_id());
     let mut sess = Session::new(id.clone(), route.clone(), trace);
     if let Some(v) = verified {
         sess.identity = Some(v.identity);
         sess.expires_at = v.expires_at;
+        sess.grants = v.grants;
     }
     let sess = Arc::new(sess);
     let token = st.tracker.token();
     let st2 = st.clone();
-    let mut resp = ws
+    let ws_cfg = tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(1024)
         .write_buffer_size(16 * 1024)
         .max_write_buffer_size(route.max_message_size + (64 << 10))
-        .max_message_size(route.max_message_size)
-        .max_frame_size(route.max_message_size)
-        .protocols(["switchyard.v1"])
-        .on_failed_upgrade(|e| tracing::debug!(error = %e, "upgrade failed"))
-        .on_upgrade(move |socket| async move {
-            session::run(st2, sess, socket).await;
+        .max_message_size(Some(route.max_message_size))
+        .max_frame_size(Some(route.max_message_size));
+    tokio::spawn(
+        async move {
+            match on_upgrade.await {
+                Ok(upgraded) => {
+                    let io = hyper_util::rt::TokioIo::new(upgraded);
+                    let (io, tripped) = crate::guard::Guarded::new(io, st2.cfg.frame_limits);
+                    let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                        io,
+                        tungstenite::protocol::Role::Server,
+                        Some(ws_cfg),
+                    )
+                    .await;
+                    tracing::debug!(%peer, "session opened");
+                    session::run(st2, sess, ws, tripped).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
             drop(token);
             drop(slot);
-        });
+        }
+        .instrument(span),
+    );
     metrics::counter!(m::HANDSHAKES, "route" => route.cfg.path.clone()).increment(1);
+    let mut resp = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(
+            header::SEC_WEBSOCKET_ACCEPT,
+            tungstenite::handshake::derive_accept_key(&key),
+        )
+        .body(axum::body::Body::empty())
+        .expect("static response parts");
+    if offered_v1 {
+        resp.headers_mut().insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("switchyard.v1"),
+        );
+    }
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-switchyard-session", v);
     }

@@ -6,10 +6,10 @@
 //! taken it; when the bus refuses one, a raw client is closed with 1013 and a framed client gets
 //! an `error` op — never a silent drop.
 
-use crate::config::Mode;
+use crate::config::{Mode, RateAction};
+use crate::guard::Tripped;
 use crate::queue::{Out, OutQueue, Push};
 use crate::server::{EdgeState, Route};
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::Bytes;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use parking_lot::Mutex;
@@ -22,6 +22,11 @@ use switchyard_protocol::envelope::{header, now_ms};
 use switchyard_protocol::framed::{self, ClientOp};
 use switchyard_protocol::{close, Envelope, Headers, Kind, Opcode, TraceContext};
 use tokio_util::sync::CancellationToken;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::{Message, Utf8Bytes};
+
+/// Errors of the socket halves.
+type WsError = tungstenite::Error;
 
 /// Most channels one session may hold.
 pub const MAX_CHANNELS_PER_SESSION: usize = 256;
@@ -46,6 +51,10 @@ pub struct Session {
     pub identity: Option<switchyard_protocol::Identity>,
     /// When the credential expires (Unix seconds): the socket is closed with 4001 then.
     pub expires_at: Option<u64>,
+    /// Channel patterns the credential grants (channel authorization).
+    pub grants: crate::auth::Grants,
+    /// The route's message rate for this session, when it has one.
+    rate: Option<governor::DefaultDirectRateLimiter>,
 }
 
 impl Session {
@@ -53,7 +62,6 @@ impl Session {
         Self {
             queue: OutQueue::new(route.cfg.queue_size, route.cfg.slow_policy),
             id,
-            route,
             connected_at_ms: now_ms(),
             trace,
             frames_in: AtomicU64::new(0),
@@ -64,6 +72,9 @@ impl Session {
             close_sent_signal: CancellationToken::new(),
             identity: None,
             expires_at: None,
+            grants: Default::default(),
+            rate: route.rate.map(governor::RateLimiter::direct),
+            route,
         }
     }
 
@@ -92,17 +103,25 @@ struct Ended {
     reason: String,
 }
 
-/// Runs a session on an upgraded socket until it ends.
-pub async fn run(st: Arc<EdgeState>, sess: Arc<Session>, socket: WebSocket) {
+/// Runs a session on an upgraded socket until it ends. `tripped` is raised by the socket's
+/// frame-flood guard.
+pub async fn run<S>(
+    st: Arc<EdgeState>,
+    sess: Arc<Session>,
+    socket: tokio_tungstenite::WebSocketStream<S>,
+    tripped: Arc<Tripped>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (sink, stream) = socket.split();
-    run_split(st, sess, sink, stream).await
+    run_split(st, sess, sink, stream, tripped).await
 }
 
-/// The session logic, generic over the socket halves so it can be driven by channel pairs.
-pub async fn run_split<W, R>(st: Arc<EdgeState>, sess: Arc<Session>, sink: W, stream: R)
+/// The session logic, generic over the socket halves.
+async fn run_split<W, R>(st: Arc<EdgeState>, sess: Arc<Session>, sink: W, stream: R, tripped: Arc<Tripped>)
 where
-    W: Sink<Message, Error = axum::Error> + Unpin + Send + 'static,
-    R: Stream<Item = Result<Message, axum::Error>> + Unpin + Send,
+    W: Sink<Message, Error = WsError> + Unpin + Send + 'static,
+    R: Stream<Item = Result<Message, WsError>> + Unpin + Send,
 {
     st.sessions.insert(sess.id.clone(), sess.clone());
     sess.route.open.increment(1.0);
@@ -125,7 +144,7 @@ where
                 reason: "bus unavailable".into(),
             }
         }
-        Ok(()) => read_loop(&st, &sess, &mut pubr, stream).await,
+        Ok(()) => read_loop(&st, &sess, &mut pubr, stream, &tripped).await,
     };
 
     // Teardown: stop the writer (sending our close frame if one is still owed), leave channels,
@@ -150,14 +169,21 @@ where
     sess.route.open.decrement(1.0);
     metrics::counter!(crate::metrics::CLOSES, "route" => sess.route.cfg.path.clone(), "code" => ended.code.to_string())
         .increment(1);
+    tracing::debug!(code = ended.code, reason = %ended.reason, "session closed");
     if let Err(e) = pubr.lifecycle(Kind::Disconnect, Some(&ended)).await {
         tracing::warn!(session = %sess.id, error = %e, "bus refused disconnect event");
     }
 }
 
-async fn read_loop<R>(st: &EdgeState, sess: &Arc<Session>, pubr: &mut Publisher<'_>, mut stream: R) -> Ended
+async fn read_loop<R>(
+    st: &EdgeState,
+    sess: &Arc<Session>,
+    pubr: &mut Publisher<'_>,
+    mut stream: R,
+    tripped: &Tripped,
+) -> Ended
 where
-    R: Stream<Item = Result<Message, axum::Error>> + Unpin,
+    R: Stream<Item = Result<Message, WsError>> + Unpin,
 {
     let idle = st.cfg.idle_timeout;
     // After we have sent a close (shutdown, idle, error), wait this long for the client's.
@@ -172,10 +198,22 @@ where
         let deadline = closing_deadline.unwrap_or_else(|| tokio::time::Instant::now() + idle);
         let next = tokio::select! {
             biased;
-            _ = st.shutdown.cancelled(), if closing_deadline.is_none() => {
-                sess.queue.close(close::GOING_AWAY, "server shutting down");
-                ended = Some(Ended { code: close::GOING_AWAY, reason: "server shutting down".into() });
+            _ = st.close_all.cancelled(), if closing_deadline.is_none() => {
+                // Draining (SIGTERM): the client should reconnect, to another node.
+                sess.queue.close(close::SERVICE_RESTART, "server restarting");
+                ended = Some(Ended { code: close::SERVICE_RESTART, reason: "server restarting".into() });
                 closing_deadline = Some(tokio::time::Instant::now() + st.cfg.shutdown_grace);
+                continue;
+            }
+            _ = tripped.signal.cancelled(), if closing_deadline.is_none() => {
+                // The guard stopped reading: nothing more will come from this client, so only
+                // give the writer a moment to send our close frame.
+                let why = tripped.reason().unwrap_or("frame_flood");
+                metrics::counter!(crate::metrics::DROPS, "route" => sess.route.cfg.path.clone(), "reason" => why).increment(1);
+                let reason = if why == "control_flood" { "control frame flood" } else { "frame flood" };
+                sess.queue.close(close::POLICY, reason);
+                ended = Some(Ended { code: close::POLICY, reason: reason.into() });
+                closing_deadline = Some(tokio::time::Instant::now() + Duration::from_secs(1));
                 continue;
             }
             _ = sess.close_sent_signal.cancelled(), if closing_deadline.is_none() => {
@@ -230,10 +268,10 @@ where
         let (payload, opcode) = match msg {
             Message::Text(t) => (Bytes::from(t), Opcode::Text),
             Message::Binary(b) => (b, Opcode::Binary),
-            Message::Ping(_) | Message::Pong(_) => continue,
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
             Message::Close(f) => {
                 let (code, reason) = f
-                    .map(|f| (f.code, f.reason.to_string()))
+                    .map(|f| (u16::from(f.code), f.reason.to_string()))
                     .unwrap_or((1005, String::new()));
                 return ended.unwrap_or(Ended { code, reason });
             }
@@ -241,6 +279,36 @@ where
         sess.frames_in.fetch_add(1, Ordering::Relaxed);
         sess.route.frames_in.increment(1);
         sess.route.bytes_in.increment(payload.len() as u64);
+        if closing_deadline.is_none() && sess.rate.as_ref().is_some_and(|r| r.check().is_err()) {
+            let action = sess.route.cfg.rate_limit.map(|r| r.action);
+            let label = if action == Some(RateAction::Close) {
+                "close"
+            } else {
+                "error"
+            };
+            metrics::counter!(crate::metrics::RATE_LIMITED, "route" => sess.route.cfg.path.clone(), "action" => label)
+                .increment(1);
+            if action == Some(RateAction::Close) {
+                sess.queue.close(close::POLICY, "message rate exceeded");
+                ended = Some(Ended {
+                    code: close::POLICY,
+                    reason: "message rate exceeded".into(),
+                });
+                closing_deadline =
+                    Some(tokio::time::Instant::now() + st.cfg.shutdown_grace.min(Duration::from_secs(5)));
+            } else {
+                // Not published, and the client is told which message it was.
+                let id = (opcode == Opcode::Text)
+                    .then(|| framed::decode_request(&payload).id)
+                    .flatten();
+                sess.reply(framed::error_with_id(
+                    "rate_limited",
+                    "message rate exceeded: not published",
+                    id.as_deref(),
+                ));
+            }
+            continue;
+        }
         let res = match sess.route.cfg.mode {
             Mode::Raw => pubr.frame(payload, opcode).await,
             Mode::Framed => handle_op(st, sess, pubr, payload, opcode).await,
@@ -286,18 +354,30 @@ fn bus_code(e: &BusError) -> &'static str {
 }
 
 /// Maps a read error to the close code the client should see (1006 = no close frame).
-fn classify(e: axum::Error) -> (u16, &'static str) {
-    use tungstenite::error::{CapacityError, Error as WsError};
-    match e.into_inner().downcast::<WsError>() {
-        Ok(ws) => match *ws {
-            WsError::Capacity(CapacityError::MessageTooLong { .. }) => (close::TOO_BIG, "message too big"),
-            WsError::Capacity(_) => (close::TOO_BIG, "frame too big"),
-            WsError::Utf8(_) => (close::INVALID_PAYLOAD, "invalid UTF-8 in text frame"),
-            WsError::Protocol(_) => (1002, "protocol error"),
-            _ => (1006, "connection error"),
-        },
-        Err(_) => (1006, "connection error"),
+fn classify(e: WsError) -> (u16, &'static str) {
+    use tungstenite::error::CapacityError;
+    match e {
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => (close::TOO_BIG, "message too big"),
+        WsError::Capacity(_) => (close::TOO_BIG, "frame too big"),
+        WsError::Utf8(_) => (close::INVALID_PAYLOAD, "invalid UTF-8 in text frame"),
+        WsError::Protocol(_) => (1002, "protocol error"),
+        _ => (1006, "connection error"),
     }
+}
+
+/// Refuses a channel operation the route or the credential does not allow.
+fn forbidden(sess: &Session, publish: bool, channel: &str, id: Option<&str>) -> bool {
+    if sess.route.may(publish, &sess.grants, channel) {
+        return false;
+    }
+    let op = if publish { "publish" } else { "subscribe" };
+    metrics::counter!(crate::metrics::FORBIDDEN, "route" => sess.route.cfg.path.clone(), "op" => op).increment(1);
+    sess.reply(framed::error_with_id(
+        "forbidden",
+        &format!("not allowed to {op} on {channel}"),
+        id,
+    ));
+    true
 }
 
 /// Handles one framed-protocol client frame. A bus refusal is answered with an error op
@@ -327,7 +407,9 @@ async fn handle_op(
     };
     let res = match op {
         ClientOp::Subscribe { channel } => {
-            subscribe(st, sess, &channel).await;
+            if !forbidden(sess, false, &channel, id) {
+                subscribe(st, sess, &channel).await;
+            }
             return Ok(());
         }
         ClientOp::Unsubscribe { channel } => {
@@ -346,6 +428,9 @@ async fn handle_op(
                     "this route does not allow publish",
                     id,
                 ));
+                return Ok(());
+            }
+            if forbidden(sess, true, &channel, id) {
                 return Ok(());
             }
             let mut h = Headers::new();
@@ -421,6 +506,14 @@ struct Publisher<'a> {
 }
 
 impl Publisher<'_> {
+    /// Adds `sy-sig` when the node has an identity key.
+    fn sign(&self, headers: &mut Headers, payload: &[u8]) {
+        if let Some(key) = &self.st.cfg.identity_hmac_key {
+            let sig = switchyard_protocol::sign::sign(key, headers, payload);
+            headers.insert(switchyard_protocol::sign::SIG, sig);
+        }
+    }
+
     fn envelope(&mut self, kind: Kind, payload: Bytes, opcode: Opcode) -> Envelope {
         self.seq += 1;
         let mut e = Envelope::new(self.sess.id.clone(), kind, payload);
@@ -438,9 +531,11 @@ impl Publisher<'_> {
 
     async fn frame(&mut self, payload: Bytes, opcode: Opcode) -> Result<(), BusError> {
         let e = self.envelope(Kind::Frame, payload, opcode);
+        let mut headers = e.headers();
+        self.sign(&mut headers, &e.payload);
         let rec = Record {
             key: Some(e.key()),
-            headers: e.headers(),
+            headers,
             payload: e.payload,
         };
         // A refused frame keeps its number: a gap in sy-seq tells the backend that a frame was
@@ -461,6 +556,7 @@ impl Publisher<'_> {
 
         let mut headers = e.headers();
         headers.insert(header::INBOUND, self.sess.route.inbound.clone());
+        self.sign(&mut headers, &[]);
         let rec = Record {
             key: Some(e.key()),
             headers,
@@ -495,12 +591,12 @@ impl Publisher<'_> {
 /// The writer: drains the queue into the socket, one flush per batch; pings on an interval.
 async fn write_loop<W>(mut sink: W, sess: Arc<Session>, ping_every: Duration)
 where
-    W: Sink<Message, Error = axum::Error> + Unpin,
+    W: Sink<Message, Error = WsError> + Unpin,
 {
     let mut batch: VecDeque<Out> = VecDeque::new();
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
     let route = sess.route.clone();
-    let res: Result<(), axum::Error> = async {
+    let res: Result<(), WsError> = async {
         loop {
             tokio::select! {
                 _ = sess.queue.take_all(&mut batch) => {
@@ -516,7 +612,7 @@ where
                                 count(&sess, &route, n, bytes);
                                 *sess.close_sent.lock() = Some((code, reason.clone()));
                                 sess.close_sent_signal.cancel();
-                                sink.feed(Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(reason) }))).await?;
+                                sink.feed(Message::Close(Some(CloseFrame { code: code.into(), reason: Utf8Bytes::from(reason) }))).await?;
                                 sink.flush().await?;
                                 return Ok(());
                             }
@@ -531,6 +627,16 @@ where
         }
     }
     .await;
+    let res = match res {
+        Err(e) if peer_closed(&e) => {
+            // The client closed first: the codec has queued its close reply and refuses new
+            // frames; flushing sends the reply (RFC 6455 §5.5.1). Anything still queued for the
+            // client can no longer be sent.
+            let _ = sink.flush().await;
+            Ok(())
+        }
+        r => r,
+    };
     // Nothing more will be written: refuse further pushes.
     sess.queue.close(close::GOING_AWAY, "writer stopped");
     if let Err(e) = res {
@@ -538,6 +644,14 @@ where
         tracing::debug!(session = %sess.id, error = %e, "socket write ended");
         sess.stop.cancel();
     }
+}
+
+/// The client's close frame arrived first: the socket takes no more frames, but owes the reply.
+fn peer_closed(e: &WsError) -> bool {
+    matches!(
+        e,
+        WsError::Protocol(tungstenite::error::ProtocolError::SendAfterClosing) | WsError::AlreadyClosed
+    )
 }
 
 fn count(sess: &Session, route: &Route, n: u64, bytes: u64) {

@@ -10,11 +10,13 @@
 //! - [`naming`]: topic / subject names for inbound, outbound, registry, node delivery and channels.
 //! - [`framed`]: the small JSON protocol spoken on `framed` routes.
 //! - [`close`]: WebSocket close codes Switchyard uses, in one place.
+//! - [`sign`]: the optional `sy-sig` HMAC an edge puts on every inbound record.
 
 pub mod close;
 pub mod envelope;
 pub mod framed;
 pub mod naming;
+pub mod sign;
 
 pub use envelope::{ControlOp, DecodeError, Envelope, Headers, Identity, Kind, Opcode, TraceContext, WIRE_VERSION};
 pub use naming::{valid_channel, Naming};
