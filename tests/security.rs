@@ -447,3 +447,503 @@ async fn one_ip_opening_ten_times_its_cap_gets_429_past_the_cap() {
     }
     app.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Hostile frames, headers and connection patterns, over raw sockets.
+// ---------------------------------------------------------------------------------------------
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A client frame as the wire carries it (masked, as clients must).
+fn client_frame(fin: bool, op: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![if fin { 0x80 } else { 0 } | op];
+    match payload.len() {
+        n @ 0..=125 => f.push(0x80 | n as u8),
+        n @ 126..=0xffff => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let mask = [0x11, 0x22, 0x33, 0x44];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// Writes a handshake by hand and returns the socket after the 101 (or the status).
+async fn raw_upgrade(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<TcpStream, u16> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let status = read_status(&mut s).await.expect("a response");
+    if status == 101 {
+        Ok(s)
+    } else {
+        Err(status)
+    }
+}
+
+/// Reads a response head byte by byte (so nothing after it is consumed); its status, or None
+/// when the server closed without answering.
+async fn read_status(s: &mut TcpStream) -> Option<u16> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(WAIT, s.read(&mut b))
+            .await
+            .expect("response in time")
+        {
+            Ok(1) => head.push(b[0]),
+            _ => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&head);
+    text.split(' ').nth(1).and_then(|c| c.parse().ok())
+}
+
+/// Reads server frames until a close frame: its code. None when the socket ends without one.
+async fn raw_close_code<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> Option<u16> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut h = [0u8; 2];
+        tokio::time::timeout_at(deadline, r.read_exact(&mut h))
+            .await
+            .expect("close in time")
+            .ok()?;
+        let len = match h[1] & 0x7f {
+            126 => {
+                let mut e = [0u8; 2];
+                r.read_exact(&mut e).await.ok()?;
+                u16::from_be_bytes(e) as usize
+            }
+            127 => {
+                let mut e = [0u8; 8];
+                r.read_exact(&mut e).await.ok()?;
+                u64::from_be_bytes(e) as usize
+            }
+            n => n as usize,
+        };
+        let mut payload = vec![0u8; len];
+        r.read_exact(&mut payload).await.ok()?;
+        if h[0] & 0x0f == 8 {
+            return payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+        }
+    }
+}
+
+/// Sends `wire` on its own task (the server may stop reading) and returns the close code seen.
+async fn send_raw_and_close_code(s: TcpStream, wire: Vec<u8>) -> Option<u16> {
+    let (mut rd, mut wr) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(&wire).await;
+        wr
+    });
+    let code = raw_close_code(&mut rd).await;
+    writer.abort();
+    code
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_frames_and_headers_get_exact_codes_and_healthy_clients_unaffected() {
+    let k = keys();
+    let app = secured_with(&k, |s| s.edge.handshake_timeout = std::time::Duration::from_secs(1)).await;
+    let mut ok = healthy(&app, &k, 100).await;
+    let bearer = format!("Bearer {}", rs256(&k, good_claims()));
+    let auth = [("Origin", ORIGIN), ("Authorization", bearer.as_str())];
+    let mut round = 100;
+
+    let big = vec![b'x'; 5000];
+    let mut fragmented = client_frame(false, 1, &big[..3000]);
+    fragmented.extend(client_frame(true, 0, &big[..3000]));
+    let mut continuations = client_frame(false, 1, b"x");
+    for _ in 0..100_000 {
+        continuations.extend(client_frame(false, 0, b""));
+    }
+    let pings: Vec<u8> = (0..1000).flat_map(|_| client_frame(true, 9, b"")).collect();
+    let flood: Vec<u8> = (0..500)
+        .flat_map(|_| client_frame(true, 1, br#"{"op":"send","data":1}"#))
+        .collect();
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("oversized frame", client_frame(true, 1, &big), 1009),
+        ("fragmented message over the limit", fragmented, 1009),
+        ("10^5 empty continuation frames", continuations, 1008),
+        ("ping flood", pings, 1008),
+        ("messages past the session rate (action close)", flood, 1008),
+        ("invalid UTF-8", client_frame(true, 1, &[0xff, 0xfe, 0xfd]), 1007),
+    ];
+    for (name, wire, want) in cases {
+        let s = raw_upgrade(app.client, "/secure", &auth).await.expect(name);
+        assert_eq!(send_raw_and_close_code(s, wire).await, Some(want), "{name}");
+        round += 1;
+        still_healthy(&mut ok, round).await;
+    }
+
+    // Past the rate with action "error": each refused message is answered with its id.
+    let mut soft = attempt_path(&app, "/secure-soft", &[("origin", ORIGIN), ("authorization", &bearer)])
+        .await
+        .expect("soft route");
+    assert_eq!(next_json(&mut soft).await["op"], "welcome");
+    let (mut acked, mut limited) = (0, 0);
+    // In batches of 50: the route's queue (64, 2x for replies) bounds unread replies too.
+    for batch in 0..6 {
+        let ids = batch * 50..(batch + 1) * 50;
+        for i in ids.clone() {
+            soft.send(Message::text(json!({"op":"send","data":i,"id":i}).to_string()))
+                .await
+                .unwrap();
+        }
+        for i in ids {
+            let r = next_json(&mut soft).await;
+            assert_eq!(r["id"], i, "answers in order, each with its id");
+            match r["op"].as_str() {
+                Some("ack") => acked += 1,
+                Some("error") if r["code"] == "rate_limited" => limited += 1,
+                _ => panic!("unexpected reply {r}"),
+            }
+        }
+    }
+    assert!(
+        acked >= 100 && limited >= 1,
+        "burst 100 acked ({acked}), the rest refused ({limited})"
+    );
+    soft.send(Message::text(r#"{"op":"send","data":0}"#)).await.unwrap();
+    round += 1;
+    still_healthy(&mut ok, round).await;
+
+    // Header floods: 431 before anything is parsed further.
+    let huge = "a".repeat(64 << 10);
+    let many: Vec<(String, String)> = (0..200).map(|i| (format!("x-h{i}"), "1".to_string())).collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    for (name, headers, want) in [
+        ("64 KiB header", vec![("x-big", huge.as_str())], 431),
+        ("200 headers", many, 431),
+    ] {
+        assert_eq!(
+            raw_upgrade(app.client, "/secure", &headers).await.err(),
+            Some(want),
+            "{name}"
+        );
+        round += 1;
+        still_healthy(&mut ok, round).await;
+    }
+
+    // Slowloris on headers: half a request, then silence. The server hangs up after the
+    // handshake timeout (1 s here) without a response.
+    let mut slow = TcpStream::connect(app.client).await.unwrap();
+    slow.write_all(b"GET /secure HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(read_status(&mut slow).await, None, "closed without a response");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(900),
+        "not before the timeout"
+    );
+    round += 1;
+    still_healthy(&mut ok, round).await;
+
+    let body = reqwest::get(app.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        r#"switchyard_drops_total{route="/secure",reason="frame_flood"}"#,
+        r#"switchyard_drops_total{route="/secure",reason="control_flood"}"#,
+        r#"switchyard_rate_limited_total{route="/secure",action="close"}"#,
+        r#"switchyard_rate_limited_total{route="/secure-soft",action="error"}"#,
+        r#"switchyard_handshakes_rejected_total{reason="headers_too_large"}"#,
+        r#"switchyard_handshakes_rejected_total{reason="header_timeout"}"#,
+    ] {
+        assert!(body.contains(series), "{series} counted:\n{body}");
+    }
+    app.stop().await;
+}
+
+async fn attempt_path(app: &Running, path: &str, headers: &[(&str, &str)]) -> Result<Ws, u16> {
+    let mut req = format!("ws://{}{path}", app.client).into_client_request().unwrap();
+    for (k, v) in headers {
+        let name: tokio_tungstenite::tungstenite::http::HeaderName = k.parse().unwrap();
+        req.headers_mut().insert(name, v.parse().unwrap());
+    }
+    match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+        .await
+        .expect("handshake in time")
+    {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
+        Err(e) => panic!("unexpected handshake error {e}"),
+    }
+}
+
+/// A TCP connection from a chosen loopback source address.
+async fn tcp_from(src: &str, to: std::net::SocketAddr) -> std::io::Result<TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(format!("{src}:0").parse().unwrap())?;
+    sock.connect(to).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cidr_rules_connection_rate_and_per_user_caps() {
+    let k = keys();
+    let app = secured_with(&k, |s| {
+        s.edge.deny_cidrs = vec!["127.0.0.2/32".parse().unwrap()];
+        s.edge.connect_rate_per_ip = 3;
+    })
+    .await;
+    // Denied address: the connection is closed at accept, before any HTTP.
+    let mut denied = tcp_from("127.0.0.2", app.client).await.unwrap();
+    denied.write_all(b"GET /ws/echo HTTP/1.1\r\nHost: x\r\n\r\n").await.ok();
+    assert_eq!(read_status(&mut denied).await, None, "denied CIDR gets no response");
+
+    // Connection rate per IP: 3 per second, burst 3, from 127.0.0.3.
+    let started = std::time::Instant::now();
+    let (mut opened, mut limited) = (Vec::new(), 0);
+    for _ in 0..20 {
+        let mut s = tcp_from("127.0.0.3", app.client).await.unwrap();
+        s.write_all(
+            format!(
+                "GET /ws/echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        match read_status(&mut s).await {
+            Some(101) => opened.push(s),
+            Some(429) => limited += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let refill = (started.elapsed().as_secs_f64() * 3.0).floor() as usize;
+    assert!(
+        opened.len() >= 3 && opened.len() <= 3 + refill,
+        "burst of 3 plus {refill} refilled: {} opened",
+        opened.len()
+    );
+    assert_eq!(opened.len() + limited, 20);
+
+    let body = reqwest::get(app.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for reason in ["ip_denied", "ip_rate"] {
+        assert!(
+            body.contains(&format!(r#"switchyard_handshakes_rejected_total{{reason="{reason}"}}"#)),
+            "{reason} counted"
+        );
+    }
+    drop(opened);
+    app.stop().await;
+
+    // Per-user cap: alice may hold 3 sockets; bob is not affected.
+    let app = secured_with(&k, |s| s.edge.max_connections_per_user = 3).await;
+    let alice = format!("Bearer {}", rs256(&k, good_claims()));
+    let mut bob_claims = good_claims();
+    bob_claims["sub"] = json!("bob");
+    let bob = format!("Bearer {}", rs256(&k, bob_claims));
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            attempt(&app, "", &[("origin", ORIGIN), ("authorization", &alice)])
+                .await
+                .expect("within cap"),
+        );
+    }
+    assert_eq!(
+        attempt(&app, "", &[("origin", ORIGIN), ("authorization", &alice)])
+            .await
+            .err(),
+        Some(429),
+        "alice's 4th socket"
+    );
+    let mut b = attempt(&app, "", &[("origin", ORIGIN), ("authorization", &bob)])
+        .await
+        .expect("bob unaffected");
+    assert_eq!(next_json(&mut b).await["op"], "welcome");
+    let body = reqwest::get(app.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for reason in ["user_cap"] {
+        assert!(
+            body.contains(&format!(r#"switchyard_handshakes_rejected_total{{reason="{reason}"}}"#)),
+            "{reason} counted"
+        );
+    }
+    drop(held);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_permissions_come_from_the_route_and_the_token() {
+    let k = keys();
+    let app = secured(&k, 10_000).await;
+    let bearer = format!("Bearer {}", rs256(&k, good_claims()));
+    let mut ws = attempt(&app, "", &[("origin", ORIGIN), ("authorization", &bearer)])
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut ws).await["op"], "welcome");
+    let mut ask = async |op: serde_json::Value| {
+        ws.send(Message::text(op.to_string())).await.unwrap();
+        next_json(&mut ws).await
+    };
+    // Token: channels ["ticker.>", "room.*"], publish ["room.lobby"].
+    // Route: subscribe ["ticker.>", "news.*", "room.*"], publish ["room.*"].
+    let r = ask(json!({"op":"subscribe","channel":"ticker.btc.usd"})).await;
+    assert_eq!(r["op"], "subscribed", "{r}");
+    let r = ask(json!({"op":"subscribe","channel":"news.today"})).await;
+    assert_eq!(
+        (r["op"].as_str(), r["code"].as_str()),
+        (Some("error"), Some("forbidden")),
+        "route allows, token does not: {r}"
+    );
+    let r = ask(json!({"op":"subscribe","channel":"secret.plans"})).await;
+    assert_eq!(r["code"], "forbidden", "token would not, route does not: {r}");
+    let r = ask(json!({"op":"publish","channel":"room.lobby","data":"hi","id":"p1"})).await;
+    assert_eq!(r, json!({"op":"ack","id":"p1"}));
+    let r = ask(json!({"op":"publish","channel":"room.other","data":"hi","id":"p2"})).await;
+    assert_eq!(
+        (r["code"].as_str(), r["id"].as_str()),
+        (Some("forbidden"), Some("p2")),
+        "subscribe grant is not a publish grant: {r}"
+    );
+    let r = ask(json!({"op":"publish","channel":"ticker.btc","data":"x","id":"p3"})).await;
+    assert_eq!(r["code"], "forbidden", "{r}");
+
+    // A token without the claims gets no channel at all on this route.
+    let bare = format!(
+        "Bearer {}",
+        rs256(&k, json!({"sub":"carol","aud":"sy","iss":"test","exp": now() + 600}))
+    );
+    let mut c = attempt(&app, "", &[("origin", ORIGIN), ("authorization", &bare)])
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut c).await["op"], "welcome");
+    c.send(Message::text(
+        json!({"op":"subscribe","channel":"ticker.btc"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(next_json(&mut c).await["code"], "forbidden");
+    let n = sample(
+        &app.admin.to_string(),
+        r#"switchyard_forbidden_total{route="/secure",op="subscribe"}"#,
+    )
+    .await;
+    assert_eq!(n, 3);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_records_carry_a_verifiable_edge_signature() {
+    let k = keys();
+    let key = b"0123456789abcdef0123456789abcdef-edge".to_vec();
+    let app = secured_with(&k, |s| {
+        s.edge.identity_hmac_key = Some(std::sync::Arc::new(key.clone()))
+    })
+    .await;
+    let mut tap = app
+        .bus
+        .subscribe("sy.in.secure", SubscribeOptions::default())
+        .await
+        .unwrap();
+    let bearer = format!("Bearer {}", rs256(&k, good_claims()));
+    let mut ws = attempt(&app, "", &[("origin", ORIGIN), ("authorization", &bearer)])
+        .await
+        .unwrap();
+    next_json(&mut ws).await;
+    ws.send(Message::text(r#"{"op":"send","data":"payload"}"#))
+        .await
+        .unwrap();
+    for kind in ["connect", "frame"] {
+        let m = tokio::time::timeout(WAIT, tap.recv()).await.unwrap().unwrap();
+        let r = &m.record;
+        assert_eq!(r.headers.get("sy-kind"), Some(kind));
+        assert!(
+            switchyard_protocol::sign::verify(&key, &r.headers, &r.payload),
+            "{kind} verifies"
+        );
+        assert!(!switchyard_protocol::sign::verify(
+            b"another key of at least 32 bytes!!",
+            &r.headers,
+            &r.payload
+        ));
+        let mut tampered = r.headers.clone();
+        tampered.0.iter_mut().find(|(k, _)| k == "sy-sub").unwrap().1 = "mallory".into();
+        assert!(
+            !switchyard_protocol::sign::verify(&key, &tampered, &r.payload),
+            "a changed identity fails"
+        );
+        if kind == "frame" {
+            assert!(
+                !switchyard_protocol::sign::verify(&key, &r.headers, b"\"other\""),
+                "a changed payload fails"
+            );
+        }
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_keys_are_chosen_by_kid() {
+    use jsonwebtoken::jwk::{Jwk, JwkSet};
+    let k = keys();
+    let enc = EncodingKey::from_rsa_pem(&k.private).unwrap();
+    let mut jwk = Jwk::from_encoding_key(&enc, Algorithm::RS256).unwrap();
+    jwk.common.key_id = Some("k1".into());
+    let dir = std::env::temp_dir().join(unique("jwks"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("jwks.json");
+    std::fs::write(&path, serde_json::to_vec(&JwkSet { keys: vec![jwk] }).unwrap()).unwrap();
+    let text = format!(
+        "[[route]]\npath = \"/jwks\"\ntopic = \"jwks\"\nmode = \"framed\"\n[route.auth]\nalgorithms = [\"RS256\"]\njwks_file = \"{}\"\n",
+        path.display()
+    );
+    let app = secured_with(&k, |s| {
+        s.edge
+            .routes
+            .extend(switchyard_edge::config::parse_routes(&text).unwrap())
+    })
+    .await;
+    let token = |kid: Option<&str>| {
+        let mut h = Header::new(Algorithm::RS256);
+        h.kid = kid.map(str::to_owned);
+        format!("Bearer {}", encode(&h, &good_claims(), &enc).unwrap())
+    };
+    let mut ok = attempt_path(&app, "/jwks", &[("authorization", &token(Some("k1")))])
+        .await
+        .expect("kid k1");
+    assert_eq!(next_json(&mut ok).await["op"], "welcome");
+    assert_eq!(
+        attempt_path(&app, "/jwks", &[("authorization", &token(Some("k2")))])
+            .await
+            .err(),
+        Some(401)
+    );
+    assert_eq!(
+        attempt_path(&app, "/jwks", &[("authorization", &token(None))])
+            .await
+            .err(),
+        Some(401)
+    );
+    app.stop().await;
+}
