@@ -168,6 +168,66 @@ async fn sigterm_drains_then_closes_clients_1012_and_exits_zero() {
     assert!(logs.contains("shutdown complete"), "{logs}");
 }
 
+/// JSON logs carry the W3C trace id of the handshake's `traceparent` on every line a session
+/// logs, and the session's close is logged with its code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_sessions_trace_id() {
+    let (mut child, client, _admin, logs) = spawn_binary(&[
+        "--demo",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--log",
+        "info,switchyard_edge=debug",
+    ])
+    .await;
+    let client = client.expect("edge address");
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+        "ws://{client}/ws/echo"
+    ))
+    .unwrap();
+    req.headers_mut()
+        .insert("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01").parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let session = resp.headers()["x-switchyard-session"].to_str().unwrap().to_owned();
+    ws.send(Message::text("traced")).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::text("traced"));
+    close_normal(&mut ws).await;
+    // A session without a traceparent gets a generated one (a different trace id).
+    let (mut other, _) = connect(&format!("ws://{client}/ws/echo")).await;
+    close_normal(&mut other).await;
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    tokio::time::timeout(WAIT, child.wait()).await.expect("exits").unwrap();
+    let lines = logs.await.unwrap();
+    let parsed: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("non-JSON log line: {l}")))
+        .collect();
+    let in_span = |v: &serde_json::Value, id: &str| v["span"]["trace_id"] == id;
+    let mine: Vec<&serde_json::Value> = parsed.iter().filter(|v| in_span(v, trace_id)).collect();
+    assert!(
+        mine.iter().any(|v| v["fields"]["message"] == "session opened"),
+        "open logged with the trace id: {lines:#?}"
+    );
+    let closed = mine
+        .iter()
+        .find(|v| v["fields"]["message"] == "session closed")
+        .expect("close logged with the trace id");
+    assert_eq!(closed["span"]["session"], session.as_str());
+    assert_eq!(closed["fields"]["code"], 1000);
+    let generated: Vec<&serde_json::Value> = parsed
+        .iter()
+        .filter(|v| v["fields"]["message"] == "session closed" && !in_span(v, trace_id))
+        .collect();
+    assert_eq!(generated.len(), 1, "the other session logs its own trace id");
+    let other_id = generated[0]["span"]["trace_id"].as_str().unwrap();
+    assert_eq!(other_id.len(), 32);
+    assert!(other_id.bytes().all(|b| b.is_ascii_hexdigit()));
+}
+
 /// The compose deployment, checked as far as this machine allows (no Docker engine here):
 /// files parse, references resolve, the dashboard queries declared metrics.
 #[test]
