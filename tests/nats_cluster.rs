@@ -389,3 +389,98 @@ async fn an_edge_that_lost_its_lease_closes_its_sessions_1012() {
     let (mut ws2, _) = connect(&edge.ws("/ws/echo")).await;
     close_normal(&mut ws2).await;
 }
+
+/// TLS to the broker: a nats-server that requires TLS is reachable with `--bus-tls-ca`, and
+/// refused (exit 69, before serving) without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_nats_with_a_trusted_ca_and_refused_without() {
+    let bin = env("NATS_SERVER_BIN");
+    let dir = std::env::temp_dir().join(unique("natstls"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pki = pki();
+    let (cert, key, ca) = (dir.join("cert.pem"), dir.join("key.pem"), dir.join("ca.pem"));
+    leaf(&pki, &cert, &key);
+    write_ca(&pki, &ca);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let conf = dir.join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: \"{}\" }}\ntls {{ cert_file: \"{}\"\n key_file: \"{}\"\n timeout: 2 }}\n",
+            dir.join("js").display(),
+            cert.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let _nats = tokio::process::Command::new(&bin)
+        .args(["-c", conf.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("nats-server");
+    let deadline = Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(Instant::now() < deadline, "nats-server listening");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let url = format!("nats://localhost:{port}");
+    let p = prefix();
+    // Untrusted: the edge does not start.
+    let out = tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new(binary())
+            .args([
+                "standalone",
+                "--bus",
+                &url,
+                "--prefix",
+                &p,
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+            ])
+            .env("SWITCHYARD_BUS_TLS_CA", dir.join("nope.pem"))
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(64), "a missing CA file is a config error");
+    let out = tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new(binary())
+            .args([
+                "standalone",
+                "--bus",
+                &url,
+                "--prefix",
+                &p,
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+            ])
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(69), "{}", String::from_utf8_lossy(&out.stderr));
+    // Trusted CA: works end to end.
+    let gw = spawn(
+        "standalone",
+        &url,
+        &p,
+        &["--demo", "--bus-tls-ca", ca.to_str().unwrap()],
+    )
+    .await;
+    let (mut ws, id) = connect(&gw.ws("/ws/echo")).await;
+    echo_in_order(&mut ws, &id, 20).await;
+}

@@ -188,8 +188,10 @@ async fn json_logs_carry_the_sessions_trace_id() {
         "ws://{client}/ws/echo"
     ))
     .unwrap();
-    req.headers_mut()
-        .insert("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01").parse().unwrap());
+    req.headers_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01").parse().unwrap(),
+    );
     let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
     let session = resp.headers()["x-switchyard-session"].to_str().unwrap().to_owned();
     ws.send(Message::text("traced")).await.unwrap();
@@ -199,7 +201,11 @@ async fn json_logs_carry_the_sessions_trace_id() {
     let (mut other, _) = connect(&format!("ws://{client}/ws/echo")).await;
     close_normal(&mut other).await;
     let pid = child.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     tokio::time::timeout(WAIT, child.wait()).await.expect("exits").unwrap();
     let lines = logs.await.unwrap();
     let parsed: Vec<serde_json::Value> = lines

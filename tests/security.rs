@@ -952,36 +952,6 @@ async fn jwks_keys_are_chosen_by_kid() {
 // wss:// — certificate reload and TLS slowloris.
 // ---------------------------------------------------------------------------------------------
 
-struct Pki {
-    ca_der: Vec<u8>,
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-}
-
-fn pki() -> Pki {
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params.distinguished_name.push(rcgen::DnType::CommonName, "switchyard test CA");
-    let key = rcgen::KeyPair::generate().unwrap();
-    let ca = params.self_signed(&key).unwrap();
-    Pki {
-        ca_der: ca.der().to_vec(),
-        issuer: rcgen::Issuer::new(params, key),
-    }
-}
-
-/// Writes a fresh leaf for localhost / 127.0.0.1 to `cert` and `key`; returns its DER.
-fn leaf(pki: &Pki, cert: &std::path::Path, key: &std::path::Path) -> Vec<u8> {
-    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    params
-        .subject_alt_names
-        .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
-    let k = rcgen::KeyPair::generate().unwrap();
-    let c = params.signed_by(&k, &pki.issuer).unwrap();
-    std::fs::write(key, k.serialize_pem()).unwrap();
-    std::fs::write(cert, c.pem()).unwrap();
-    c.der().to_vec()
-}
-
 /// A wss:// echo connection; returns the socket and the certificate the server presented.
 async fn wss(
     pki: &Pki,
@@ -993,13 +963,12 @@ async fn wss(
     use tokio_rustls::rustls;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.ca_der.clone().into()).unwrap();
-    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let cfg =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
     let tcp = TcpStream::connect(addr).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
         .connect("localhost".try_into().unwrap(), tcp)
@@ -1030,7 +999,9 @@ async fn wss_serves_reloads_its_certificate_and_times_out_silent_tls_handshakes(
     let (mut ws, presented) = wss(&pki, app.client).await;
     assert_eq!(presented, first);
     ws.send(Message::text("over tls")).await.unwrap();
-    let echoed = tokio::time::timeout(WAIT, futures::StreamExt::next(&mut ws)).await.unwrap();
+    let echoed = tokio::time::timeout(WAIT, futures::StreamExt::next(&mut ws))
+        .await
+        .unwrap();
     assert_eq!(echoed.unwrap().unwrap(), Message::text("over tls"));
 
     // Plain ws:// to the TLS port is not served.
@@ -1040,7 +1011,9 @@ async fn wss_serves_reloads_its_certificate_and_times_out_silent_tls_handshakes(
     let mut silent = TcpStream::connect(app.client).await.unwrap();
     let started = std::time::Instant::now();
     let mut b = [0u8; 1];
-    let n = tokio::time::timeout(WAIT, silent.read(&mut b)).await.expect("closed in time");
+    let n = tokio::time::timeout(WAIT, silent.read(&mut b))
+        .await
+        .expect("closed in time");
     assert!(matches!(n, Ok(0) | Err(_)), "hung up: {n:?}");
     assert!(started.elapsed() >= std::time::Duration::from_millis(900));
 
@@ -1057,7 +1030,9 @@ async fn wss_serves_reloads_its_certificate_and_times_out_silent_tls_handshakes(
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     ws.send(Message::text("still here")).await.unwrap();
-    let echoed = tokio::time::timeout(WAIT, futures::StreamExt::next(&mut ws)).await.unwrap();
+    let echoed = tokio::time::timeout(WAIT, futures::StreamExt::next(&mut ws))
+        .await
+        .unwrap();
     assert_eq!(echoed.unwrap().unwrap(), Message::text("still here"));
 
     // A broken key file is refused and the current certificate stays.
@@ -1069,6 +1044,13 @@ async fn wss_serves_reloads_its_certificate_and_times_out_silent_tls_handshakes(
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     assert_eq!(wss(&pki, app.client).await.1, second);
-    assert!(sample(&app.admin.to_string(), r#"switchyard_handshakes_rejected_total{reason="tls_timeout"}"#).await >= 1);
+    assert!(
+        sample(
+            &app.admin.to_string(),
+            r#"switchyard_handshakes_rejected_total{reason="tls_timeout"}"#
+        )
+        .await
+            >= 1
+    );
     app.stop().await;
 }

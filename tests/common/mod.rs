@@ -364,3 +364,55 @@ pub async fn echo_in_order(ws: &mut Ws, id: &str, n: usize) {
         );
     }
 }
+
+/// A throwaway CA for TLS tests.
+pub struct Pki {
+    pub ca_der: Vec<u8>,
+    pub issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+pub fn pki() -> Pki {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "switchyard test CA");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let ca = params.self_signed(&key).unwrap();
+    Pki {
+        ca_der: ca.der().to_vec(),
+        issuer: rcgen::Issuer::new(params, key),
+    }
+}
+
+/// Writes a fresh leaf for localhost / 127.0.0.1 to `cert` and `key`; returns its DER.
+pub fn leaf(pki: &Pki, cert: &std::path::Path, key: &std::path::Path) -> Vec<u8> {
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params
+        .subject_alt_names
+        .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let k = rcgen::KeyPair::generate().unwrap();
+    let c = params.signed_by(&k, &pki.issuer).unwrap();
+    std::fs::write(key, k.serialize_pem()).unwrap();
+    std::fs::write(cert, c.pem()).unwrap();
+    c.der().to_vec()
+}
+
+/// Writes the CA certificate as PEM.
+pub fn write_ca(pki: &Pki, path: &std::path::Path) {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&pki.ca_der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    std::fs::write(
+        path,
+        format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            lines.join("\n")
+        ),
+    )
+    .unwrap();
+}
