@@ -1,5 +1,5 @@
-//! One WebSocket session: a reader loop (this task) and one writer task draining the session's
-//! [`OutQueue`]. If either half ends, the other is stopped.
+//! One WebSocket session: a reader loop and a writer draining the session's [`OutQueue`], both
+//! in one task. If either half ends, the other is stopped.
 //!
 //! The reader publishes connect, every client frame and disconnect to the route's inbound topic
 //! in order, with a per-session seq (connect = 1). A frame counts as accepted once the bus has
@@ -125,7 +125,10 @@ where
 {
     st.sessions.insert(sess.id.clone(), sess.clone());
     sess.route.open.increment(1.0);
-    let writer = tokio::spawn(write_loop(sink, sess.clone(), st.cfg.ping_interval));
+    // Reader and writer share this one task (no second task, stack or join handle per
+    // socket): both futures are polled here, each woken by its own half of the socket.
+    let mut writer = std::pin::pin!(write_loop(sink, sess.clone(), st.cfg.ping_interval));
+    let mut writer_done = false;
     let mut pubr = Publisher {
         st: &st,
         sess: &sess,
@@ -136,15 +139,29 @@ where
     if sess.route.cfg.mode == Mode::Framed {
         sess.reply(framed::welcome(&sess.id));
     }
-    let ended = match pubr.lifecycle(Kind::Connect, None).await {
-        Err(e) => {
-            tracing::debug!(session = %sess.id, error = %e, "bus refused connect");
-            Ended {
-                code: close::TRY_AGAIN_LATER,
-                reason: "bus unavailable".into(),
+    let ended = {
+        let reader = async {
+            // Boxed: rare and large, so not part of every socket's resident task.
+            match Box::pin(pubr.lifecycle(Kind::Connect, None)).await {
+                Err(e) => {
+                    tracing::debug!(session = %sess.id, error = %e, "bus refused connect");
+                    Ended {
+                        code: close::TRY_AGAIN_LATER,
+                        reason: "bus unavailable".into(),
+                    }
+                }
+                Ok(()) => read_loop(&st, &sess, &mut pubr, stream, &tripped).await,
+            }
+        };
+        let mut reader = std::pin::pin!(reader);
+        loop {
+            tokio::select! {
+                e = &mut reader => break e,
+                // The writer ends early only when the socket failed; it cancels `stop`, which
+                // ends the reader too.
+                _ = &mut writer, if !writer_done => writer_done = true,
             }
         }
-        Ok(()) => read_loop(&st, &sess, &mut pubr, stream, &tripped).await,
     };
 
     // Teardown: stop the writer (sending our close frame if one is still owed), leave channels,
@@ -156,21 +173,21 @@ where
         ended.code
     };
     sess.queue.close(code, &ended.reason);
-    let mut writer = writer;
-    if tokio::time::timeout(Duration::from_secs(5), &mut writer).await.is_err() {
-        writer.abort();
+    if !writer_done {
+        // The close frame (and what was queued before it) goes out, or we give up after 5 s.
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut writer).await;
     }
     sess.stop.cancel();
     let channels: Vec<String> = sess.channels.lock().drain().collect();
     for c in channels {
-        st.channels.unsubscribe(&sess, &c).await;
+        Box::pin(st.channels.unsubscribe(&sess, &c)).await;
     }
     st.sessions.remove(&sess.id);
     sess.route.open.decrement(1.0);
     metrics::counter!(crate::metrics::CLOSES, "route" => sess.route.cfg.path.clone(), "code" => ended.code.to_string())
         .increment(1);
     tracing::debug!(code = ended.code, reason = %ended.reason, "session closed");
-    if let Err(e) = pubr.lifecycle(Kind::Disconnect, Some(&ended)).await {
+    if let Err(e) = Box::pin(pubr.lifecycle(Kind::Disconnect, Some(&ended))).await {
         tracing::warn!(session = %sess.id, error = %e, "bus refused disconnect event");
     }
 }
@@ -310,8 +327,10 @@ where
             continue;
         }
         let res = match sess.route.cfg.mode {
-            Mode::Raw => pubr.frame(payload, opcode).await,
-            Mode::Framed => handle_op(st, sess, pubr, payload, opcode).await,
+            // Boxed so the resident task stays small: one short-lived allocation per frame
+            // (publishing allocates a boxed bus future anyway).
+            Mode::Raw => Box::pin(pubr.frame(payload, opcode)).await,
+            Mode::Framed => Box::pin(handle_op(st, sess, pubr, payload, opcode)).await,
         };
         if let Err(e) = res {
             sess.route.drop_bus.increment(1);
