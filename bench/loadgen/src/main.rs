@@ -15,6 +15,16 @@
 //! - `unicast`: N sessions, each sends one probe per second that the system routes back to it.
 //! - `handshake`: N upgrades by `--connectors` concurrent connectors; upgrades/s.
 //! - `slow`: `dash` where `--slow-fraction` of the clients stop reading after `--slow-after` s.
+//! - `subscribe`: N subscribers only, for a publisher in another process (scale-out runs, several
+//!   load generators on several edges): progress in `--status`, stop when `--stop-file` exists,
+//!   then per-step exact loss/duplicate counts and latency histograms for `--hot-steps` ×
+//!   `--step-secs`.
+//! - `publish`: the publisher only: warm-up probes every `--probe-interval` s until `--go-file`
+//!   exists, then `--hot-steps` × `--step-secs` on the fixed schedule, `--step-gap` s before each
+//!   step.
+//!
+//! `subscribe` and `publish` stamp times as nanoseconds since the Unix epoch (the other scenarios
+//! use the process's own clock origin), so latency stays receive − scheduled across processes.
 //!
 //! Latency is open loop: the publisher stamps each message with its *scheduled* send time and
 //! latency = receive time − scheduled time, so a publisher or server that falls behind shows up
@@ -41,6 +51,8 @@ enum Scenario {
     Unicast,
     Handshake,
     Slow,
+    Subscribe,
+    Publish,
 }
 
 impl Scenario {
@@ -52,14 +64,17 @@ impl Scenario {
             Scenario::Unicast => "unicast",
             Scenario::Handshake => "handshake",
             Scenario::Slow => "slow",
+            Scenario::Subscribe => "subscribe",
+            Scenario::Publish => "publish",
         }
     }
     /// Issue 5's connection counts.
     fn default_connections(self) -> usize {
         match self {
-            Scenario::Idle | Scenario::Unicast | Scenario::Handshake => 16_000,
+            Scenario::Idle | Scenario::Unicast | Scenario::Handshake | Scenario::Subscribe => 16_000,
             Scenario::Dash | Scenario::Slow => 10_000,
             Scenario::Hot => 2_000,
+            Scenario::Publish => 0,
         }
     }
     fn default_duration(self) -> f64 {
@@ -67,7 +82,7 @@ impl Scenario {
             Scenario::Idle => 60.0,
             Scenario::Dash | Scenario::Unicast => 30.0,
             Scenario::Slow => 40.0,
-            Scenario::Hot | Scenario::Handshake => 0.0,
+            Scenario::Hot | Scenario::Handshake | Scenario::Subscribe | Scenario::Publish => 0.0,
         }
     }
 }
@@ -81,7 +96,8 @@ struct Args {
     #[arg(long, value_enum)]
     scenario: Scenario,
     /// Client WebSocket URL (subscribers; unicast sessions; handshakes). Loopback only.
-    #[arg(long)]
+    /// Required by every scenario except `publish`.
+    #[arg(long, default_value = "")]
     url: String,
     /// Publisher endpoint: ws:// URL (switchyard, baseline), HOST:PORT of core NATS (nats),
     /// http://…/publish/ (pushpin). Needed by dash, hot and slow.
@@ -102,7 +118,8 @@ struct Args {
     /// Payload size in bytes (the JSON object as published).
     #[arg(long, default_value_t = 64)]
     payload: usize,
-    /// hot: publish rates of the ramp, msg/s.
+    /// hot: publish rates of the ramp, msg/s (subscribe/publish: the steps, in order; both
+    /// sides must be given the same steps and `--step-secs`).
     #[arg(long, value_delimiter = ',', default_value = "100,250,500,1000,2000,3000,4000,5000")]
     hot_steps: Vec<f64>,
     /// hot: seconds per step.
@@ -158,6 +175,25 @@ struct Args {
     /// Free-form tag copied into the result (repetition number, mode, ...).
     #[arg(long, default_value = "")]
     tag: String,
+    /// subscribe: progress (one JSON object) rewritten here every 250 ms.
+    #[arg(long)]
+    status: Option<PathBuf>,
+    /// subscribe: stop (after `--drain`) once this file exists.
+    #[arg(long)]
+    stop_file: Option<PathBuf>,
+    /// publish: start the steps once this file exists (warm-up probes until then).
+    #[arg(long)]
+    go_file: Option<PathBuf>,
+    /// publish: seconds between warm-up probes (each one reaches every subscriber).
+    #[arg(long, default_value_t = 0.1)]
+    probe_interval: f64,
+    /// publish: pause (s) before each step, so one step's backlog does not spill into the next.
+    #[arg(long, default_value_t = 0.0)]
+    step_gap: f64,
+    /// subscribe/publish: give up after this many seconds in all (waiting for the go or stop
+    /// file included).
+    #[arg(long, default_value_t = 1200.0)]
+    deadline: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -165,7 +201,9 @@ fn main() -> anyhow::Result<()> {
     for ip in &args.sources {
         systems::check_loopback(*ip)?;
     }
-    systems::target_addr(&args.url)?;
+    if args.scenario != Scenario::Publish {
+        systems::target_addr(&args.url)?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))
         .enable_all()

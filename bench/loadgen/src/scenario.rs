@@ -9,6 +9,11 @@
 //! 4. measured phase: the publisher follows its fixed schedule (open loop);
 //! 5. drain: wait until every expected delivery arrived or `--drain` seconds passed;
 //! 6. loss = expected − distinct received, duplicates counted separately, per client, exactly.
+//!
+//! `subscribe` and `publish` (in [`split`]) are the two halves of that shape in separate
+//! processes, for runs where one process cannot hold every socket (scale-out over several edges).
+
+mod split;
 
 use crate::payload::{self, Stamp, Tally};
 use crate::procfs::{self, KernelSample, ServerSample};
@@ -36,12 +41,17 @@ fn histogram() -> Histogram<u64> {
 struct Shared {
     /// Clock origin of every stamp.
     t0: Instant,
+    /// Added to every stamp: 0 (stamps are ns since `t0`), or the Unix time of `t0` in ns when
+    /// publisher and subscribers run in different processes ([`Shared::new_wall`]).
+    origin_ns: u64,
     /// Latency histograms (µs), one per ramp step (one in total outside `hot`).
     hists: Vec<Mutex<Histogram<u64>>>,
     /// Distinct deliveries to healthy clients, per step.
     step_unique: Vec<AtomicU64>,
     /// Distinct deliveries to healthy clients, all steps.
     unique: AtomicU64,
+    /// Repeated deliveries to healthy clients, per step.
+    step_dup: Vec<AtomicU64>,
     /// Clients that have seen a warm-up probe.
     warm: AtomicUsize,
     ready: AtomicUsize,
@@ -59,9 +69,11 @@ impl Shared {
     fn new(steps: usize) -> Arc<Self> {
         Arc::new(Self {
             t0: Instant::now(),
+            origin_ns: 0,
             hists: (0..steps.max(1)).map(|_| Mutex::new(histogram())).collect(),
             step_unique: (0..steps.max(1)).map(|_| AtomicU64::new(0)).collect(),
             unique: AtomicU64::new(0),
+            step_dup: (0..steps.max(1)).map(|_| AtomicU64::new(0)).collect(),
             warm: AtomicUsize::new(0),
             ready: AtomicUsize::new(0),
             failed: AtomicUsize::new(0),
@@ -72,8 +84,21 @@ impl Shared {
         })
     }
 
+    /// Like [`Shared::new`], but stamps are Unix-epoch nanoseconds (`CLOCK_REALTIME`), which
+    /// another process on the same machine can compare with its own.
+    fn new_wall(steps: usize) -> Arc<Self> {
+        let mut sh = Self::new(steps);
+        let me = Arc::get_mut(&mut sh).expect("fresh Arc");
+        me.t0 = Instant::now();
+        // Read right after `t0`: the two clocks are paired to within a few hundred ns.
+        me.origin_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        sh
+    }
+
     fn ns(&self, at: Instant) -> u64 {
-        at.duration_since(self.t0).as_nanos() as u64
+        self.origin_ns + at.duration_since(self.t0).as_nanos() as u64
     }
 
     fn fail(&self, e: anyhow::Error) {
@@ -124,6 +149,8 @@ impl Receiver {
         if new {
             sh.unique.fetch_add(1, Relaxed);
             sh.step_unique[step].fetch_add(1, Relaxed);
+        } else {
+            sh.step_dup[step].fetch_add(1, Relaxed);
         }
     }
 }
@@ -424,6 +451,8 @@ pub(crate) async fn run(args: &Args) -> Result<Value> {
         Scenario::Hot => hot(args, n).await,
         Scenario::Unicast => unicast(args, n, duration).await,
         Scenario::Handshake => handshake(args, n).await,
+        Scenario::Subscribe => split::subscribe(args, n).await,
+        Scenario::Publish => split::publish(args).await,
     }
 }
 
