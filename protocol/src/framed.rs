@@ -103,8 +103,14 @@ pub fn decode_request(frame: &[u8]) -> Request {
 /// Decodes one client frame.
 pub fn decode_client(frame: &[u8]) -> Result<ClientOp, FramedError> {
     let raw: RawOp<'_> = serde_json::from_slice(frame).map_err(|e| {
+        // serde_json's message can quote the client's text (`invalid type: string "…"`), so cut
+        // it at a char boundary: `String::truncate` panics inside a multi-byte character.
         let mut m = e.to_string();
-        m.truncate(120);
+        let mut cut = m.len().min(120);
+        while !m.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        m.truncate(cut);
         FramedError::NotJson(m)
     })?;
     let op = raw.op.ok_or(FramedError::Missing("op"))?;
@@ -264,6 +270,29 @@ mod tests {
             decode_client(br#"{"op":"subscribe","channel":"a.*"}"#),
             Err(FramedError::InvalidChannel(_))
         ));
+    }
+
+    #[test]
+    fn not_json_message_is_cut_on_a_char_boundary() {
+        // A top-level JSON string is not an op; serde_json's error quotes it, and byte 120 of the
+        // message can fall inside a multi-byte character (found by fuzz target framed_request).
+        let found = "\"juzst uztring juzst uztring \\u0044t44tr0a\u{e9}s  st &&&&&&&r0a\u{e9}s  sst uztring \
+                     \\u0044t44tr0a\u{e9}s  st &&&&&&&r0a\u{e9}s t\"";
+        let mut frames = vec![found.to_owned()];
+        for pad in 0..4 {
+            frames.push(format!("\"{}{}\"", "a".repeat(pad), "\u{20ac}".repeat(40)));
+            frames.push(format!("\"{}{}\"", "a".repeat(pad), "\u{1f600}".repeat(30)));
+        }
+        for frame in frames {
+            match decode_client(frame.as_bytes()) {
+                Err(FramedError::NotJson(m)) => assert!(m.len() <= 120 && m.len() > 100, "{m:?}"),
+                other => panic!("{frame:?}: {other:?}"),
+            }
+            assert!(matches!(
+                decode_request(frame.as_bytes()).op,
+                Err(FramedError::NotJson(_))
+            ));
+        }
     }
 
     #[test]
