@@ -405,8 +405,22 @@ async fn a_token_expiring_mid_connection_closes_4001() {
     )
     .await
     .unwrap();
+    // A fractional `exp` (accepted by the validator) expires too.
+    let fractional = rs256(
+        &k,
+        json!({"sub":"carol","aud":"sy","iss":"test","exp": (now() + 2) as f64 + 0.4}),
+    );
+    let mut ws2 = attempt(
+        &app,
+        "",
+        &[("origin", ORIGIN), ("authorization", &format!("Bearer {fractional}"))],
+    )
+    .await
+    .unwrap();
     assert_eq!(next_json(&mut ws).await["op"], "welcome");
+    assert_eq!(next_json(&mut ws2).await["op"], "welcome");
     assert_eq!(close_code(&mut ws).await, Some(4001));
+    assert_eq!(close_code(&mut ws2).await, Some(4001), "fractional exp");
     app.stop().await;
 }
 
@@ -897,6 +911,34 @@ async fn inbound_records_carry_a_verifiable_edge_signature() {
             assert!(
                 !switchyard_protocol::sign::verify(&key, &r.headers, b"\"other\""),
                 "a changed payload fails"
+            );
+        }
+        // The Python verifier from the docs agrees, both ways.
+        for (headers, want) in [(&r.headers, true), (&tampered, false)] {
+            use base64::Engine;
+            let input = json!({
+                "key_hex": key.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                "headers": headers.0,
+                "payload_b64": base64::engine::general_purpose::STANDARD.encode(&r.payload),
+            });
+            let mut py = std::process::Command::new("python3")
+                .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python/sy_sig.py"))
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("python3");
+            use std::io::Write;
+            py.stdin
+                .take()
+                .unwrap()
+                .write_all(input.to_string().as_bytes())
+                .unwrap();
+            let out = py.wait_with_output().unwrap();
+            assert_eq!(
+                out.status.success(),
+                want,
+                "python verify: {}",
+                String::from_utf8_lossy(&out.stdout)
             );
         }
     }

@@ -55,6 +55,11 @@ pub struct AuthConfig {
     pub api_keys_file: Option<PathBuf>,
 }
 
+/// A subject is 1..=256 characters with no control characters.
+fn valid_subject(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 256 && !s.chars().any(char::is_control)
+}
+
 fn default_sources() -> Vec<TokenSource> {
     vec![TokenSource::Header, TokenSource::Protocol, TokenSource::Query]
 }
@@ -172,7 +177,11 @@ impl Verifier {
                         p.display(),
                         n + 1
                     ))?;
-                    m.insert(k.to_owned(), sub.trim().to_owned());
+                    let sub = sub.trim();
+                    if !valid_subject(sub) {
+                        return Err(format!("{}:{}: subject holds control characters", p.display(), n + 1));
+                    }
+                    m.insert(k.to_owned(), sub.to_owned());
                 }
                 m
             }
@@ -261,6 +270,10 @@ impl Verifier {
             .and_then(Value::as_str)
             .ok_or(unauthorized("missing_claim"))?
             .to_owned();
+        // The subject travels in a header and in the `sy-sig` text: no control characters.
+        if !valid_subject(&subject) {
+            return Err(unauthorized("invalid_token"));
+        }
         let mut stamped = Map::new();
         for c in &self.stamp {
             if let Some(v) = claims.get(c) {
@@ -272,7 +285,10 @@ impl Verifier {
                 subject,
                 claims: stamped,
             },
-            expires_at: claims.get("exp").and_then(Value::as_u64),
+            // jsonwebtoken accepts a fractional `exp` (and rounds it): so do we.
+            expires_at: claims
+                .get("exp")
+                .and_then(|v| v.as_u64().or_else(|| v.as_f64().map(|f| f.max(0.0).round() as u64))),
             grants: self.grants(&claims),
         })
     }
@@ -357,4 +373,17 @@ fn load_jwks(
         return Err(format!("{}: no keys", p.display()));
     }
     Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_subject;
+
+    #[test]
+    fn subjects_hold_no_control_characters() {
+        assert!(valid_subject("alice") && valid_subject("user@example.com") && valid_subject("ü"));
+        for bad in ["", "a\nsy-claims=x", "tab\there", "nul\0", &"x".repeat(257)] {
+            assert!(!valid_subject(bad), "{bad:?}");
+        }
+    }
 }

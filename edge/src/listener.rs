@@ -1,9 +1,10 @@
-//! The client accept loop: CIDR allow/deny at accept, optional TLS (with a handshake timeout),
+//! The client accept loop: CIDR allow/deny, connection rate and connection caps at accept
+//! (refused plain connections get a bare 429/503), optional TLS (within the handshake timeout),
 //! then HTTP/1.1 with a header-read timeout and header size and count limits (slowloris, header
 //! floods). Requests go to the axum router, which performs the WebSocket upgrade.
 
 use crate::metrics as m;
-use crate::server::EdgeState;
+use crate::server::{ConnSlot, EdgeState, Slot};
 use crate::tls::TlsReloader;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
@@ -42,17 +43,28 @@ pub async fn serve(
             drop(tcp);
             continue;
         }
+        // Connection rate and caps are charged here, before TLS or HTTP costs anything.
+        let slot = match Slot::admit(&st, peer.ip()) {
+            Ok(s) => ConnSlot(Arc::new(parking_lot::Mutex::new(Some(s)))),
+            Err((status, reason, body)) => {
+                metrics::counter!(m::HANDSHAKE_REJECTED, "reason" => reason).increment(1);
+                if tls.is_none() {
+                    tokio::spawn(refuse_raw(tcp, status, body));
+                }
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let app = app.clone();
         let st = st.clone();
         let tls = tls.as_ref().map(|t| t.acceptor());
         tokio::spawn(async move {
             match tls {
-                None => serve_http(TokioIo::new(tcp), peer, app, &st).await,
+                None => serve_http(TokioIo::new(tcp), peer, app, &st, slot).await,
                 Some(acceptor) => {
                     let hs = tokio::time::timeout(st.cfg.handshake_timeout, acceptor.accept(tcp)).await;
                     match hs {
-                        Ok(Ok(tls)) => serve_http(TokioIo::new(tls), peer, app, &st).await,
+                        Ok(Ok(tls)) => serve_http(TokioIo::new(tls), peer, app, &st, slot).await,
                         Ok(Err(e)) => {
                             metrics::counter!(m::HANDSHAKE_REJECTED, "reason" => "tls").increment(1);
                             tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -68,12 +80,37 @@ pub async fn serve(
     }
 }
 
-async fn serve_http<I>(io: TokioIo<I>, peer: SocketAddr, app: axum::Router, st: &EdgeState)
+/// Answers a refused plain-text connection with a minimal HTTP response, then closes it
+/// gracefully (a short linger reading what the client sent, so it gets the status, not a reset).
+async fn refuse_raw(mut tcp: tokio::net::TcpStream, status: axum::http::StatusCode, body: &'static str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let head = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    );
+    if tcp.write_all(head.as_bytes()).await.is_err() || tcp.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_millis(200), async {
+        while let Ok(n) = tcp.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+async fn serve_http<I>(io: TokioIo<I>, peer: SocketAddr, app: axum::Router, st: &EdgeState, slot: ConnSlot)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
+        req.extensions_mut().insert(slot.clone());
         app.clone().oneshot(req)
     });
     let mut http = hyper::server::conn::http1::Builder::new();

@@ -38,6 +38,8 @@ pub struct Route {
     pub drop_oldest: Counter,
     pub drop_slow_close: Counter,
     pub drop_bus: Counter,
+    /// Frames read after the session was closed for policy or an expired token (not published).
+    pub drop_policy: Counter,
     /// The route's per-session message rate, as a governor quota.
     pub rate: Option<Quota>,
 }
@@ -57,7 +59,8 @@ impl Route {
             open: metrics::gauge!(m::CONNECTIONS_OPEN, "route" => r.clone()),
             drop_oldest: metrics::counter!(m::DROPS, "route" => r.clone(), "reason" => "slow_drop_oldest"),
             drop_slow_close: metrics::counter!(m::DROPS, "route" => r.clone(), "reason" => "slow_close"),
-            drop_bus: metrics::counter!(m::DROPS, "route" => r, "reason" => "bus_refused"),
+            drop_bus: metrics::counter!(m::DROPS, "route" => r.clone(), "reason" => "bus_refused"),
+            drop_policy: metrics::counter!(m::DROPS, "route" => r, "reason" => "after_policy_close"),
             rate: cfg.rate_limit.map(|rl| {
                 let per = std::num::NonZeroU32::new(rl.messages_per_second.max(1)).expect("non-zero");
                 let burst =
@@ -217,7 +220,7 @@ impl Edge {
             app,
             state.clone(),
             tls.clone(),
-            shutdown.clone(),
+            state.close_all.clone(),
         ));
         if state.ip_rate.is_some() {
             // Forget addresses whose bucket is full again, so the map stays bounded.
@@ -247,7 +250,6 @@ impl Edge {
     /// grace (or until none is left); closes the rest with 1012; then waits for every session
     /// to finish its close handshake and publish its disconnect, up to the shutdown grace (+1 s).
     pub async fn drained(self) {
-        let _ = self.server.await;
         self.state.tracker.close();
         let grace = self.state.cfg.drain_grace;
         if !grace.is_zero() {
@@ -258,7 +260,10 @@ impl Edge {
             );
             let _ = tokio::time::timeout(grace, self.state.tracker.wait()).await;
         }
+        // During the drain grace the listener still accepts (and answers 503 `draining`), so a
+        // client a load balancer still sends here is told rather than reset. Then it closes.
         self.state.close_all.cancel();
+        let _ = self.server.await;
         let grace = self.state.cfg.shutdown_grace + std::time::Duration::from_secs(1);
         if tokio::time::timeout(grace, self.state.tracker.wait()).await.is_err() {
             tracing::warn!(
@@ -290,20 +295,48 @@ fn refuse(status: StatusCode, reason: &'static str, body: &'static str) -> Respo
     (status, body).into_response()
 }
 
-/// Holds one slot of the connection caps; released on drop.
-struct Slot {
+/// A refusal before any HTTP is read: status, metric reason, body.
+pub type Refused = (StatusCode, &'static str, &'static str);
+
+/// The address a client is counted under: IPv4 (also when IPv4-mapped), or the /64 of an IPv6
+/// address (one host usually holds a whole /64).
+pub fn client_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => std::net::IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+        v4 => v4,
+    }
+}
+
+/// Holds one slot of the connection caps from accept until the socket closes (so connections
+/// still in their TLS or HTTP handshake count too); released on drop.
+pub struct Slot {
     st: Arc<EdgeState>,
     ip: std::net::IpAddr,
     user: Option<String>,
 }
 
+/// The connection's slot, handed from the accept loop to the upgrade through the request.
+#[derive(Clone)]
+pub struct ConnSlot(pub Arc<parking_lot::Mutex<Option<Slot>>>);
+
 impl Slot {
-    /// Takes a slot, or says which cap is full.
-    fn take(st: &Arc<EdgeState>, ip: std::net::IpAddr) -> Result<Slot, Response> {
+    /// At accept: the per-IP connection rate, then the node and per-IP caps.
+    pub fn admit(st: &Arc<EdgeState>, peer: std::net::IpAddr) -> Result<Slot, Refused> {
         use std::sync::atomic::Ordering;
+        let ip = client_key(peer);
+        if st.ip_rate.as_ref().is_some_and(|l| l.check_key(&ip).is_err()) {
+            return Err((
+                StatusCode::TOO_MANY_REQUESTS,
+                "ip_rate",
+                "connecting too fast from this address\n",
+            ));
+        }
         if st.open.fetch_add(1, Ordering::AcqRel) >= st.cfg.max_connections {
             st.open.fetch_sub(1, Ordering::AcqRel);
-            return Err(refuse(
+            return Err((
                 StatusCode::SERVICE_UNAVAILABLE,
                 "node_cap",
                 "node at its connection cap\n",
@@ -313,7 +346,7 @@ impl Slot {
         if *n >= st.cfg.max_connections_per_ip {
             drop(n);
             st.open.fetch_sub(1, Ordering::AcqRel);
-            return Err(refuse(
+            return Err((
                 StatusCode::TOO_MANY_REQUESTS,
                 "ip_cap",
                 "too many connections from this address\n",
@@ -327,12 +360,14 @@ impl Slot {
         })
     }
 
-    /// Also takes a slot of the subject's per-user cap.
-    fn add_user(&mut self, subject: &str) -> Result<(), Response> {
-        let mut n = self.st.per_user.entry(subject.to_owned()).or_insert(0);
+    /// Also takes a slot of the subject's per-user cap (counted per route: the same `sub` from
+    /// another route's issuer or API-key file is another user).
+    fn add_user(&mut self, route: &str, subject: &str) -> Result<(), Response> {
+        let key = format!("{route}\u{0}{subject}");
+        let mut n = self.st.per_user.entry(key.clone()).or_insert(0);
         if *n >= self.st.cfg.max_connections_per_user {
             drop(n);
-            self.st.per_user.remove_if(subject, |_, n| *n == 0);
+            self.st.per_user.remove_if(&key, |_, n| *n == 0);
             return Err(refuse(
                 StatusCode::TOO_MANY_REQUESTS,
                 "user_cap",
@@ -340,7 +375,7 @@ impl Slot {
             ));
         }
         *n += 1;
-        self.user = Some(subject.to_owned());
+        self.user = Some(key);
         Ok(())
     }
 }
@@ -424,16 +459,13 @@ async fn upgrade(
             return refuse(StatusCode::FORBIDDEN, "origin", "origin not allowed\n");
         }
     }
-    if st.ip_rate.as_ref().is_some_and(|l| l.check_key(&peer.ip()).is_err()) {
+    // The connection's cap slot, taken at accept; the first upgrade on it takes it over.
+    let Some(mut slot) = parts.extensions.get::<ConnSlot>().and_then(|c| c.0.lock().take()) else {
         return refuse(
-            StatusCode::TOO_MANY_REQUESTS,
-            "ip_rate",
-            "connecting too fast from this address\n",
+            StatusCode::BAD_REQUEST,
+            "not_websocket",
+            "connection already upgraded\n",
         );
-    }
-    let mut slot = match Slot::take(&st, peer.ip()) {
-        Ok(s) => s,
-        Err(r) => return r,
     };
     let verified = match &route.verifier {
         Some(v) => match v.verify(headers, parts.uri.query()) {
@@ -446,7 +478,7 @@ async fn upgrade(
         None => None,
     };
     if let Some(v) = &verified {
-        if let Err(r) = slot.add_user(&v.identity.subject) {
+        if let Err(r) = slot.add_user(&route.cfg.path, &v.identity.subject) {
             return r;
         }
     }
@@ -528,5 +560,20 @@ fn new_trace() -> TraceContext {
     TraceContext {
         traceparent: format!("00-{t:032x}-{s:016x}-01"),
         tracestate: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::client_key;
+
+    #[test]
+    fn clients_are_counted_per_ipv4_address_and_per_ipv6_64() {
+        let k = |s: &str| client_key(s.parse().unwrap()).to_string();
+        assert_eq!(k("192.0.2.7"), "192.0.2.7");
+        assert_eq!(k("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(k("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
+        assert_eq!(k("2001:db8:1:2::1"), k("2001:db8:1:2:ffff::9"));
+        assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
     }
 }

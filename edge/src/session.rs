@@ -296,7 +296,16 @@ where
         sess.frames_in.fetch_add(1, Ordering::Relaxed);
         sess.route.frames_in.increment(1);
         sess.route.bytes_in.increment(payload.len() as u64);
-        if closing_deadline.is_none() && sess.rate.as_ref().is_some_and(|r| r.check().is_err()) {
+        if ended
+            .as_ref()
+            .is_some_and(|e| e.code == close::POLICY || e.code == close::TOKEN_EXPIRED)
+        {
+            // Closed for policy (flood, rate) or an expired token: nothing more this client
+            // sends is published while its close handshake runs out.
+            sess.route.drop_policy.increment(1);
+            continue;
+        }
+        if sess.rate.as_ref().is_some_and(|r| r.check().is_err()) {
             let action = sess.route.cfg.rate_limit.map(|r| r.action);
             let label = if action == Some(RateAction::Close) {
                 "close"

@@ -100,14 +100,12 @@ impl TlsReloader {
         res
     }
 
-    /// Reloads when either file's modification time changed since the last look.
+    /// Reloads when either file's modification time changed since the last successful load.
+    /// A failed load is retried on the next look (the files may have been caught mid-write).
     pub fn reload_if_changed(&self) {
         let now = (mtime(&self.files.cert), mtime(&self.files.key));
-        let mut last = self.stamp.lock();
-        if *last != now {
-            *last = now;
-            drop(last);
-            let _ = self.reload();
+        if *self.stamp.lock() != now && self.reload().is_ok() {
+            *self.stamp.lock() = now;
         }
     }
 

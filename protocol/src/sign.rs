@@ -9,8 +9,10 @@
 //! <payload bytes>
 //! ```
 //!
-//! Header values never hold a newline (the edge strips control characters), so the text is
-//! unambiguous.
+//! No signed value can hold a newline: the edge refuses subjects with control characters at the
+//! handshake, filters them out of close reasons, validates `traceparent`, serialises claims as
+//! JSON (which escapes them), and HTTP header values (`tracestate`) cannot carry CR or LF. So
+//! the text splits back into its fields one way only.
 
 use crate::envelope::Headers;
 use hmac::{Hmac, Mac};
@@ -19,8 +21,9 @@ use sha2::Sha256;
 /// The signature header.
 pub const SIG: &str = "sy-sig";
 
-/// Headers covered by the signature, in canonical order.
-pub const SIGNED: [&str; 12] = [
+/// Headers covered by the signature, in canonical order. The routing fields (`sy-reply`,
+/// `sy-inbound`) are signed too: a backend that answers on `sy-reply` must not be steerable.
+pub const SIGNED: [&str; 16] = [
     "sy-v",
     "sy-session",
     "sy-seq",
@@ -32,7 +35,11 @@ pub const SIGNED: [&str; 12] = [
     "sy-claims",
     "sy-ts",
     "sy-code",
+    "sy-reason",
+    "sy-reply",
+    "sy-inbound",
     "traceparent",
+    "tracestate",
 ];
 
 fn mac(key: &[u8], headers: &Headers, payload: &[u8]) -> Hmac<Sha256> {
