@@ -120,7 +120,7 @@ pub struct Options {
     /// Refuse clients from these CIDRs at accept (comma-separated; checked before --allow-cidr)
     #[arg(long, env = "SWITCHYARD_DENY_CIDRS", value_delimiter = ',', global = true)]
     pub deny_cidr: Vec<ipnet::IpNet>,
-    /// TLS handshake and HTTP request headers must complete within this (slowloris)
+    /// The TLS handshake, and then the HTTP request head, must each complete within this (slowloris)
     #[arg(long, env = "SWITCHYARD_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
     pub handshake_timeout: Duration,
     /// Largest HTTP request head in bytes (431 past it; 8192..=1048576)
