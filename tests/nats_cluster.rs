@@ -431,47 +431,34 @@ async fn tls_to_nats_with_a_trusted_ca_and_refused_without() {
     }
     let url = format!("nats://localhost:{port}");
     let p = prefix();
-    // Untrusted: the edge does not start.
-    let out = tokio::time::timeout(
-        WAIT,
-        tokio::process::Command::new(binary())
-            .args([
-                "standalone",
-                "--bus",
-                &url,
-                "--prefix",
-                &p,
-                "--listen",
-                "127.0.0.1:0",
-                "--admin",
-                "127.0.0.1:0",
-            ])
-            .env("SWITCHYARD_BUS_TLS_CA", dir.join("nope.pem"))
-            .output(),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    // Runs the edge to its exit, with `extra` flags; it must not start.
+    let run = |extra: Vec<String>| {
+        let mut args = [
+            "standalone",
+            "--bus",
+            &url,
+            "--prefix",
+            &p,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        args.extend(extra);
+        async move {
+            tokio::time::timeout(WAIT, tokio::process::Command::new(binary()).args(args).output())
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    let missing = dir.join("nope.pem").display().to_string();
+    let out = run(vec!["--bus-tls-ca".into(), missing]).await;
     assert_eq!(out.status.code(), Some(64), "a missing CA file is a config error");
-    let out = tokio::time::timeout(
-        WAIT,
-        tokio::process::Command::new(binary())
-            .args([
-                "standalone",
-                "--bus",
-                &url,
-                "--prefix",
-                &p,
-                "--listen",
-                "127.0.0.1:0",
-                "--admin",
-                "127.0.0.1:0",
-            ])
-            .output(),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    // Untrusted: the edge does not start.
+    let out = run(Vec::new()).await;
     assert_eq!(out.status.code(), Some(69), "{}", String::from_utf8_lossy(&out.stderr));
     // Trusted CA: works end to end.
     let gw = spawn(
