@@ -75,9 +75,14 @@ impl OutQueue {
                 }
             }
         }
+        let was_empty = s.items.is_empty();
         s.items.push_back(Out::Msg(msg));
         drop(s);
-        self.notify.notify_one();
+        // The writer takes everything at once and waits only after seeing the queue empty
+        // (under the lock), so only the push that makes it non-empty needs to wake it.
+        if was_empty {
+            self.notify.notify_one();
+        }
         res
     }
 
@@ -93,9 +98,12 @@ impl OutQueue {
             self.close_slow(s);
             return false;
         }
+        let was_empty = s.items.is_empty();
         s.items.push_back(Out::Msg(msg));
         drop(s);
-        self.notify.notify_one();
+        if was_empty {
+            self.notify.notify_one();
+        }
         true
     }
 
