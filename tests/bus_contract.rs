@@ -232,7 +232,18 @@ mod nats {
         // A stock client sees the partition subjects.
         let nc = async_nats::connect(&url).await.unwrap();
         let mut raw = nc.subscribe(format!("{prefix}.in.app.>")).await.unwrap();
+        // `flush` only writes the SUB out; a probe published after it on the same connection
+        // comes back once the server has processed the SUB. Its subject matches `raw` but not
+        // the bus subscription (one token after the topic).
+        nc.publish(format!("{prefix}.in.app.probe.x"), Bytes::new())
+            .await
+            .unwrap();
         nc.flush().await.unwrap();
+        let probe = tokio::time::timeout(common::WAIT, futures::StreamExt::next(&mut raw))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(probe.subject.as_str(), format!("{prefix}.in.app.probe.x"));
         let mut seqs = Vec::new();
         for k in 0..20 {
             seqs.push(

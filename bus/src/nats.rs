@@ -44,6 +44,19 @@ fn unavailable(e: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(e.to_string())
 }
 
+/// Returns once the server has processed everything this client sent before: a probe on a
+/// fresh inbox, published after those commands, has come back.
+async fn barrier(client: &async_nats::Client) -> Result<(), BusError> {
+    let inbox = client.new_inbox();
+    let mut probe = client.subscribe(inbox.clone()).await.map_err(unavailable)?;
+    client.publish(inbox, bytes::Bytes::new()).await.map_err(unavailable)?;
+    client.flush().await.map_err(unavailable)?;
+    match tokio::time::timeout(Duration::from_secs(10), probe.next()).await {
+        Ok(Some(_)) => Ok(()),
+        _ => Err(unavailable("the server did not confirm the subscription within 10 s")),
+    }
+}
+
 /// Stream / bucket names may not contain dots.
 fn undotted(prefix: &str) -> String {
     prefix.replace('.', "_")
@@ -247,8 +260,10 @@ impl Bus for NatsBus {
             None => self.client.subscribe(subject.clone()).await,
         }
         .map_err(unavailable)?;
-        // Live on the server once the SUB has been flushed and answered.
-        self.client.flush().await.map_err(unavailable)?;
+        // Live on the server once it has processed the SUB: `flush` only writes it out, so
+        // wait for a probe published after it on this connection (the server handles one
+        // connection's commands in order).
+        barrier(&self.client).await?;
         let (tx, rx) = mpsc::channel(self.buffer);
         let topic: Arc<str> = Arc::from(pattern);
         let task = tokio::spawn(async move {
