@@ -132,11 +132,14 @@ async fn secured(keys: &Keys, per_ip: usize) -> Running {
     secured_with(keys, |s| s.edge.max_connections_per_ip = per_ip).await
 }
 
-/// Attempts an upgrade; Ok(socket) or Err(HTTP status).
+/// Attempts an upgrade on `/secure`; Ok(socket) or Err(HTTP status).
 async fn attempt(app: &Running, query: &str, headers: &[(&str, &str)]) -> Result<Ws, u16> {
-    let mut req = format!("ws://{}/secure{query}", app.client)
-        .into_client_request()
-        .unwrap();
+    attempt_path(app, &format!("/secure{query}"), headers).await
+}
+
+/// Attempts an upgrade on any path; Ok(socket) or Err(HTTP status).
+async fn attempt_path(app: &Running, path: &str, headers: &[(&str, &str)]) -> Result<Ws, u16> {
+    let mut req = format!("ws://{}{path}", app.client).into_client_request().unwrap();
     for (k, v) in headers {
         let name: tokio_tungstenite::tungstenite::http::HeaderName = k.parse().unwrap();
         req.headers_mut().insert(name, v.parse().unwrap());
@@ -685,22 +688,6 @@ async fn hostile_frames_and_headers_get_exact_codes_and_healthy_clients_unaffect
         assert!(body.contains(series), "{series} counted:\n{body}");
     }
     app.stop().await;
-}
-
-async fn attempt_path(app: &Running, path: &str, headers: &[(&str, &str)]) -> Result<Ws, u16> {
-    let mut req = format!("ws://{}{path}", app.client).into_client_request().unwrap();
-    for (k, v) in headers {
-        let name: tokio_tungstenite::tungstenite::http::HeaderName = k.parse().unwrap();
-        req.headers_mut().insert(name, v.parse().unwrap());
-    }
-    match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
-        .await
-        .expect("handshake in time")
-    {
-        Ok((ws, _)) => Ok(ws),
-        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
-        Err(e) => panic!("unexpected handshake error {e}"),
-    }
 }
 
 /// A TCP connection from a chosen loopback source address.
