@@ -369,21 +369,27 @@ async fn hostile_handshakes_are_refused_and_healthy_clients_unaffected() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn verified_identity_is_stamped_into_every_inbound_record() {
-    let k = keys();
-    let app = secured(&k, 10_000).await;
-    let mut tap = app
+/// Taps `/secure`'s inbound topic, connects alice, waits for the welcome and sends `frame`.
+async fn tapped_send(app: &Running, k: &Keys, frame: &str) -> (switchyard_bus::Subscription, Ws) {
+    let tap = app
         .bus
         .subscribe("sy.in.secure", SubscribeOptions::default())
         .await
         .unwrap();
-    let bearer = format!("Bearer {}", rs256(&k, good_claims()));
-    let mut ws = attempt(&app, "", &[("origin", ORIGIN), ("authorization", &bearer)])
+    let bearer = format!("Bearer {}", rs256(k, good_claims()));
+    let mut ws = attempt(app, "", &[("origin", ORIGIN), ("authorization", &bearer)])
         .await
         .unwrap();
     next_json(&mut ws).await;
-    ws.send(Message::text(r#"{"op":"send","data":1}"#)).await.unwrap();
+    ws.send(Message::text(frame.to_owned())).await.unwrap();
+    (tap, ws)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verified_identity_is_stamped_into_every_inbound_record() {
+    let k = keys();
+    let app = secured(&k, 10_000).await;
+    let (mut tap, _ws) = tapped_send(&app, &k, r#"{"op":"send","data":1}"#).await;
     for kind in ["connect", "frame"] {
         let m = tokio::time::timeout(WAIT, tap.recv()).await.unwrap().unwrap();
         let e = Envelope::from_record(m.record.key.as_deref(), &m.record.headers, m.record.payload.clone()).unwrap();
@@ -862,19 +868,7 @@ async fn inbound_records_carry_a_verifiable_edge_signature() {
         s.edge.identity_hmac_key = Some(std::sync::Arc::new(key.clone()))
     })
     .await;
-    let mut tap = app
-        .bus
-        .subscribe("sy.in.secure", SubscribeOptions::default())
-        .await
-        .unwrap();
-    let bearer = format!("Bearer {}", rs256(&k, good_claims()));
-    let mut ws = attempt(&app, "", &[("origin", ORIGIN), ("authorization", &bearer)])
-        .await
-        .unwrap();
-    next_json(&mut ws).await;
-    ws.send(Message::text(r#"{"op":"send","data":"payload"}"#))
-        .await
-        .unwrap();
+    let (mut tap, _ws) = tapped_send(&app, &k, r#"{"op":"send","data":"payload"}"#).await;
     for kind in ["connect", "frame"] {
         let m = tokio::time::timeout(WAIT, tap.recv()).await.unwrap().unwrap();
         let r = &m.record;
