@@ -1,29 +1,54 @@
 //! Channel fan-out: one bus subscription per channel that has local subscribers, never one per
-//! client. Each message is encoded once per mode (raw bytes, or the framed JSON wrapper) and the
-//! same bytes are queued to every subscriber.
+//! client. Each message is encoded once per mode into a complete WebSocket frame (the raw
+//! payload, or the framed JSON wrapper) and the same bytes go to every subscriber.
+//!
+//! A channel's subscribers are spread over shards, one per core. The channel's pump task fans
+//! out to shard 0 itself and hands each batch to one worker task per further shard, so a large
+//! broadcast runs on every core while each subscriber still gets messages in order. A subscriber
+//! gets all frames of a batch at once (one vectored write when its socket takes them).
 
+use crate::frame;
 use crate::session::Session;
+use bytes::Bytes;
 use parking_lot::RwLock;
 use std::collections::HashMap;
-use std::sync::Arc;
-use switchyard_bus::{Bus, BusError, SubscribeOptions, Subscription};
+use std::sync::{Arc, OnceLock};
+use switchyard_bus::{Bus, BusError, Message as BusMessage, SubscribeOptions, Subscription};
 use switchyard_protocol::envelope::header;
 use switchyard_protocol::{framed, Naming};
-use tokio::sync::Mutex;
+use tokio::sync::{mpsc, Mutex};
 use tokio::task::JoinHandle;
-use tungstenite::{Message, Utf8Bytes};
 
-type Subscribers = Arc<RwLock<HashMap<String, Arc<Session>>>>;
+type Shard = RwLock<HashMap<String, Arc<Session>>>;
 
 struct Channel {
-    subscribers: Subscribers,
+    shards: Arc<[Shard]>,
     pump: JoinHandle<()>,
+    workers: Vec<JoinHandle<()>>,
 }
 
 impl Drop for Channel {
     fn drop(&mut self) {
         self.pump.abort();
+        for w in &self.workers {
+            w.abort();
+        }
     }
+}
+
+impl Channel {
+    fn shard(&self, session: &str) -> &Shard {
+        // ULIDs end in random characters: a cheap, stable spread.
+        let h = session
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
+        &self.shards[h % self.shards.len()]
+    }
+}
+
+/// Shards per channel: the cores this process may run on.
+fn shard_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 16)
 }
 
 /// The node's channels.
@@ -47,17 +72,26 @@ impl ChannelHub {
     pub async fn subscribe(&self, sess: &Arc<Session>, channel: &str) -> Result<(), BusError> {
         let mut chans = self.channels.lock().await;
         if let Some(c) = chans.get(channel) {
-            c.subscribers.write().insert(sess.id.clone(), sess.clone());
+            c.shard(&sess.id).write().insert(sess.id.clone(), sess.clone());
             return Ok(());
         }
         let sub = self
             .bus
             .subscribe(&self.naming.channel(channel), SubscribeOptions::default())
             .await?;
-        let subscribers: Subscribers = Arc::default();
-        subscribers.write().insert(sess.id.clone(), sess.clone());
-        let pump = tokio::spawn(pump(channel.to_owned(), sub, subscribers.clone()));
-        chans.insert(channel.to_owned(), Channel { subscribers, pump });
+        let shards: Arc<[Shard]> = (0..shard_count()).map(|_| Shard::default()).collect();
+        let name: Arc<str> = channel.into();
+        let mut senders = Vec::new();
+        let mut workers = Vec::new();
+        for i in 1..shards.len() {
+            let (tx, rx) = mpsc::channel(16);
+            senders.push(tx);
+            workers.push(tokio::spawn(worker(name.clone(), rx, shards.clone(), i)));
+        }
+        let pump = tokio::spawn(pump(name, sub, shards.clone(), senders));
+        let c = Channel { shards, pump, workers };
+        c.shard(&sess.id).write().insert(sess.id.clone(), sess.clone());
+        chans.insert(channel.to_owned(), c);
         metrics::gauge!(crate::metrics::CHANNELS_ACTIVE).set(chans.len() as f64);
         Ok(())
     }
@@ -67,9 +101,8 @@ impl ChannelHub {
         let mut chans = self.channels.lock().await;
         let empty = match chans.get(channel) {
             Some(c) => {
-                let mut s = c.subscribers.write();
-                s.remove(&sess.id);
-                s.is_empty()
+                c.shard(&sess.id).write().remove(&sess.id);
+                c.shards.iter().all(|s| s.read().is_empty())
             }
             None => false,
         };
@@ -90,13 +123,80 @@ impl ChannelHub {
             .lock()
             .await
             .get(channel)
-            .map_or(0, |c| c.subscribers.read().len())
+            .map_or(0, |c| c.shards.iter().map(|s| s.read().len()).sum())
     }
 }
 
-async fn pump(channel: String, mut sub: Subscription, subscribers: Subscribers) {
+/// One channel message, with its frames encoded on first use and then shared.
+struct Item {
+    offset: Option<u64>,
+    payload: Bytes,
+    binary: bool,
+    raw: OnceLock<Bytes>,
+    wrapped: OnceLock<Bytes>,
+}
+
+impl Item {
+    fn new(m: &BusMessage) -> Self {
+        let payload = m.record.payload.clone();
+        let binary = match m.record.headers.get(header::OPCODE) {
+            Some(o) => o == "binary",
+            None => false,
+        } || std::str::from_utf8(&payload).is_err();
+        Self {
+            offset: m.offset,
+            payload,
+            binary,
+            raw: OnceLock::new(),
+            wrapped: OnceLock::new(),
+        }
+    }
+
+    /// The frame for `sess`: the framed wrapper, or the payload as is.
+    fn frame(&self, channel: &str, sess: &Session) -> &Bytes {
+        if sess.route.is_framed() {
+            self.wrapped
+                .get_or_init(|| frame::text(framed::channel_message(channel, self.offset, &self.payload).as_bytes()))
+        } else {
+            self.raw.get_or_init(|| {
+                if self.binary {
+                    frame::binary(&self.payload)
+                } else {
+                    frame::text(&self.payload)
+                }
+            })
+        }
+    }
+}
+
+/// Deliveries between two yields of a fan-out task, so a broadcast to many thousands of
+/// sockets does not hold its worker thread (and the tasks queued behind it) for its whole run.
+const YIELD_EVERY: usize = 256;
+
+/// Sends a batch to every subscriber of one shard, all of the batch at once per subscriber.
+/// `subs` and `frames` are scratch space kept by the caller.
+async fn fan_out(channel: &str, shard: &Shard, items: &[Item], subs: &mut Vec<Arc<Session>>, frames: &mut Vec<Bytes>) {
+    subs.extend(shard.read().values().cloned());
+    for (i, s) in subs.iter().enumerate() {
+        if i % YIELD_EVERY == YIELD_EVERY - 1 {
+            tokio::task::yield_now().await;
+        }
+        if let [one] = items {
+            s.deliver(one.frame(channel, s).clone());
+        } else {
+            frames.clear();
+            frames.extend(items.iter().map(|i| i.frame(channel, s).clone()));
+            s.deliver_all(frames);
+        }
+    }
+    subs.clear();
+    frames.clear();
+}
+
+async fn pump(channel: Arc<str>, mut sub: Subscription, shards: Arc<[Shard]>, workers: Vec<mpsc::Sender<Arc<[Item]>>>) {
     let received = metrics::counter!(crate::metrics::CHANNEL_MESSAGES);
     let mut batch = Vec::with_capacity(64);
+    let (mut subs, mut frames) = (Vec::new(), Vec::new());
     loop {
         batch.clear();
         if sub.recv_many(&mut batch, 64).await == 0 {
@@ -104,33 +204,20 @@ async fn pump(channel: String, mut sub: Subscription, subscribers: Subscribers) 
             return;
         }
         received.increment(batch.len() as u64);
-        let subs = subscribers.read();
-        for m in &batch {
-            let payload = &m.record.payload;
-            let mut raw: Option<Message> = None;
-            let mut wrapped: Option<Message> = None;
-            for s in subs.values() {
-                let msg = if s.route.is_framed() {
-                    wrapped
-                        .get_or_insert_with(|| {
-                            Message::Text(Utf8Bytes::from(framed::channel_message(&channel, m.offset, payload)))
-                        })
-                        .clone()
-                } else {
-                    raw.get_or_insert_with(|| {
-                        let binary = match m.record.headers.get(header::OPCODE) {
-                            Some(o) => o == "binary",
-                            None => std::str::from_utf8(payload).is_err(),
-                        };
-                        match Utf8Bytes::try_from(payload.clone()) {
-                            Ok(t) if !binary => Message::Text(t),
-                            _ => Message::Binary(payload.clone()),
-                        }
-                    })
-                    .clone()
-                };
-                s.deliver(msg);
+        let items: Arc<[Item]> = batch.iter().map(Item::new).collect();
+        for (i, w) in workers.iter().enumerate() {
+            // A shard's worker gets the batch only when the shard has subscribers.
+            if !shards[i + 1].read().is_empty() && w.send(items.clone()).await.is_err() {
+                return;
             }
         }
+        fan_out(&channel, &shards[0], &items, &mut subs, &mut frames).await;
+    }
+}
+
+async fn worker(channel: Arc<str>, mut rx: mpsc::Receiver<Arc<[Item]>>, shards: Arc<[Shard]>, index: usize) {
+    let (mut subs, mut frames) = (Vec::new(), Vec::new());
+    while let Some(items) = rx.recv().await {
+        fan_out(&channel, &shards[index], &items, &mut subs, &mut frames).await;
     }
 }

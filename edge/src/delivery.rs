@@ -8,7 +8,6 @@ use std::sync::Arc;
 use switchyard_bus::Subscription;
 use switchyard_protocol::framed;
 use switchyard_protocol::{ControlOp, Envelope, Kind, Opcode};
-use tungstenite::{Message, Utf8Bytes};
 
 pub async fn run(st: Arc<EdgeState>, mut sub: Subscription) {
     let delivered = metrics::counter!(m::DELIVERIES, "kind" => "deliver");
@@ -37,14 +36,12 @@ pub async fn run(st: Arc<EdgeState>, mut sub: Subscription) {
                     // The backend's trace context is honoured in the delivery's log line.
                     tracing::debug!(session = %env.session, trace_id = %t.trace_id(), "delivering a backend record");
                 }
-                let m = match env.opcode {
-                    Opcode::Text => match Utf8Bytes::try_from(env.payload.clone()) {
-                        Ok(t) => Message::Text(t),
-                        Err(_) => Message::Binary(env.payload),
-                    },
-                    Opcode::Binary => Message::Binary(env.payload),
+                // Text that is not UTF-8 goes out as binary: a text frame must be valid UTF-8.
+                let f = match env.opcode {
+                    Opcode::Text if std::str::from_utf8(&env.payload).is_ok() => crate::frame::text(&env.payload),
+                    _ => crate::frame::binary(&env.payload),
                 };
-                sess.deliver(m);
+                sess.deliver(f);
             }
             (Kind::Control, Some(op)) => {
                 control.increment(1);

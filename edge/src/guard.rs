@@ -116,9 +116,21 @@ pub struct Guarded<S> {
     tripped: Arc<Tripped>,
 }
 
+/// The process's one clock for rate limiters. A new `quanta` clock calibrates itself with
+/// CPUID, which is slow (a VM exit under virtualisation): once per process, not per socket.
+pub fn clock() -> governor::clock::QuantaClock {
+    static CLOCK: std::sync::OnceLock<governor::clock::QuantaClock> = std::sync::OnceLock::new();
+    CLOCK.get_or_init(Default::default).clone()
+}
+
+/// A per-connection (unkeyed) rate limiter on the shared clock.
+pub fn direct_limiter(quota: Quota) -> DefaultDirectRateLimiter {
+    RateLimiter::direct_with_clock(quota, clock())
+}
+
 fn limiter(per_second: u32) -> DefaultDirectRateLimiter {
     let n = NonZeroU32::new(per_second.max(1)).expect("non-zero");
-    RateLimiter::direct(Quota::per_second(n).allow_burst(n))
+    direct_limiter(Quota::per_second(n).allow_burst(n))
 }
 
 impl<S> Guarded<S> {

@@ -23,6 +23,7 @@ pub mod auth;
 pub mod channels;
 pub mod config;
 pub mod delivery;
+pub mod frame;
 pub mod guard;
 pub mod listener;
 pub mod metrics;

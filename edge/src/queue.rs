@@ -1,39 +1,77 @@
-//! The bounded outgoing queue of one socket.
+//! The bounded outgoing queue of one socket, and the direct write path in front of it.
 //!
-//! Producers (channel fan-out, node delivery, the session's own replies) push; the socket's one
-//! writer task takes everything queued at once and writes it with a single flush, so bursts
-//! coalesce naturally without a timer. When the queue is full the route's [`SlowPolicy`] decides:
-//! drop the oldest message, or close the socket with 4008. Both are counted by the caller.
+//! Everything bound for a client is a complete, already-encoded WebSocket frame ([`Bytes`],
+//! shared between all recipients of a channel message). A producer (channel fan-out, node
+//! delivery, the session's own replies) pushes a frame:
+//!
+//! - when nothing is queued and the socket's writer is idle, and the socket is plain TCP, the
+//!   producer writes the frame to the socket itself (`try_write`, never waiting): no queue
+//!   entry, no task wake-up. The rest of a partly written frame is queued first in line;
+//! - otherwise the frame is queued and the socket's writer task, woken only when the queue
+//!   becomes non-empty, takes everything at once and writes it with one vectored write, so
+//!   bursts coalesce without a timer.
+//!
+//! Both paths run under the queue's lock or while the writer holds the `writing` mark, so
+//! bytes of two frames never interleave. When the queue is full the route's [`SlowPolicy`]
+//! decides: drop the oldest data frame, or close the socket with 4008. Both are counted by the
+//! caller.
 
 use crate::config::SlowPolicy;
+use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{ready, Context, Poll};
+use tokio::io::AsyncWrite;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
-use tungstenite::Message;
 
 /// What the writer should do next.
 #[derive(Debug)]
 pub enum Out {
-    Msg(Message),
+    /// A data frame (channel message, backend reply): the one a full queue may drop.
+    Data(Bytes),
+    /// A frame the protocol requires (welcome, ack, error, ping, pong): never dropped.
+    Control(Bytes),
+    /// Bytes not counted as a frame: pings, pongs, and the unsent end of a frame whose start
+    /// is already on the wire (first in line). Never dropped.
+    Raw(Bytes),
     /// Send a close frame with this code and reason, then stop writing.
     Close(u16, String),
+}
+
+impl Out {
+    /// The bytes to write (a close is encoded by the writer).
+    pub fn bytes(&self) -> Option<&Bytes> {
+        match self {
+            Out::Data(b) | Out::Control(b) | Out::Raw(b) => Some(b),
+            Out::Close(..) => None,
+        }
+    }
 }
 
 /// Result of a push.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
+    /// Written to the socket by the caller (at least its first byte; the rest is queued).
+    Written,
     Queued,
-    /// Queued after dropping the oldest message (policy `drop_oldest`).
+    /// Queued after dropping the oldest data frame (policy `drop_oldest`).
     DroppedOldest,
-    /// Queue full under policy `close`: the socket is being closed with 4008; message dropped.
+    /// Queue full under policy `close`: the socket is being closed with 4008; frame dropped.
     Overflowed,
-    /// The socket is already closing; message dropped.
+    /// The socket is already closing; frame dropped.
     Closed,
 }
 
 struct State {
     items: VecDeque<Out>,
     closing: bool,
+    /// The writer task holds frames it took from the queue and has not finished writing:
+    /// nobody else may write to the socket.
+    writing: bool,
 }
 
 pub struct OutQueue {
@@ -41,6 +79,8 @@ pub struct OutQueue {
     notify: Notify,
     cap: usize,
     policy: SlowPolicy,
+    /// The socket, for the direct path (plain TCP only; TLS goes through the writer task).
+    direct: OnceLock<Arc<OwnedWriteHalf>>,
 }
 
 impl OutQueue {
@@ -49,65 +89,169 @@ impl OutQueue {
             state: Mutex::new(State {
                 items: VecDeque::new(),
                 closing: false,
+                writing: false,
             }),
             notify: Notify::new(),
             cap: cap.max(1),
             policy,
+            direct: OnceLock::new(),
         }
     }
 
-    /// Queues a data message under the slow-consumer policy.
-    pub fn push(&self, msg: Message) -> Push {
-        let mut s = self.state.lock();
-        if s.closing {
-            return Push::Closed;
+    /// Enables the direct path: producers may write to this socket themselves.
+    pub fn set_direct(&self, socket: Arc<OwnedWriteHalf>) {
+        let _ = self.direct.set(socket);
+    }
+
+    /// Writes `frame` now if nothing is ahead of it. `None` when it must be queued.
+    fn try_direct(&self, s: &mut State, frame: &Bytes) -> Option<Push> {
+        if !s.items.is_empty() || s.writing {
+            return None;
         }
+        let socket = self.direct.get()?;
+        match socket.try_write(frame) {
+            Ok(n) if n == frame.len() => Some(Push::Written),
+            Ok(n) if n > 0 => {
+                s.items.push_back(Out::Raw(frame.slice(n..)));
+                self.notify.notify_one();
+                Some(Push::Written)
+            }
+            // Would block (or failed: the writer task finds out and ends the session).
+            _ => None,
+        }
+    }
+
+    /// Queues a data frame under the slow-consumer policy (lock held, direct path not tried).
+    /// Returns the result and whether the writer must be woken.
+    fn queue_data(&self, s: &mut State, frame: Bytes) -> (Push, bool) {
         let mut res = Push::Queued;
         if s.items.len() >= self.cap {
             match self.policy {
                 SlowPolicy::DropOldest => {
-                    s.items.pop_front();
-                    res = Push::DroppedOldest;
+                    if let Some(i) = s.items.iter().position(|o| matches!(o, Out::Data(_))) {
+                        s.items.remove(i);
+                        res = Push::DroppedOldest;
+                    }
                 }
                 SlowPolicy::Close => {
-                    self.close_slow(s);
-                    return Push::Overflowed;
+                    s.closing = true;
+                    s.items.push_back(Out::Close(
+                        switchyard_protocol::close::SLOW_CONSUMER,
+                        "slow consumer".into(),
+                    ));
+                    return (Push::Overflowed, true);
                 }
             }
         }
         let was_empty = s.items.is_empty();
-        s.items.push_back(Out::Msg(msg));
-        drop(s);
+        s.items.push_back(Out::Data(frame));
         // The writer takes everything at once and waits only after seeing the queue empty
         // (under the lock), so only the push that makes it non-empty needs to wake it.
-        if was_empty {
+        (res, was_empty)
+    }
+
+    /// Sends or queues a data frame under the slow-consumer policy.
+    pub fn push(&self, frame: Bytes) -> Push {
+        let mut s = self.state.lock();
+        if s.closing {
+            return Push::Closed;
+        }
+        if let Some(p) = self.try_direct(&mut s, &frame) {
+            return p;
+        }
+        let (res, wake) = self.queue_data(&mut s, frame);
+        drop(s);
+        if wake {
             self.notify.notify_one();
         }
         res
     }
 
-    /// Queues a message the protocol requires (welcome, acks, errors). These are not subject
-    /// to drop-oldest, but a client that lets twice the queue size pile up (e.g. by sending
-    /// garbage without reading the errors) is closed with 4008 all the same.
-    pub fn push_control(&self, msg: Message) -> bool {
+    /// Sends or queues several data frames in order, the ones that fit with one vectored write.
+    /// Reports what happened to each frame through `each` (in order).
+    pub fn push_all(&self, frames: &[Bytes], mut each: impl FnMut(&Bytes, Push)) {
+        let mut s = self.state.lock();
+        let mut rest = frames;
+        if !s.closing && s.items.is_empty() && !s.writing {
+            if let Some(socket) = self.direct.get() {
+                let mut slices = [std::io::IoSlice::new(&[]); 64];
+                let k = frames
+                    .iter()
+                    .zip(slices.iter_mut())
+                    .map(|(f, sl)| *sl = std::io::IoSlice::new(f))
+                    .count();
+                let mut n = socket.try_write_vectored(&slices[..k]).unwrap_or(0);
+                while let Some((f, tail)) = rest.split_first() {
+                    if n == 0 {
+                        break;
+                    }
+                    if n < f.len() {
+                        s.items.push_back(Out::Raw(f.slice(n..)));
+                        self.notify.notify_one();
+                        n = 0;
+                    } else {
+                        n -= f.len();
+                    }
+                    each(f, Push::Written);
+                    rest = tail;
+                }
+            }
+        }
+        let mut wake = false;
+        for f in rest {
+            let p = if s.closing {
+                Push::Closed
+            } else {
+                let (p, w) = self.queue_data(&mut s, f.clone());
+                wake |= w;
+                p
+            };
+            each(f, p);
+        }
+        drop(s);
+        if wake {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Sends or queues a frame the protocol requires (welcome, acks, errors). These are not
+    /// subject to drop-oldest, but a client that lets twice the queue size pile up (e.g. by
+    /// sending garbage without reading the errors) is closed with 4008 all the same.
+    pub fn push_control(&self, frame: Bytes) -> Push {
+        self.push_kept(frame, Out::Control)
+    }
+
+    /// Sends or queues a ping or pong: kept like [`OutQueue::push_control`], not counted as a frame.
+    pub fn push_raw(&self, frame: Bytes) -> Push {
+        self.push_kept(frame, Out::Raw)
+    }
+
+    fn push_kept(&self, frame: Bytes, kind: fn(Bytes) -> Out) -> Push {
         let mut s = self.state.lock();
         if s.closing {
-            return false;
+            return Push::Closed;
+        }
+        if let Some(p) = self.try_direct(&mut s, &frame) {
+            return p;
         }
         if s.items.len() >= self.cap.saturating_mul(2) {
             self.close_slow(s);
-            return false;
+            return Push::Overflowed;
         }
+        self.enqueue(s, kind(frame));
+        Push::Queued
+    }
+
+    fn enqueue(&self, mut s: parking_lot::MutexGuard<'_, State>, item: Out) {
         let was_empty = s.items.is_empty();
-        s.items.push_back(Out::Msg(msg));
+        s.items.push_back(item);
         drop(s);
         if was_empty {
             self.notify.notify_one();
         }
-        true
     }
 
-    /// Marks the queue closing and queues the 4008 close (the message that overflowed is dropped).
+    /// Marks the queue closing and queues the 4008 close (the frame that overflowed is dropped).
     fn close_slow(&self, mut s: parking_lot::MutexGuard<'_, State>) {
         s.closing = true;
         s.items.push_back(Out::Close(
@@ -144,18 +288,64 @@ impl OutQueue {
         self.len() == 0
     }
 
-    /// Waits until something is queued, then moves all of it into `batch`.
+    /// Waits until something is queued, then moves all of it into `batch` and marks the writer
+    /// busy until the next call finds the queue empty.
     pub async fn take_all(&self, batch: &mut VecDeque<Out>) {
         loop {
             {
                 let mut s = self.state.lock();
                 if !s.items.is_empty() {
                     std::mem::swap(&mut s.items, batch);
+                    s.writing = true;
                     return;
                 }
+                s.writing = false;
             }
             self.notify.notified().await;
         }
+    }
+}
+
+/// The writing end of a plain TCP socket shared with the direct path: an [`AsyncWrite`] over
+/// `Arc<OwnedWriteHalf>` (readiness + `try_write`), used only by the socket's writer task.
+pub struct SharedTcp(pub Arc<OwnedWriteHalf>);
+
+impl SharedTcp {
+    fn poll_io(
+        &self,
+        cx: &mut Context<'_>,
+        mut f: impl FnMut(&OwnedWriteHalf) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(AsRef::<tokio::net::TcpStream>::as_ref(&*self.0).poll_write_ready(cx))?;
+            match f(&self.0) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for SharedTcp {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.poll_io(cx, |s| s.try_write(buf))
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_io(cx, |s| s.try_write_vectored(bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    /// The write side is shut down when the last handle (this or the direct path's) drops.
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -163,36 +353,40 @@ impl OutQueue {
 mod tests {
     use super::*;
 
-    fn text(s: &str) -> Message {
-        Message::Text(s.into())
+    fn frame(s: &str) -> Bytes {
+        crate::frame::text(s.as_bytes())
+    }
+
+    fn texts(b: &VecDeque<Out>) -> Vec<String> {
+        b.iter()
+            .map(|o| match o {
+                Out::Data(f) | Out::Control(f) => String::from_utf8_lossy(&f[2..]).into_owned(),
+                other => format!("{other:?}"),
+            })
+            .collect()
     }
 
     #[tokio::test]
-    async fn drop_oldest_keeps_newest() {
+    async fn drop_oldest_keeps_newest_and_protocol_frames() {
         let q = OutQueue::new(2, SlowPolicy::DropOldest);
-        assert_eq!(q.push(text("1")), Push::Queued);
-        assert_eq!(q.push(text("2")), Push::Queued);
-        assert_eq!(q.push(text("3")), Push::DroppedOldest);
+        assert_eq!(q.push_control(frame("welcome")), Push::Queued);
+        assert_eq!(q.push(frame("1")), Push::Queued);
+        assert_eq!(q.push(frame("2")), Push::DroppedOldest);
+        assert_eq!(q.push(frame("3")), Push::DroppedOldest);
         let mut b = VecDeque::new();
         q.take_all(&mut b).await;
-        let got: Vec<_> = b
-            .iter()
-            .map(|o| match o {
-                Out::Msg(Message::Text(t)) => t.to_string(),
-                other => panic!("{other:?}"),
-            })
-            .collect();
-        assert_eq!(got, ["2", "3"]);
+        assert_eq!(texts(&b), ["welcome", "3"]);
     }
 
     #[tokio::test]
     async fn protocol_replies_are_bounded_too() {
         let q = OutQueue::new(2, SlowPolicy::DropOldest);
         for _ in 0..4 {
-            assert!(q.push_control(text("err")));
+            assert_eq!(q.push_control(frame("err")), Push::Queued);
         }
-        assert!(
-            !q.push_control(text("err")),
+        assert_eq!(
+            q.push_control(frame("err")),
+            Push::Overflowed,
             "past twice the queue size the socket closes"
         );
         let mut b = VecDeque::new();
@@ -203,13 +397,79 @@ mod tests {
     #[tokio::test]
     async fn close_policy_closes_once() {
         let q = OutQueue::new(1, SlowPolicy::Close);
-        assert_eq!(q.push(text("1")), Push::Queued);
-        assert_eq!(q.push(text("2")), Push::Overflowed);
-        assert_eq!(q.push(text("3")), Push::Closed);
+        assert_eq!(q.push(frame("1")), Push::Queued);
+        assert_eq!(q.push(frame("2")), Push::Overflowed);
+        assert_eq!(q.push(frame("3")), Push::Closed);
         assert!(!q.close(1000, "x"));
         let mut b = VecDeque::new();
         q.take_all(&mut b).await;
         assert!(matches!(b.back(), Some(Out::Close(4008, _))));
         assert_eq!(b.len(), 2);
+    }
+
+    /// A connected loopback pair: (server write half for the queue, server read half kept
+    /// open, client end).
+    async fn pair() -> (
+        Arc<OwnedWriteHalf>,
+        tokio::net::tcp::OwnedReadHalf,
+        tokio::net::TcpStream,
+    ) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        let (r, w) = server.into_split();
+        (Arc::new(w), r, client)
+    }
+
+    #[tokio::test]
+    async fn direct_writes_skip_the_queue_only_when_nothing_is_ahead() {
+        use tokio::io::AsyncReadExt;
+        let (w, _r, mut client) = pair().await;
+        let q = OutQueue::new(8, SlowPolicy::DropOldest);
+        assert_eq!(q.push(frame("queued")), Push::Queued, "no socket yet");
+        q.set_direct(w);
+        assert_eq!(q.push(frame("behind")), Push::Queued, "a queued frame is ahead");
+        let mut b = VecDeque::new();
+        q.take_all(&mut b).await;
+        assert_eq!(q.push(frame("busy")), Push::Queued, "the writer holds frames");
+        let mut b2 = VecDeque::new();
+        q.take_all(&mut b2).await; // the writer would write b, then come back for b2
+        assert_eq!(texts(&b2), ["busy"]);
+        let qa = Arc::new(q);
+        let q2 = qa.clone();
+        // The writer finds the queue empty and goes idle: now producers write directly.
+        let idle = tokio::spawn(async move { q2.take_all(&mut VecDeque::new()).await });
+        tokio::task::yield_now().await;
+        while qa.state.lock().writing {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(qa.push(frame("direct")), Push::Written);
+        assert!(qa.is_empty());
+        let want = frame("direct");
+        let mut got = vec![0u8; want.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, want);
+        idle.abort();
+    }
+
+    #[tokio::test]
+    async fn a_partial_direct_write_queues_the_rest_first() {
+        let (w, _r, client) = pair().await;
+        let q = OutQueue::new(1 << 20, SlowPolicy::DropOldest);
+        q.set_direct(w);
+        // Nobody reads the client end: the socket buffers fill and a frame is cut.
+        let big = crate::frame::binary(&vec![7u8; 256 << 10]);
+        let mut pushes = 0;
+        while q.is_empty() {
+            assert_eq!(q.push(big.clone()), Push::Written);
+            pushes += 1;
+            assert!(pushes < 1000, "socket buffers never filled");
+        }
+        assert_eq!(q.push(big.clone()), Push::Queued);
+        let mut b = VecDeque::new();
+        q.take_all(&mut b).await;
+        assert!(matches!(b.front(), Some(Out::Raw(r)) if r.len() < big.len()));
+        assert!(matches!(b.get(1), Some(Out::Data(_))));
+        drop(client);
     }
 }

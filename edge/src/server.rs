@@ -502,34 +502,32 @@ async fn upgrade(
     let sess = Arc::new(sess);
     let token = st.tracker.token();
     let st2 = st.clone();
-    let ws_cfg = tungstenite::protocol::WebSocketConfig::default()
-        .read_buffer_size(1024)
-        .write_buffer_size(16 * 1024)
-        .max_write_buffer_size(route.max_message_size + (64 << 10))
-        .max_message_size(Some(route.max_message_size))
-        .max_frame_size(Some(route.max_message_size));
-    tokio::spawn(
-        async move {
-            match on_upgrade.await {
-                Ok(upgraded) => {
-                    let io = hyper_util::rt::TokioIo::new(upgraded);
-                    let (io, tripped) = crate::guard::Guarded::new(io, st2.cfg.frame_limits);
-                    let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
-                        io,
-                        tungstenite::protocol::Role::Server,
-                        Some(ws_cfg),
-                    )
-                    .await;
-                    tracing::debug!(%peer, "session opened");
-                    session::run(st2, sess, ws, tripped).await;
+    let fut = async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                tracing::debug!(%peer, "session opened");
+                match upgraded.downcast::<hyper_util::rt::TokioIo<tokio::net::TcpStream>>() {
+                    // Plain TCP: the write half is shared with the queue's direct path.
+                    Ok(parts) => {
+                        let (r, w) = parts.io.into_inner().into_split();
+                        let w = Arc::new(w);
+                        sess.queue.set_direct(w.clone());
+                        let r = Prefixed::new(parts.read_buf, r);
+                        session::run(st2, sess, r, crate::queue::SharedTcp(w)).await;
+                    }
+                    // TLS: everything is written by the session's writer.
+                    Err(upgraded) => {
+                        let (r, w) = tokio::io::split(hyper_util::rt::TokioIo::new(upgraded));
+                        session::run(st2, sess, r, w).await;
+                    }
                 }
-                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
-            drop(token);
-            drop(slot);
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
-        .instrument(span),
-    );
+        drop(token);
+        drop(slot);
+    };
+    tokio::spawn(fut.instrument(span));
     metrics::counter!(m::HANDSHAKES, "route" => route.cfg.path.clone()).increment(1);
     let mut resp = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
@@ -551,6 +549,41 @@ async fn upgrade(
         resp.headers_mut().insert("x-switchyard-session", v);
     }
     resp
+}
+
+/// A reader that first yields what the HTTP parser had already read past the upgrade request
+/// (a client may send its first frame without waiting for the 101).
+pub struct Prefixed<R> {
+    head: bytes::Bytes,
+    inner: R,
+}
+
+impl<R> Prefixed<R> {
+    fn new(head: bytes::Bytes, inner: R) -> Self {
+        // A copy: the parser's bytes would keep its whole read buffer alive for the session.
+        let head = if head.is_empty() {
+            bytes::Bytes::new()
+        } else {
+            bytes::Bytes::copy_from_slice(&head)
+        };
+        Self { head, inner }
+    }
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<R> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.head.is_empty() {
+            let n = this.head.len().min(buf.remaining());
+            buf.put_slice(&this.head.split_to(n));
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
 }
 
 /// A fresh W3C trace context for a handshake that brought none.

@@ -1,31 +1,40 @@
 //! One WebSocket session: a reader loop and a writer draining the session's [`OutQueue`], both
 //! in one task. If either half ends, the other is stopped.
 //!
+//! Client frames are decoded by tungstenite; everything sent to the client is an encoded frame
+//! from [`crate::frame`] written by the queue's direct path or by the writer here, so
+//! tungstenite's own writes (its automatic pong and close replies) are discarded: this module
+//! answers pings and closes itself, in order with everything else queued.
+//!
 //! The reader publishes connect, every client frame and disconnect to the route's inbound topic
 //! in order, with a per-session seq (connect = 1). A frame counts as accepted once the bus has
 //! taken it; when the bus refuses one, a raw client is closed with 1013 and a framed client gets
 //! an `error` op — never a silent drop.
 
 use crate::config::{Mode, RateAction};
+use crate::frame;
 use crate::guard::Tripped;
 use crate::queue::{Out, OutQueue, Push};
 use crate::server::{EdgeState, Route};
 use bytes::Bytes;
-use futures::{Sink, SinkExt, Stream, StreamExt};
+use futures::StreamExt;
 use parking_lot::Mutex;
 use std::collections::{HashSet, VecDeque};
+use std::io::{self, IoSlice};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use switchyard_bus::{BusError, Record, SessionEntry};
 use switchyard_protocol::envelope::{header, now_ms};
 use switchyard_protocol::framed::{self, ClientOp};
 use switchyard_protocol::{close, Envelope, Headers, Kind, Opcode, TraceContext};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
-use tungstenite::protocol::CloseFrame;
-use tungstenite::{Message, Utf8Bytes};
+use tungstenite::Message;
 
-/// Errors of the socket halves.
+/// Errors of the decoder.
 type WsError = tungstenite::Error;
 
 /// Most channels one session may hold.
@@ -73,14 +82,16 @@ impl Session {
             identity: None,
             expires_at: None,
             grants: Default::default(),
-            rate: route.rate.map(governor::RateLimiter::direct),
+            rate: route.rate.map(crate::guard::direct_limiter),
             route,
         }
     }
 
-    /// Queues a data message for the socket, applying and counting the slow-consumer policy.
-    pub fn deliver(&self, msg: Message) {
-        match self.queue.push(msg) {
+    /// Sends or queues an encoded data frame, applying and counting the slow-consumer policy.
+    pub fn deliver(&self, frame: Bytes) {
+        let len = frame.len() as u64;
+        match self.queue.push(frame) {
+            Push::Written => count(self, &self.route, 1, len),
             Push::Queued | Push::Closed => {}
             Push::DroppedOldest => self.route.drop_oldest.increment(1),
             Push::Overflowed => {
@@ -90,9 +101,29 @@ impl Session {
         }
     }
 
-    /// Queues a protocol message (welcome, ack, error) for a framed client.
+    /// [`Session::deliver`] for several frames in order: the ones that fit go out with one
+    /// vectored write.
+    pub fn deliver_all(&self, frames: &[Bytes]) {
+        let (mut n, mut bytes) = (0u64, 0u64);
+        self.queue.push_all(frames, |f, p| match p {
+            Push::Written => {
+                n += 1;
+                bytes += f.len() as u64;
+            }
+            Push::Queued | Push::Closed => {}
+            Push::DroppedOldest => self.route.drop_oldest.increment(1),
+            Push::Overflowed => self.route.drop_slow_close.increment(1),
+        });
+        count(self, &self.route, n, bytes);
+    }
+
+    /// Sends or queues a protocol message (welcome, ack, error) for a framed client.
     pub fn reply(&self, text: String) {
-        self.queue.push_control(Message::Text(text.into()));
+        let f = frame::text(text.as_bytes());
+        let len = f.len() as u64;
+        if self.queue.push_control(f) == Push::Written {
+            count(self, &self.route, 1, len);
+        }
     }
 }
 
@@ -103,25 +134,63 @@ struct Ended {
     reason: String,
 }
 
-/// Runs a session on an upgraded socket until it ends. `tripped` is raised by the socket's
-/// frame-flood guard.
-pub async fn run<S>(
-    st: Arc<EdgeState>,
-    sess: Arc<Session>,
-    socket: tokio_tungstenite::WebSocketStream<S>,
-    tripped: Arc<Tripped>,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (sink, stream) = socket.split();
-    run_split(st, sess, sink, stream, tripped).await
+/// The decoder's view of the socket: reads come from the client, writes (tungstenite's
+/// automatic replies) are dropped, because this module sends its own.
+pub struct Inbound<R>(R);
+
+impl<R: AsyncRead + Unpin> AsyncRead for Inbound<R> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
 }
 
-/// The session logic, generic over the socket halves.
-async fn run_split<W, R>(st: Arc<EdgeState>, sess: Arc<Session>, sink: W, stream: R, tripped: Arc<Tripped>)
+impl<R: Unpin> AsyncWrite for Inbound<R> {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Runs a session on an upgraded socket until it ends: `reader` and `writer` are its two
+/// halves; the frame-flood guard is put in front of the reader here.
+pub async fn run<R, W>(st: Arc<EdgeState>, sess: Arc<Session>, reader: R, writer: W)
 where
-    W: Sink<Message, Error = WsError> + Unpin + Send + 'static,
-    R: Stream<Item = Result<Message, WsError>> + Unpin + Send,
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (reader, tripped) = crate::guard::Guarded::new(reader, st.cfg.frame_limits);
+    let max = sess.route.max_message_size;
+    let cfg = tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(1024)
+        // Its writes are dropped (see `Inbound`): hand them over at once, keep no buffer.
+        .write_buffer_size(0)
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max));
+    // Boxed, here and below: the decoder is moved into nested futures, and a large value moved
+    // across await points can take room in each of them.
+    let stream = Box::new(
+        Box::pin(tokio_tungstenite::WebSocketStream::from_raw_socket(
+            Inbound(reader),
+            tungstenite::protocol::Role::Server,
+            Some(cfg),
+        ))
+        .await,
+    );
+    run_session(st, sess, writer, stream, tripped).await
+}
+
+type Decoder<R> = Box<tokio_tungstenite::WebSocketStream<Inbound<crate::guard::Guarded<R>>>>;
+
+/// The session logic.
+async fn run_session<R, W>(st: Arc<EdgeState>, sess: Arc<Session>, sink: W, stream: Decoder<R>, tripped: Arc<Tripped>)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
 {
     st.sessions.insert(sess.id.clone(), sess.clone());
     sess.route.open.increment(1.0);
@@ -196,11 +265,11 @@ async fn read_loop<R>(
     st: &EdgeState,
     sess: &Arc<Session>,
     pubr: &mut Publisher<'_>,
-    mut stream: R,
+    mut stream: Decoder<R>,
     tripped: &Tripped,
 ) -> Ended
 where
-    R: Stream<Item = Result<Message, WsError>> + Unpin,
+    R: AsyncRead + Unpin,
 {
     let idle = st.cfg.idle_timeout;
     // After we have sent a close (shutdown, idle, error), wait this long for the client's.
@@ -285,7 +354,11 @@ where
         let (payload, opcode) = match msg {
             Message::Text(t) => (Bytes::from(t), Opcode::Text),
             Message::Binary(b) => (b, Opcode::Binary),
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+            Message::Ping(p) => {
+                sess.queue.push_raw(frame::pong(&p));
+                continue;
+            }
+            Message::Pong(_) | Message::Frame(_) => continue,
             Message::Close(f) => {
                 let (code, reason) = f
                     .map(|f| (u16::from(f.code), f.reason.to_string()))
@@ -616,55 +689,30 @@ impl Publisher<'_> {
     }
 }
 
-/// The writer: drains the queue into the socket, one flush per batch; pings on an interval.
+/// The writer: drains the queue into the socket, one vectored write per batch; pings on an
+/// interval (through the queue, so they never cut into a frame written by the direct path).
 async fn write_loop<W>(mut sink: W, sess: Arc<Session>, ping_every: Duration)
 where
-    W: Sink<Message, Error = WsError> + Unpin,
+    W: AsyncWrite + Unpin,
 {
     let mut batch: VecDeque<Out> = VecDeque::new();
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
     let route = sess.route.clone();
-    let res: Result<(), WsError> = async {
+    let res: io::Result<()> = async {
         loop {
             tokio::select! {
                 _ = sess.queue.take_all(&mut batch) => {
-                    let (mut n, mut bytes) = (0u64, 0u64);
-                    for out in batch.drain(..) {
-                        match out {
-                            Out::Msg(m) => {
-                                n += 1;
-                                bytes += match &m { Message::Text(t) => t.len(), Message::Binary(b) => b.len(), _ => 0 } as u64;
-                                sink.feed(m).await?;
-                            }
-                            Out::Close(code, reason) => {
-                                count(&sess, &route, n, bytes);
-                                *sess.close_sent.lock() = Some((code, reason.clone()));
-                                sess.close_sent_signal.cancel();
-                                sink.feed(Message::Close(Some(CloseFrame { code: code.into(), reason: Utf8Bytes::from(reason) }))).await?;
-                                sink.flush().await?;
-                                return Ok(());
-                            }
-                        }
+                    if write_batch(&mut sink, &sess, &route, &mut batch).await? {
+                        return Ok(());
                     }
-                    // Counted before the flush: once a client can see a frame, it is counted.
-                    count(&sess, &route, n, bytes);
-                    sink.flush().await?;
                 }
-                _ = ping.tick() => sink.send(Message::Ping(Bytes::new())).await?,
+                _ = ping.tick() => {
+                    sess.queue.push_raw(frame::ping());
+                }
             }
         }
     }
     .await;
-    let res = match res {
-        Err(e) if peer_closed(&e) => {
-            // The client closed first: the codec has queued its close reply and refuses new
-            // frames; flushing sends the reply (RFC 6455 §5.5.1). Anything still queued for the
-            // client can no longer be sent.
-            let _ = sink.flush().await;
-            Ok(())
-        }
-        r => r,
-    };
     // Nothing more will be written: refuse further pushes.
     sess.queue.close(close::GOING_AWAY, "writer stopped");
     if let Err(e) = res {
@@ -674,12 +722,61 @@ where
     }
 }
 
-/// The client's close frame arrived first: the socket takes no more frames, but owes the reply.
-fn peer_closed(e: &WsError) -> bool {
-    matches!(
-        e,
-        WsError::Protocol(tungstenite::error::ProtocolError::SendAfterClosing) | WsError::AlreadyClosed
-    )
+/// Most frames handed to one vectored write.
+const IOV: usize = 64;
+
+/// Writes everything taken from the queue; true once our close frame is on the wire.
+async fn write_batch<W>(sink: &mut W, sess: &Session, route: &Route, batch: &mut VecDeque<Out>) -> io::Result<bool>
+where
+    W: AsyncWrite + Unpin,
+{
+    let (mut n, mut bytes, mut closed) = (0u64, 0u64, false);
+    for out in batch.iter_mut() {
+        match out {
+            Out::Data(b) | Out::Control(b) => {
+                n += 1;
+                bytes += b.len() as u64;
+            }
+            Out::Raw(_) => {}
+            Out::Close(code, reason) => {
+                *sess.close_sent.lock() = Some((*code, reason.clone()));
+                sess.close_sent_signal.cancel();
+                *out = Out::Raw(frame::close(*code, reason));
+                closed = true;
+            }
+        }
+    }
+    // Counted before the write: once a client can see a frame, it is counted.
+    count(sess, route, n, bytes);
+    while !batch.is_empty() {
+        let mut written = {
+            let mut slices = [IoSlice::new(&[]); IOV];
+            let k = batch
+                .iter()
+                .filter_map(Out::bytes)
+                .zip(slices.iter_mut())
+                .map(|(b, s)| *s = IoSlice::new(b))
+                .count();
+            sink.write_vectored(&slices[..k]).await?
+        };
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            let Some(front) = batch.front_mut() else { break };
+            let len = front.bytes().map_or(0, Bytes::len);
+            if written >= len {
+                batch.pop_front();
+                written -= len;
+            } else {
+                let rest = front.bytes().map(|b| b.slice(written..)).unwrap_or_default();
+                *front = Out::Raw(rest);
+                written = 0;
+            }
+        }
+    }
+    sink.flush().await?;
+    Ok(closed)
 }
 
 fn count(sess: &Session, route: &Route, n: u64, bytes: u64) {
