@@ -8,17 +8,18 @@
 //! gets all frames of a batch at once (one vectored write when its socket takes them).
 
 use crate::frame;
-use crate::session::Session;
+use crate::session::{Session, Tally};
 use bytes::Bytes;
-use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use switchyard_bus::{Bus, BusError, Message as BusMessage, SubscribeOptions, Subscription};
 use switchyard_protocol::envelope::header;
 use switchyard_protocol::{framed, Naming};
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, Mutex, RwLock};
 use tokio::task::JoinHandle;
 
+/// A shard's subscribers. A fan-out holds the read lock while it runs (yielding now and then);
+/// subscribe and unsubscribe wait for it, so no subscriber is skipped or visited twice.
 type Shard = RwLock<HashMap<String, Arc<Session>>>;
 
 struct Channel {
@@ -72,7 +73,7 @@ impl ChannelHub {
     pub async fn subscribe(&self, sess: &Arc<Session>, channel: &str) -> Result<(), BusError> {
         let mut chans = self.channels.lock().await;
         if let Some(c) = chans.get(channel) {
-            c.shard(&sess.id).write().insert(sess.id.clone(), sess.clone());
+            c.shard(&sess.id).write().await.insert(sess.id.clone(), sess.clone());
             return Ok(());
         }
         let sub = self
@@ -90,7 +91,7 @@ impl ChannelHub {
         }
         let pump = tokio::spawn(pump(name, sub, shards.clone(), senders));
         let c = Channel { shards, pump, workers };
-        c.shard(&sess.id).write().insert(sess.id.clone(), sess.clone());
+        c.shard(&sess.id).write().await.insert(sess.id.clone(), sess.clone());
         chans.insert(channel.to_owned(), c);
         metrics::gauge!(crate::metrics::CHANNELS_ACTIVE).set(chans.len() as f64);
         Ok(())
@@ -101,8 +102,12 @@ impl ChannelHub {
         let mut chans = self.channels.lock().await;
         let empty = match chans.get(channel) {
             Some(c) => {
-                c.shard(&sess.id).write().remove(&sess.id);
-                c.shards.iter().all(|s| s.read().is_empty())
+                c.shard(&sess.id).write().await.remove(&sess.id);
+                let mut empty = true;
+                for s in c.shards.iter() {
+                    empty &= s.read().await.is_empty();
+                }
+                empty
             }
             None => false,
         };
@@ -119,11 +124,13 @@ impl ChannelHub {
 
     /// Local subscriber count of one channel.
     pub async fn subscribers(&self, channel: &str) -> usize {
-        self.channels
-            .lock()
-            .await
-            .get(channel)
-            .map_or(0, |c| c.shards.iter().map(|s| s.read().len()).sum())
+        let chans = self.channels.lock().await;
+        let Some(c) = chans.get(channel) else { return 0 };
+        let mut n = 0;
+        for s in c.shards.iter() {
+            n += s.read().await.len();
+        }
+        n
     }
 }
 
@@ -174,29 +181,31 @@ impl Item {
 const YIELD_EVERY: usize = 256;
 
 /// Sends a batch to every subscriber of one shard, all of the batch at once per subscriber.
-/// `subs` and `frames` are scratch space kept by the caller.
-async fn fan_out(channel: &str, shard: &Shard, items: &[Item], subs: &mut Vec<Arc<Session>>, frames: &mut Vec<Bytes>) {
-    subs.extend(shard.read().values().cloned());
-    for (i, s) in subs.iter().enumerate() {
+/// `frames` is scratch space kept by the caller.
+async fn fan_out(channel: &str, shard: &Shard, items: &[Item], frames: &mut Vec<Bytes>) {
+    let subs = shard.read().await;
+    let mut tally = Tally::default();
+    for (i, s) in subs.values().enumerate() {
         if i % YIELD_EVERY == YIELD_EVERY - 1 {
+            tally.flush();
             tokio::task::yield_now().await;
         }
         if let [one] = items {
-            s.deliver(one.frame(channel, s).clone());
+            s.deliver_tallied(one.frame(channel, s), &mut tally);
         } else {
             frames.clear();
             frames.extend(items.iter().map(|i| i.frame(channel, s).clone()));
             s.deliver_all(frames);
         }
     }
-    subs.clear();
+    tally.flush();
     frames.clear();
 }
 
 async fn pump(channel: Arc<str>, mut sub: Subscription, shards: Arc<[Shard]>, workers: Vec<mpsc::Sender<Arc<[Item]>>>) {
     let received = metrics::counter!(crate::metrics::CHANNEL_MESSAGES);
     let mut batch = Vec::with_capacity(64);
-    let (mut subs, mut frames) = (Vec::new(), Vec::new());
+    let mut frames = Vec::new();
     loop {
         batch.clear();
         if sub.recv_many(&mut batch, 64).await == 0 {
@@ -207,17 +216,17 @@ async fn pump(channel: Arc<str>, mut sub: Subscription, shards: Arc<[Shard]>, wo
         let items: Arc<[Item]> = batch.iter().map(Item::new).collect();
         for (i, w) in workers.iter().enumerate() {
             // A shard's worker gets the batch only when the shard has subscribers.
-            if !shards[i + 1].read().is_empty() && w.send(items.clone()).await.is_err() {
+            if !shards[i + 1].read().await.is_empty() && w.send(items.clone()).await.is_err() {
                 return;
             }
         }
-        fan_out(&channel, &shards[0], &items, &mut subs, &mut frames).await;
+        fan_out(&channel, &shards[0], &items, &mut frames).await;
     }
 }
 
 async fn worker(channel: Arc<str>, mut rx: mpsc::Receiver<Arc<[Item]>>, shards: Arc<[Shard]>, index: usize) {
-    let (mut subs, mut frames) = (Vec::new(), Vec::new());
+    let mut frames = Vec::new();
     while let Some(items) = rx.recv().await {
-        fan_out(&channel, &shards[index], &items, &mut subs, &mut frames).await;
+        fan_out(&channel, &shards[index], &items, &mut frames).await;
     }
 }

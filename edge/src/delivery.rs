@@ -41,7 +41,7 @@ pub async fn run(st: Arc<EdgeState>, mut sub: Subscription) {
                     Opcode::Text if std::str::from_utf8(&env.payload).is_ok() => crate::frame::text(&env.payload),
                     _ => crate::frame::binary(&env.payload),
                 };
-                sess.deliver(f);
+                sess.deliver(&f);
             }
             (Kind::Control, Some(op)) => {
                 control.increment(1);

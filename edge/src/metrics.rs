@@ -61,7 +61,11 @@ fn describe() {
     describe_counter!(FRAMES_IN, "Client data frames read, by route");
     describe_counter!(BYTES_IN, Unit::Bytes, "Client payload bytes read, by route");
     describe_counter!(FRAMES_OUT, "Data frames written to clients, by route");
-    describe_counter!(BYTES_OUT, Unit::Bytes, "Bytes written to clients (whole WebSocket frames), by route");
+    describe_counter!(
+        BYTES_OUT,
+        Unit::Bytes,
+        "Bytes written to clients (whole WebSocket frames), by route"
+    );
     describe_counter!(DROPS, "Messages not delivered or not published, by route and reason");
     describe_counter!(CLOSES, "Sockets closed, by route and close code");
     describe_gauge!(

@@ -150,16 +150,17 @@ impl OutQueue {
         (res, was_empty)
     }
 
-    /// Sends or queues a data frame under the slow-consumer policy.
-    pub fn push(&self, frame: Bytes) -> Push {
+    /// Sends or queues a data frame under the slow-consumer policy (the handle is cloned only
+    /// when the frame has to be queued).
+    pub fn push(&self, frame: &Bytes) -> Push {
         let mut s = self.state.lock();
         if s.closing {
             return Push::Closed;
         }
-        if let Some(p) = self.try_direct(&mut s, &frame) {
+        if let Some(p) = self.try_direct(&mut s, frame) {
             return p;
         }
-        let (res, wake) = self.queue_data(&mut s, frame);
+        let (res, wake) = self.queue_data(&mut s, frame.clone());
         drop(s);
         if wake {
             self.notify.notify_one();
@@ -370,9 +371,9 @@ mod tests {
     async fn drop_oldest_keeps_newest_and_protocol_frames() {
         let q = OutQueue::new(2, SlowPolicy::DropOldest);
         assert_eq!(q.push_control(frame("welcome")), Push::Queued);
-        assert_eq!(q.push(frame("1")), Push::Queued);
-        assert_eq!(q.push(frame("2")), Push::DroppedOldest);
-        assert_eq!(q.push(frame("3")), Push::DroppedOldest);
+        assert_eq!(q.push(&frame("1")), Push::Queued);
+        assert_eq!(q.push(&frame("2")), Push::DroppedOldest);
+        assert_eq!(q.push(&frame("3")), Push::DroppedOldest);
         let mut b = VecDeque::new();
         q.take_all(&mut b).await;
         assert_eq!(texts(&b), ["welcome", "3"]);
@@ -397,9 +398,9 @@ mod tests {
     #[tokio::test]
     async fn close_policy_closes_once() {
         let q = OutQueue::new(1, SlowPolicy::Close);
-        assert_eq!(q.push(frame("1")), Push::Queued);
-        assert_eq!(q.push(frame("2")), Push::Overflowed);
-        assert_eq!(q.push(frame("3")), Push::Closed);
+        assert_eq!(q.push(&frame("1")), Push::Queued);
+        assert_eq!(q.push(&frame("2")), Push::Overflowed);
+        assert_eq!(q.push(&frame("3")), Push::Closed);
         assert!(!q.close(1000, "x"));
         let mut b = VecDeque::new();
         q.take_all(&mut b).await;
@@ -426,12 +427,12 @@ mod tests {
         use tokio::io::AsyncReadExt;
         let (w, _r, mut client) = pair().await;
         let q = OutQueue::new(8, SlowPolicy::DropOldest);
-        assert_eq!(q.push(frame("queued")), Push::Queued, "no socket yet");
+        assert_eq!(q.push(&frame("queued")), Push::Queued, "no socket yet");
         q.set_direct(w);
-        assert_eq!(q.push(frame("behind")), Push::Queued, "a queued frame is ahead");
+        assert_eq!(q.push(&frame("behind")), Push::Queued, "a queued frame is ahead");
         let mut b = VecDeque::new();
         q.take_all(&mut b).await;
-        assert_eq!(q.push(frame("busy")), Push::Queued, "the writer holds frames");
+        assert_eq!(q.push(&frame("busy")), Push::Queued, "the writer holds frames");
         let mut b2 = VecDeque::new();
         q.take_all(&mut b2).await; // the writer would write b, then come back for b2
         assert_eq!(texts(&b2), ["busy"]);
@@ -443,7 +444,7 @@ mod tests {
         while qa.state.lock().writing {
             tokio::task::yield_now().await;
         }
-        assert_eq!(qa.push(frame("direct")), Push::Written);
+        assert_eq!(qa.push(&frame("direct")), Push::Written);
         assert!(qa.is_empty());
         let want = frame("direct");
         let mut got = vec![0u8; want.len()];
@@ -461,11 +462,11 @@ mod tests {
         let big = crate::frame::binary(&vec![7u8; 256 << 10]);
         let mut pushes = 0;
         while q.is_empty() {
-            assert_eq!(q.push(big.clone()), Push::Written);
+            assert_eq!(q.push(&big), Push::Written);
             pushes += 1;
             assert!(pushes < 1000, "socket buffers never filled");
         }
-        assert_eq!(q.push(big.clone()), Push::Queued);
+        assert_eq!(q.push(&big), Push::Queued);
         let mut b = VecDeque::new();
         q.take_all(&mut b).await;
         assert!(matches!(b.front(), Some(Out::Raw(r)) if r.len() < big.len()));

@@ -88,10 +88,19 @@ impl Session {
     }
 
     /// Sends or queues an encoded data frame, applying and counting the slow-consumer policy.
-    pub fn deliver(&self, frame: Bytes) {
-        let len = frame.len() as u64;
+    pub fn deliver(&self, frame: &Bytes) {
+        let mut tally = Tally::default();
+        self.deliver_tallied(frame, &mut tally);
+    }
+
+    /// [`Session::deliver`], adding a written frame to the route's counters through `tally`
+    /// (a fan-out applies them once per batch, not once per socket).
+    pub fn deliver_tallied(&self, frame: &Bytes, tally: &mut Tally) {
         match self.queue.push(frame) {
-            Push::Written => count(self, &self.route, 1, len),
+            Push::Written => {
+                self.frames_out.fetch_add(1, Ordering::Relaxed);
+                tally.add(&self.route, frame.len() as u64);
+            }
             Push::Queued | Push::Closed => {}
             Push::DroppedOldest => self.route.drop_oldest.increment(1),
             Push::Overflowed => {
@@ -124,6 +133,44 @@ impl Session {
         if self.queue.push_control(f) == Push::Written {
             count(self, &self.route, 1, len);
         }
+    }
+}
+
+/// Frames written to clients, added up per route and applied to the route's counters on
+/// [`Tally::flush`] (and on drop).
+#[derive(Default)]
+pub struct Tally {
+    route: Option<Arc<Route>>,
+    frames: u64,
+    bytes: u64,
+}
+
+impl Tally {
+    fn add(&mut self, route: &Arc<Route>, bytes: u64) {
+        if !self.route.as_ref().is_some_and(|r| Arc::ptr_eq(r, route)) {
+            self.flush();
+            self.route = Some(route.clone());
+        }
+        self.frames += 1;
+        self.bytes += bytes;
+    }
+
+    /// Applies what was added to the route's counters.
+    pub fn flush(&mut self) {
+        if let Some(r) = &self.route {
+            if self.frames > 0 {
+                r.frames_out.increment(self.frames);
+                r.bytes_out.increment(self.bytes);
+            }
+        }
+        self.frames = 0;
+        self.bytes = 0;
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -749,7 +796,9 @@ where
     // Counted before the write: once a client can see a frame, it is counted.
     count(sess, route, n, bytes);
     while !batch.is_empty() {
-        let mut written = {
+        // The slice array lives only inside one poll: held across an await it would sit in
+        // every socket's resident task (1 KiB).
+        let mut written = std::future::poll_fn(|cx| {
             let mut slices = [IoSlice::new(&[]); IOV];
             let k = batch
                 .iter()
@@ -757,8 +806,9 @@ where
                 .zip(slices.iter_mut())
                 .map(|(b, s)| *s = IoSlice::new(b))
                 .count();
-            sink.write_vectored(&slices[..k]).await?
-        };
+            Pin::new(&mut *sink).poll_write_vectored(cx, &slices[..k])
+        })
+        .await?;
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
