@@ -22,6 +22,7 @@ pub mod auth;
 
 pub mod channels;
 pub mod config;
+pub mod decode;
 pub mod delivery;
 pub mod frame;
 pub mod guard;

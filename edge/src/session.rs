@@ -1,10 +1,9 @@
 //! One WebSocket session: a reader loop and a writer draining the session's [`OutQueue`], both
 //! in one task. If either half ends, the other is stopped.
 //!
-//! Client frames are decoded by tungstenite; everything sent to the client is an encoded frame
-//! from [`crate::frame`] written by the queue's direct path or by the writer here, so
-//! tungstenite's own writes (its automatic pong and close replies) are discarded: this module
-//! answers pings and closes itself, in order with everything else queued.
+//! Client frames are decoded by [`crate::decode`]; everything sent to the client is an encoded
+//! frame from [`crate::frame`] written by the queue's direct path or by the writer here. Pings
+//! and closes are answered here, through the queue, in order with everything else.
 //!
 //! The reader publishes connect, every client frame and disconnect to the route's inbound topic
 //! in order, with a per-session seq (connect = 1). A frame counts as accepted once the bus has
@@ -17,25 +16,21 @@ use crate::guard::Tripped;
 use crate::queue::{Out, OutQueue, Push};
 use crate::server::{EdgeState, Route};
 use bytes::Bytes;
-use futures::StreamExt;
 use parking_lot::Mutex;
 use std::collections::{HashSet, VecDeque};
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+
+use crate::decode::Msg;
 use std::time::Duration;
 use switchyard_bus::{BusError, Record, SessionEntry};
 use switchyard_protocol::envelope::{header, now_ms};
 use switchyard_protocol::framed::{self, ClientOp};
 use switchyard_protocol::{close, Envelope, Headers, Kind, Opcode, TraceContext};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
-use tungstenite::Message;
-
-/// Errors of the decoder.
-type WsError = tungstenite::Error;
 
 /// Most channels one session may hold.
 pub const MAX_CHANNELS_PER_SESSION: usize = 256;
@@ -181,28 +176,6 @@ struct Ended {
     reason: String,
 }
 
-/// The decoder's view of the socket: reads come from the client, writes (tungstenite's
-/// automatic replies) are dropped, because this module sends its own.
-pub struct Inbound<R>(R);
-
-impl<R: AsyncRead + Unpin> AsyncRead for Inbound<R> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
-    }
-}
-
-impl<R: Unpin> AsyncWrite for Inbound<R> {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Poll::Ready(Ok(buf.len()))
-    }
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
-
 /// Runs a session on an upgraded socket until it ends: `reader` and `writer` are its two
 /// halves; the frame-flood guard is put in front of the reader here.
 pub async fn run<R, W>(st: Arc<EdgeState>, sess: Arc<Session>, reader: R, writer: W)
@@ -211,27 +184,11 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (reader, tripped) = crate::guard::Guarded::new(reader, st.cfg.frame_limits);
-    let max = sess.route.max_message_size;
-    let cfg = tungstenite::protocol::WebSocketConfig::default()
-        .read_buffer_size(1024)
-        // Its writes are dropped (see `Inbound`): hand them over at once, keep no buffer.
-        .write_buffer_size(0)
-        .max_message_size(Some(max))
-        .max_frame_size(Some(max));
-    // Boxed, here and below: the decoder is moved into nested futures, and a large value moved
-    // across await points can take room in each of them.
-    let stream = Box::new(
-        Box::pin(tokio_tungstenite::WebSocketStream::from_raw_socket(
-            Inbound(reader),
-            tungstenite::protocol::Role::Server,
-            Some(cfg),
-        ))
-        .await,
-    );
+    let stream = Decoder::new(reader, sess.route.max_message_size);
     run_session(st, sess, writer, stream, tripped).await
 }
 
-type Decoder<R> = Box<tokio_tungstenite::WebSocketStream<Inbound<crate::guard::Guarded<R>>>>;
+type Decoder<R> = crate::decode::Decoder<crate::guard::Guarded<R>>;
 
 /// The session logic.
 async fn run_session<R, W>(st: Arc<EdgeState>, sess: Arc<Session>, sink: W, stream: Decoder<R>, tripped: Arc<Tripped>)
@@ -387,7 +344,8 @@ where
                 })
             }
             Ok(Some(Err(e))) => {
-                let (code, reason) = classify(e);
+                tracing::debug!(error = %e, "client frame refused");
+                let (code, reason) = e.close();
                 if code != 1006 {
                     sess.queue.close(code, reason);
                 }
@@ -399,17 +357,15 @@ where
             Ok(Some(Ok(m))) => m,
         };
         let (payload, opcode) = match msg {
-            Message::Text(t) => (Bytes::from(t), Opcode::Text),
-            Message::Binary(b) => (b, Opcode::Binary),
-            Message::Ping(p) => {
+            Msg::Text(t) => (t, Opcode::Text),
+            Msg::Binary(b) => (b, Opcode::Binary),
+            Msg::Ping(p) => {
                 sess.queue.push_raw(frame::pong(&p));
                 continue;
             }
-            Message::Pong(_) | Message::Frame(_) => continue,
-            Message::Close(f) => {
-                let (code, reason) = f
-                    .map(|f| (u16::from(f.code), f.reason.to_string()))
-                    .unwrap_or((1005, String::new()));
+            Msg::Pong => continue,
+            Msg::Close(f) => {
+                let (code, reason) = f.unwrap_or((1005, String::new()));
                 return ended.unwrap_or(Ended { code, reason });
             }
         };
@@ -498,18 +454,6 @@ fn bus_code(e: &BusError) -> &'static str {
     match e {
         BusError::Overflow { .. } => "overloaded",
         _ => "bus_unavailable",
-    }
-}
-
-/// Maps a read error to the close code the client should see (1006 = no close frame).
-fn classify(e: WsError) -> (u16, &'static str) {
-    use tungstenite::error::CapacityError;
-    match e {
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => (close::TOO_BIG, "message too big"),
-        WsError::Capacity(_) => (close::TOO_BIG, "frame too big"),
-        WsError::Utf8(_) => (close::INVALID_PAYLOAD, "invalid UTF-8 in text frame"),
-        WsError::Protocol(_) => (1002, "protocol error"),
-        _ => (1006, "connection error"),
     }
 }
 
