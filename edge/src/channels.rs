@@ -6,6 +6,10 @@
 //! out to shard 0 itself and hands each batch to one worker task per further shard, so a large
 //! broadcast runs on every core while each subscriber still gets messages in order. A subscriber
 //! gets all frames of a batch at once (one vectored write when its socket takes them).
+//!
+//! A fan-out walks a snapshot of its shard (an `Arc` slice, rebuilt only after the membership
+//! changed), so it holds no lock while it writes and yields, and subscribing never waits for a
+//! broadcast in progress. A session that joins during a fan-out gets the next message.
 
 use crate::frame;
 use crate::session::{Session, Tally};
@@ -15,12 +19,47 @@ use std::sync::{Arc, OnceLock};
 use switchyard_bus::{Bus, BusError, Message as BusMessage, SubscribeOptions, Subscription};
 use switchyard_protocol::envelope::header;
 use switchyard_protocol::{framed, Naming};
-use tokio::sync::{mpsc, Mutex, RwLock};
+use tokio::sync::{mpsc, Mutex};
 use tokio::task::JoinHandle;
 
-/// A shard's subscribers. A fan-out holds the read lock while it runs (yielding now and then);
-/// subscribe and unsubscribe wait for it, so no subscriber is skipped or visited twice.
-type Shard = RwLock<HashMap<String, Arc<Session>>>;
+/// A shard's subscribers, and the snapshot fan-outs walk (dropped on every change).
+#[derive(Default)]
+struct Members {
+    map: HashMap<String, Arc<Session>>,
+    snapshot: Option<Arc<[Arc<Session>]>>,
+}
+
+#[derive(Default)]
+struct Shard(parking_lot::Mutex<Members>);
+
+impl Shard {
+    fn insert(&self, sess: &Arc<Session>) {
+        let mut m = self.0.lock();
+        m.map.insert(sess.id.clone(), sess.clone());
+        m.snapshot = None;
+    }
+
+    fn remove(&self, id: &str) {
+        let mut m = self.0.lock();
+        if m.map.remove(id).is_some() {
+            m.snapshot = None;
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.0.lock().map.len()
+    }
+
+    /// The current members: one reference-count increment, unless the membership changed since
+    /// the last call (then the slice is rebuilt once).
+    fn snapshot(&self) -> Arc<[Arc<Session>]> {
+        let mut m = self.0.lock();
+        if m.snapshot.is_none() {
+            m.snapshot = Some(m.map.values().cloned().collect());
+        }
+        m.snapshot.clone().unwrap_or_default()
+    }
+}
 
 struct Channel {
     shards: Arc<[Shard]>,
@@ -39,12 +78,16 @@ impl Drop for Channel {
 
 impl Channel {
     fn shard(&self, session: &str) -> &Shard {
-        // ULIDs end in random characters: a cheap, stable spread.
-        let h = session
-            .bytes()
-            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
-        &self.shards[h % self.shards.len()]
+        shard_of(&self.shards, session)
     }
+}
+
+fn shard_of<'a>(shards: &'a [Shard], session: &str) -> &'a Shard {
+    // ULIDs end in random characters: a cheap, stable spread.
+    let h = session
+        .bytes()
+        .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
+    &shards[h % shards.len()]
 }
 
 /// Shards per channel: the cores this process may run on.
@@ -73,7 +116,7 @@ impl ChannelHub {
     pub async fn subscribe(&self, sess: &Arc<Session>, channel: &str) -> Result<(), BusError> {
         let mut chans = self.channels.lock().await;
         if let Some(c) = chans.get(channel) {
-            c.shard(&sess.id).write().await.insert(sess.id.clone(), sess.clone());
+            c.shard(&sess.id).insert(sess);
             return Ok(());
         }
         let sub = self
@@ -81,6 +124,8 @@ impl ChannelHub {
             .subscribe(&self.naming.channel(channel), SubscribeOptions::default())
             .await?;
         let shards: Arc<[Shard]> = (0..shard_count()).map(|_| Shard::default()).collect();
+        // The first subscriber is in before the pump can take a message.
+        shard_of(&shards, &sess.id).insert(sess);
         let name: Arc<str> = channel.into();
         let mut senders = Vec::new();
         let mut workers = Vec::new();
@@ -91,7 +136,6 @@ impl ChannelHub {
         }
         let pump = tokio::spawn(pump(name, sub, shards.clone(), senders));
         let c = Channel { shards, pump, workers };
-        c.shard(&sess.id).write().await.insert(sess.id.clone(), sess.clone());
         chans.insert(channel.to_owned(), c);
         metrics::gauge!(crate::metrics::CHANNELS_ACTIVE).set(chans.len() as f64);
         Ok(())
@@ -102,12 +146,8 @@ impl ChannelHub {
         let mut chans = self.channels.lock().await;
         let empty = match chans.get(channel) {
             Some(c) => {
-                c.shard(&sess.id).write().await.remove(&sess.id);
-                let mut empty = true;
-                for s in c.shards.iter() {
-                    empty &= s.read().await.is_empty();
-                }
-                empty
+                c.shard(&sess.id).remove(&sess.id);
+                c.shards.iter().all(|s| s.len() == 0)
             }
             None => false,
         };
@@ -126,11 +166,7 @@ impl ChannelHub {
     pub async fn subscribers(&self, channel: &str) -> usize {
         let chans = self.channels.lock().await;
         let Some(c) = chans.get(channel) else { return 0 };
-        let mut n = 0;
-        for s in c.shards.iter() {
-            n += s.read().await.len();
-        }
-        n
+        c.shards.iter().map(Shard::len).sum()
     }
 }
 
@@ -183,9 +219,9 @@ const YIELD_EVERY: usize = 256;
 /// Sends a batch to every subscriber of one shard, all of the batch at once per subscriber.
 /// `frames` is scratch space kept by the caller.
 async fn fan_out(channel: &str, shard: &Shard, items: &[Item], frames: &mut Vec<Bytes>) {
-    let subs = shard.read().await;
+    let subs = shard.snapshot();
     let mut tally = Tally::default();
-    for (i, s) in subs.values().enumerate() {
+    for (i, s) in subs.iter().enumerate() {
         if i % YIELD_EVERY == YIELD_EVERY - 1 {
             tally.flush();
             tokio::task::yield_now().await;
@@ -216,7 +252,7 @@ async fn pump(channel: Arc<str>, mut sub: Subscription, shards: Arc<[Shard]>, wo
         let items: Arc<[Item]> = batch.iter().map(Item::new).collect();
         for (i, w) in workers.iter().enumerate() {
             // A shard's worker gets the batch only when the shard has subscribers.
-            if !shards[i + 1].read().await.is_empty() && w.send(items.clone()).await.is_err() {
+            if shards[i + 1].len() > 0 && w.send(items.clone()).await.is_err() {
                 return;
             }
         }

@@ -15,7 +15,7 @@
 //! messages within the route's size limit, checked from the header before any payload is
 //! read (1009).
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use std::io::{self, Cursor};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -25,6 +25,12 @@ use tungstenite::protocol::frame::FrameHeader;
 
 /// Bytes read from the socket per poll (on the stack, never kept).
 const READ_CHUNK: usize = 4096;
+/// Most memory reserved ahead for a frame that has not fully arrived: the buffer grows with
+/// what arrives, not with what a header claims.
+const RESERVE_MAX: usize = 64 << 10;
+/// Payloads up to this size are copied out of the read buffer, so a small message kept by the
+/// bus never pins a large buffer.
+const COPY_MAX: usize = 4096;
 
 /// A complete client message or control frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,7 +138,8 @@ impl<R: AsyncRead + Unpin> Decoder<R> {
         loop {
             // A frame already complete in `pending`?
             if !self.pending.is_empty() {
-                match parse(&mut self.pending, self.max) {
+                let partial = self.partial.as_ref().map(|p| p.data.len());
+                match parse(&mut self.pending, self.max, partial) {
                     Err(e) => return Poll::Ready(Some(Err(e))),
                     Ok(Some(frame)) => {
                         if self.pending.is_empty() {
@@ -250,35 +257,49 @@ fn close(payload: &[u8]) -> Result<Msg, DecodeError> {
 }
 
 /// Takes one complete frame off the front of `buf` (unmasked), or `None` if it has not fully
-/// arrived. Header rules are checked as soon as the header is complete.
-fn parse(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, DecodeError> {
+/// arrived. Header rules, and the size limits (`partial`: bytes of the fragmented message so
+/// far), are checked as soon as the header is complete.
+fn parse(buf: &mut BytesMut, max: usize, partial: Option<usize>) -> Result<Option<Frame>, DecodeError> {
     let mut cur = Cursor::new(&buf[..]);
     let (header, len) = match FrameHeader::parse(&mut cur) {
         Ok(Some(x)) => x,
         Ok(None) => return Ok(None),
         Err(_) => return Err(DecodeError::Protocol("reserved opcode")),
     };
+    if len >> 63 != 0 {
+        return Err(DecodeError::Protocol("frame length with the most significant bit set"));
+    }
     if header.rsv1 || header.rsv2 || header.rsv3 {
         return Err(DecodeError::Protocol("reserved bits set without an extension"));
     }
     let Some(mask) = header.mask else {
         return Err(DecodeError::Protocol("client frame not masked"));
     };
-    if matches!(header.opcode, OpCode::Control(_)) && len > 125 {
-        return Err(DecodeError::Protocol("control frame over 125 bytes"));
-    }
-    if len > max as u64 {
-        return Err(DecodeError::FrameTooBig);
+    match (header.opcode, partial) {
+        (OpCode::Control(_), _) if len > 125 => {
+            return Err(DecodeError::Protocol("control frame over 125 bytes"));
+        }
+        (OpCode::Control(_), _) => {}
+        (OpCode::Data(Data::Continue), Some(so_far)) if len > max.saturating_sub(so_far) as u64 => {
+            return Err(DecodeError::MessageTooBig);
+        }
+        _ if len > max as u64 => return Err(DecodeError::FrameTooBig),
+        _ => {}
     }
     let start = cur.position() as usize;
     let len = len as usize;
     if buf.len() < start + len {
-        // Room for the rest of this frame in one go.
-        buf.reserve(start + len - buf.len());
+        buf.reserve((start + len - buf.len()).min(RESERVE_MAX));
         return Ok(None);
     }
-    let _ = buf.split_to(start);
-    let mut payload = buf.split_to(len);
+    buf.advance(start);
+    let mut payload = if len <= COPY_MAX {
+        let p = BytesMut::from(&buf[..len]);
+        buf.advance(len);
+        p
+    } else {
+        buf.split_to(len)
+    };
     unmask(&mut payload, mask);
     Ok(Some(Frame {
         header,
@@ -409,6 +430,20 @@ mod tests {
             ),
             (frame(0x88, &[0x03, 0xe8, 0xff]), "invalid UTF-8 in text frame"),
             (frame(0x82, &[0u8; 101]), "frame too big"),
+            // The message limit applies from the continuation's header.
+            (
+                [frame(0x02, &[0u8; 60]), frame(0x80, &[0u8; 60])[..8].to_vec()].concat(),
+                "message too big",
+            ),
+            (
+                [
+                    vec![0x82, 0xff],
+                    (1u64 << 63 | 5).to_be_bytes().to_vec(),
+                    vec![1, 2, 3, 4],
+                ]
+                .concat(),
+                "protocol error: frame length with the most significant bit set",
+            ),
             (
                 [frame(0x02, &[0u8; 60]), frame(0x80, &[0u8; 60])].concat(),
                 "message too big",
@@ -431,7 +466,7 @@ mod tests {
     #[test]
     fn no_buffer_is_kept_between_frames() {
         let mut buf = BytesMut::from(&frame(0x81, b"hi")[..]);
-        let f = parse(&mut buf, 100).unwrap().unwrap();
+        let f = parse(&mut buf, 100, None).unwrap().unwrap();
         assert_eq!(&f.payload[..], b"hi");
         assert!(buf.is_empty());
     }

@@ -72,6 +72,16 @@ struct State {
     /// The writer task holds frames it took from the queue and has not finished writing:
     /// nobody else may write to the socket.
     writing: bool,
+    /// The front item is the rest of a frame cut by a direct write: not counted against the cap
+    /// (its frame was accepted already).
+    rest: bool,
+}
+
+impl State {
+    /// Queued items that count against the cap.
+    fn held(&self) -> usize {
+        self.items.len() - usize::from(self.rest)
+    }
 }
 
 pub struct OutQueue {
@@ -90,6 +100,7 @@ impl OutQueue {
                 items: VecDeque::new(),
                 closing: false,
                 writing: false,
+                rest: false,
             }),
             notify: Notify::new(),
             cap: cap.max(1),
@@ -113,6 +124,7 @@ impl OutQueue {
             Ok(n) if n == frame.len() => Some(Push::Written),
             Ok(n) if n > 0 => {
                 s.items.push_back(Out::Raw(frame.slice(n..)));
+                s.rest = true;
                 self.notify.notify_one();
                 Some(Push::Written)
             }
@@ -125,7 +137,7 @@ impl OutQueue {
     /// Returns the result and whether the writer must be woken.
     fn queue_data(&self, s: &mut State, frame: Bytes) -> (Push, bool) {
         let mut res = Push::Queued;
-        if s.items.len() >= self.cap {
+        if s.held() >= self.cap {
             match self.policy {
                 SlowPolicy::DropOldest => {
                     if let Some(i) = s.items.iter().position(|o| matches!(o, Out::Data(_))) {
@@ -188,6 +200,7 @@ impl OutQueue {
                     }
                     if n < f.len() {
                         s.items.push_back(Out::Raw(f.slice(n..)));
+                        s.rest = true;
                         self.notify.notify_one();
                         n = 0;
                     } else {
@@ -235,7 +248,7 @@ impl OutQueue {
         if let Some(p) = self.try_direct(&mut s, &frame) {
             return p;
         }
-        if s.items.len() >= self.cap.saturating_mul(2) {
+        if s.held() >= self.cap.saturating_mul(2) {
             self.close_slow(s);
             return Push::Overflowed;
         }
@@ -298,6 +311,7 @@ impl OutQueue {
                 if !s.items.is_empty() {
                     std::mem::swap(&mut s.items, batch);
                     s.writing = true;
+                    s.rest = false;
                     return;
                 }
                 s.writing = false;
@@ -471,6 +485,23 @@ mod tests {
         q.take_all(&mut b).await;
         assert!(matches!(b.front(), Some(Out::Raw(r)) if r.len() < big.len()));
         assert!(matches!(b.get(1), Some(Out::Data(_))));
+        drop(client);
+    }
+
+    #[tokio::test]
+    async fn the_rest_of_a_cut_frame_does_not_count_against_the_cap() {
+        let (w, _r, client) = pair().await;
+        let q = OutQueue::new(1, SlowPolicy::Close);
+        q.set_direct(w);
+        let big = crate::frame::binary(&vec![7u8; 256 << 10]);
+        let mut pushes = 0;
+        while q.is_empty() {
+            assert_eq!(q.push(&big), Push::Written);
+            pushes += 1;
+            assert!(pushes < 1000, "socket buffers never filled");
+        }
+        assert_eq!(q.push(&big), Push::Queued, "one frame fits next to the cut one");
+        assert_eq!(q.push(&big), Push::Overflowed, "the second is past the cap of 1");
         drop(client);
     }
 }

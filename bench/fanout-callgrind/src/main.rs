@@ -74,9 +74,16 @@ fn payload(seq: u64, size: usize) -> String {
     format!("{head}{}\"}}", "x".repeat(pad))
 }
 
-/// Waits (yielding to every other task) until `counted()` reaches `target`.
+/// Waits (yielding to every other task) until `counted()` reaches `target`; gives up loudly
+/// after a minute (e.g. when the never-read client sockets filled up, with large `--messages`).
 async fn settle(counted: &dyn Fn() -> u64, target: u64) {
+    let give_up = Instant::now() + std::time::Duration::from_secs(60);
     while counted() < target {
+        assert!(
+            Instant::now() < give_up,
+            "stuck at {} of {target} deliveries: socket buffers full? use fewer --messages",
+            counted()
+        );
         tokio::task::yield_now().await;
     }
 }
