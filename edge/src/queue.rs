@@ -467,12 +467,9 @@ mod tests {
         idle.abort();
     }
 
-    #[tokio::test]
-    async fn a_partial_direct_write_queues_the_rest_first() {
-        let (w, _r, client) = pair().await;
-        let q = OutQueue::new(1 << 20, SlowPolicy::DropOldest);
-        q.set_direct(w);
-        // Nobody reads the client end: the socket buffers fill and a frame is cut.
+    /// Pushes 256 KiB frames through the direct path until one is cut (nobody reads the client
+    /// end, so the socket buffers fill); returns the frame.
+    fn fill_until_cut(q: &OutQueue) -> Bytes {
         let big = crate::frame::binary(&vec![7u8; 256 << 10]);
         let mut pushes = 0;
         while q.is_empty() {
@@ -480,6 +477,15 @@ mod tests {
             pushes += 1;
             assert!(pushes < 1000, "socket buffers never filled");
         }
+        big
+    }
+
+    #[tokio::test]
+    async fn a_partial_direct_write_queues_the_rest_first() {
+        let (w, _r, client) = pair().await;
+        let q = OutQueue::new(1 << 20, SlowPolicy::DropOldest);
+        q.set_direct(w);
+        let big = fill_until_cut(&q);
         assert_eq!(q.push(&big), Push::Queued);
         let mut b = VecDeque::new();
         q.take_all(&mut b).await;
@@ -493,13 +499,7 @@ mod tests {
         let (w, _r, client) = pair().await;
         let q = OutQueue::new(1, SlowPolicy::Close);
         q.set_direct(w);
-        let big = crate::frame::binary(&vec![7u8; 256 << 10]);
-        let mut pushes = 0;
-        while q.is_empty() {
-            assert_eq!(q.push(&big), Push::Written);
-            pushes += 1;
-            assert!(pushes < 1000, "socket buffers never filled");
-        }
+        let big = fill_until_cut(&q);
         assert_eq!(q.push(&big), Push::Queued, "one frame fits next to the cut one");
         assert_eq!(q.push(&big), Push::Overflowed, "the second is past the cap of 1");
         drop(client);
