@@ -320,12 +320,13 @@ fn unmask(data: &mut [u8], mask: [u8; 4]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
 
-    /// A masked client frame.
-    fn frame(b0: u8, payload: &[u8]) -> Vec<u8> {
+    /// A masked client frame (first byte `b0`: FIN, RSV and opcode bits); also used by the
+    /// frame guard's tests.
+    pub(crate) fn frame(b0: u8, payload: &[u8]) -> Vec<u8> {
         let mask = [0x37, 0xfa, 0x21, 0x3d];
         let mut f = vec![b0];
         match payload.len() {

@@ -208,21 +208,7 @@ mod tests {
 
     /// A client frame: FIN + opcode, masked, with `len` payload bytes.
     fn frame(op: u8, len: usize) -> Vec<u8> {
-        let mut f = vec![0x80 | op];
-        match len {
-            0..=125 => f.push(0x80 | len as u8),
-            126..=0xffff => {
-                f.push(0x80 | 126);
-                f.extend_from_slice(&(len as u16).to_be_bytes());
-            }
-            _ => {
-                f.push(0x80 | 127);
-                f.extend_from_slice(&(len as u64).to_be_bytes());
-            }
-        }
-        f.extend_from_slice(&[1, 2, 3, 4]);
-        f.extend(std::iter::repeat_n(0u8, len));
-        f
+        crate::decode::tests::frame(0x80 | op, &vec![0u8; len])
     }
 
     #[test]
