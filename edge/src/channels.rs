@@ -174,22 +174,18 @@ impl ChannelHub {
 struct Item {
     offset: Option<u64>,
     payload: Bytes,
-    binary: bool,
+    /// The publisher marked it binary (`sy-opcode`).
+    marked_binary: bool,
     raw: OnceLock<Bytes>,
     wrapped: OnceLock<Bytes>,
 }
 
 impl Item {
     fn new(m: &BusMessage) -> Self {
-        let payload = m.record.payload.clone();
-        let binary = match m.record.headers.get(header::OPCODE) {
-            Some(o) => o == "binary",
-            None => false,
-        } || std::str::from_utf8(&payload).is_err();
         Self {
             offset: m.offset,
-            payload,
-            binary,
+            payload: m.record.payload.clone(),
+            marked_binary: m.record.headers.get(header::OPCODE).is_some_and(|o| o == "binary"),
             raw: OnceLock::new(),
             wrapped: OnceLock::new(),
         }
@@ -202,7 +198,8 @@ impl Item {
                 .get_or_init(|| frame::text(framed::channel_message(channel, self.offset, &self.payload).as_bytes()))
         } else {
             self.raw.get_or_init(|| {
-                if self.binary {
+                // Only raw subscribers need the UTF-8 check: a text frame must be valid UTF-8.
+                if self.marked_binary || std::str::from_utf8(&self.payload).is_err() {
                     frame::binary(&self.payload)
                 } else {
                     frame::text(&self.payload)

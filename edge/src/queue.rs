@@ -82,6 +82,22 @@ impl State {
     fn held(&self) -> usize {
         self.items.len() - usize::from(self.rest)
     }
+
+    /// Queues the unsent end of a frame cut by a direct write (the queue was empty: it is first
+    /// in line). The caller wakes the writer.
+    fn push_rest(&mut self, rest: Bytes) {
+        self.items.push_back(Out::Raw(rest));
+        self.rest = true;
+    }
+
+    /// Marks the queue closing and queues the 4008 close. The caller wakes the writer.
+    fn close_slow(&mut self) {
+        self.closing = true;
+        self.items.push_back(Out::Close(
+            switchyard_protocol::close::SLOW_CONSUMER,
+            "slow consumer".into(),
+        ));
+    }
 }
 
 pub struct OutQueue {
@@ -123,8 +139,7 @@ impl OutQueue {
         match socket.try_write(frame) {
             Ok(n) if n == frame.len() => Some(Push::Written),
             Ok(n) if n > 0 => {
-                s.items.push_back(Out::Raw(frame.slice(n..)));
-                s.rest = true;
+                s.push_rest(frame.slice(n..));
                 self.notify.notify_one();
                 Some(Push::Written)
             }
@@ -146,11 +161,7 @@ impl OutQueue {
                     }
                 }
                 SlowPolicy::Close => {
-                    s.closing = true;
-                    s.items.push_back(Out::Close(
-                        switchyard_protocol::close::SLOW_CONSUMER,
-                        "slow consumer".into(),
-                    ));
+                    s.close_slow();
                     return (Push::Overflowed, true);
                 }
             }
@@ -199,8 +210,7 @@ impl OutQueue {
                         break;
                     }
                     if n < f.len() {
-                        s.items.push_back(Out::Raw(f.slice(n..)));
-                        s.rest = true;
+                        s.push_rest(f.slice(n..));
                         self.notify.notify_one();
                         n = 0;
                     } else {
@@ -249,7 +259,9 @@ impl OutQueue {
             return p;
         }
         if s.held() >= self.cap.saturating_mul(2) {
-            self.close_slow(s);
+            s.close_slow();
+            drop(s);
+            self.notify.notify_one();
             return Push::Overflowed;
         }
         self.enqueue(s, kind(frame));
@@ -263,17 +275,6 @@ impl OutQueue {
         if was_empty {
             self.notify.notify_one();
         }
-    }
-
-    /// Marks the queue closing and queues the 4008 close (the frame that overflowed is dropped).
-    fn close_slow(&self, mut s: parking_lot::MutexGuard<'_, State>) {
-        s.closing = true;
-        s.items.push_back(Out::Close(
-            switchyard_protocol::close::SLOW_CONSUMER,
-            "slow consumer".into(),
-        ));
-        drop(s);
-        self.notify.notify_one();
     }
 
     /// Asks the writer to close the socket after what is already queued. Returns false when a
