@@ -134,7 +134,8 @@ impl<R: AsyncRead + Unpin> Decoder<R> {
         std::future::poll_fn(|cx| self.poll_next(cx)).await
     }
 
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Msg, DecodeError>>> {
+    /// [`Decoder::next`], polled.
+    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Msg, DecodeError>>> {
         loop {
             // A frame already complete in `pending`?
             if !self.pending.is_empty() {

@@ -4,8 +4,9 @@
 //! this is the only place they can be counted.
 //!
 //! When a budget is exhausted the guard stops reading (returns `Pending` without registering a
-//! waker: the socket is no longer polled for input) and raises [`Tripped`]; the session then
-//! closes with 1008 and ends after its close timeout.
+//! waker: the socket is no longer polled for input) and raises [`Tripped`]. The guard runs
+//! inside the session task's own read, so the session sees the trip when that read returns; it
+//! then closes with 1008 and ends after its close timeout.
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use std::io;
@@ -14,7 +15,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_util::sync::CancellationToken;
 
 /// Per-connection frame budgets (frames per second; the burst equals the rate).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +37,6 @@ impl Default for FrameLimits {
 /// Which budget ran out, set once.
 #[derive(Default)]
 pub struct Tripped {
-    pub signal: CancellationToken,
     which: std::sync::OnceLock<&'static str>,
 }
 
@@ -49,7 +48,6 @@ impl Tripped {
 
     fn trip(&self, why: &'static str) {
         let _ = self.which.set(why);
-        self.signal.cancel();
     }
 }
 
@@ -252,7 +250,6 @@ mod tests {
         let r = tokio::time::timeout(std::time::Duration::from_millis(200), g.read(&mut buf)).await;
         assert!(r.is_err(), "reading must stop once tripped");
         assert_eq!(tripped.reason(), Some("frame_flood"));
-        assert!(tripped.signal.is_cancelled());
     }
 
     #[tokio::test]

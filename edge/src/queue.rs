@@ -23,10 +23,9 @@ use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 use tokio::io::AsyncWrite;
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::sync::Notify;
 
 /// What the writer should do next.
 #[derive(Debug)]
@@ -102,7 +101,9 @@ impl State {
 
 pub struct OutQueue {
     state: Mutex<State>,
-    notify: Notify,
+    /// The session task's waker: woken when the queue becomes non-empty (and by
+    /// [`OutQueue::wake`]).
+    waker: atomic_waker::AtomicWaker,
     cap: usize,
     policy: SlowPolicy,
     /// The socket, for the direct path (plain TCP only; TLS goes through the writer task).
@@ -118,7 +119,7 @@ impl OutQueue {
                 writing: false,
                 rest: false,
             }),
-            notify: Notify::new(),
+            waker: atomic_waker::AtomicWaker::new(),
             cap: cap.max(1),
             policy,
             direct: OnceLock::new(),
@@ -140,7 +141,7 @@ impl OutQueue {
             Ok(n) if n == frame.len() => Some(Push::Written),
             Ok(n) if n > 0 => {
                 s.push_rest(frame.slice(n..));
-                self.notify.notify_one();
+                self.waker.wake();
                 Some(Push::Written)
             }
             // Would block (or failed: the writer task finds out and ends the session).
@@ -186,7 +187,7 @@ impl OutQueue {
         let (res, wake) = self.queue_data(&mut s, frame.clone());
         drop(s);
         if wake {
-            self.notify.notify_one();
+            self.waker.wake();
         }
         res
     }
@@ -211,7 +212,7 @@ impl OutQueue {
                     }
                     if n < f.len() {
                         s.push_rest(f.slice(n..));
-                        self.notify.notify_one();
+                        self.waker.wake();
                         n = 0;
                     } else {
                         n -= f.len();
@@ -234,7 +235,7 @@ impl OutQueue {
         }
         drop(s);
         if wake {
-            self.notify.notify_one();
+            self.waker.wake();
         }
     }
 
@@ -261,7 +262,7 @@ impl OutQueue {
         if s.held() >= self.cap.saturating_mul(2) {
             s.close_slow();
             drop(s);
-            self.notify.notify_one();
+            self.waker.wake();
             return Push::Overflowed;
         }
         self.enqueue(s, kind(frame));
@@ -273,7 +274,7 @@ impl OutQueue {
         s.items.push_back(item);
         drop(s);
         if was_empty {
-            self.notify.notify_one();
+            self.waker.wake();
         }
     }
 
@@ -287,7 +288,7 @@ impl OutQueue {
         s.closing = true;
         s.items.push_back(Out::Close(code, reason.to_owned()));
         drop(s);
-        self.notify.notify_one();
+        self.waker.wake();
         true
     }
 
@@ -303,22 +304,36 @@ impl OutQueue {
         self.len() == 0
     }
 
-    /// Waits until something is queued, then moves all of it into `batch` and marks the writer
-    /// busy until the next call finds the queue empty.
-    pub async fn take_all(&self, batch: &mut VecDeque<Out>) {
-        loop {
-            {
-                let mut s = self.state.lock();
-                if !s.items.is_empty() {
-                    std::mem::swap(&mut s.items, batch);
-                    s.writing = true;
-                    s.rest = false;
-                    return;
-                }
-                s.writing = false;
-            }
-            self.notify.notified().await;
+    /// Registers the session task's waker: it is woken when something is queued.
+    pub fn register(&self, waker: &Waker) {
+        self.waker.register(waker);
+    }
+
+    /// Wakes the session task (a signal for it outside the queue, e.g. a drain).
+    pub fn wake(&self) {
+        self.waker.wake();
+    }
+
+    /// When something is queued, moves all of it into `batch` and marks the writer busy until
+    /// the next call finds the queue empty; otherwise registers `cx` to be woken by the next
+    /// push.
+    pub fn poll_take_all(&self, cx: &mut Context<'_>, batch: &mut VecDeque<Out>) -> Poll<()> {
+        let mut s = self.state.lock();
+        if !s.items.is_empty() {
+            std::mem::swap(&mut s.items, batch);
+            s.writing = true;
+            s.rest = false;
+            return Poll::Ready(());
         }
+        s.writing = false;
+        // Under the lock: a push after this sees the registered waker.
+        self.waker.register(cx.waker());
+        Poll::Pending
+    }
+
+    /// Waits until something is queued, then takes it all ([`OutQueue::poll_take_all`]).
+    pub async fn take_all(&self, batch: &mut VecDeque<Out>) {
+        std::future::poll_fn(|cx| self.poll_take_all(cx, batch)).await
     }
 }
 

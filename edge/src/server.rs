@@ -263,6 +263,11 @@ impl Edge {
         // During the drain grace the listener still accepts (and answers 503 `draining`), so a
         // client a load balancer still sends here is told rather than reset. Then it closes.
         self.state.close_all.cancel();
+        // Each session sees the drain on its next poll; wake them all for it. (One that
+        // registers after this loop checks `close_all` on its first poll.)
+        for s in self.state.sessions.iter() {
+            s.queue.wake();
+        }
         let _ = self.server.await;
         let grace = self.state.cfg.shutdown_grace + std::time::Duration::from_secs(1);
         if tokio::time::timeout(grace, self.state.tracker.wait()).await.is_err() {

@@ -1,9 +1,13 @@
-//! One WebSocket session: a reader loop and a writer draining the session's [`OutQueue`], both
-//! in one task. If either half ends, the other is stopped.
+//! One WebSocket session: one task whose future ([`Conn`]) is written by hand, so an idle socket
+//! costs a few hundred bytes of task state: the decoder, the writer's batch, one timer (ping,
+//! idle, close and token deadlines, re-armed lazily) and a few flags. It reads client frames,
+//! drains the session's [`OutQueue`] and runs at most one bus publish at a time.
 //!
 //! Client frames are decoded by [`crate::decode`]; everything sent to the client is an encoded
 //! frame from [`crate::frame`] written by the queue's direct path or by the writer here. Pings
-//! and closes are answered here, through the queue, in order with everything else.
+//! and closes are answered here, through the queue, in order with everything else. The task is
+//! woken by its socket, its timer, its publish, and the queue's waker (a push to an empty queue,
+//! or [`OutQueue::wake`] for a drain).
 //!
 //! The reader publishes connect, every client frame and disconnect to the route's inbound topic
 //! in order, with a per-session seq (connect = 1). A frame counts as accepted once the bus has
@@ -18,19 +22,21 @@ use crate::server::{EdgeState, Route};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::{HashSet, VecDeque};
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
-use crate::decode::Msg;
+use crate::decode::{DecodeError, Msg};
 use std::time::Duration;
 use switchyard_bus::{BusError, Record, SessionEntry};
 use switchyard_protocol::envelope::{header, now_ms};
 use switchyard_protocol::framed::{self, ClientOp};
 use switchyard_protocol::{close, Envelope, Headers, Kind, Opcode, TraceContext};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{Instant, Sleep};
 
 /// Most channels one session may hold.
 pub const MAX_CHANNELS_PER_SESSION: usize = 256;
@@ -45,12 +51,10 @@ pub struct Session {
     pub frames_in: AtomicU64,
     pub frames_out: AtomicU64,
     pub channels: Mutex<HashSet<String>>,
-    /// Cancelled when the writer failed (the socket is gone) or the session is torn down.
-    pub stop: CancellationToken,
-    /// Set by the writer once it has sent our close frame: code and reason sent.
-    pub close_sent: Mutex<Option<(u16, String)>>,
-    /// Cancelled together with `close_sent`, to wake the reader.
-    close_sent_signal: CancellationToken,
+    /// Set when the session is torn down: a subscription completed after this is undone.
+    stopped: AtomicBool,
+    /// The per-session seq of the last inbound record (connect = 1).
+    seq: AtomicU64,
     /// Verified identity, stamped into every inbound record.
     pub identity: Option<switchyard_protocol::Identity>,
     /// When the credential expires (Unix seconds): the socket is closed with 4001 then.
@@ -71,9 +75,8 @@ impl Session {
             frames_in: AtomicU64::new(0),
             frames_out: AtomicU64::new(0),
             channels: Mutex::new(HashSet::new()),
-            stop: CancellationToken::new(),
-            close_sent: Mutex::new(None),
-            close_sent_signal: CancellationToken::new(),
+            stopped: AtomicBool::new(false),
+            seq: AtomicU64::new(0),
             identity: None,
             expires_at: None,
             grants: Default::default(),
@@ -176,6 +179,15 @@ struct Ended {
     reason: String,
 }
 
+impl Ended {
+    fn new(code: u16, reason: &str) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
 /// Runs a session on an upgraded socket until it ends: `reader` and `writer` are its two
 /// halves; the frame-flood guard is put in front of the reader here.
 pub async fn run<R, W>(st: Arc<EdgeState>, sess: Arc<Session>, reader: R, writer: W)
@@ -185,72 +197,38 @@ where
 {
     let (reader, tripped) = crate::guard::Guarded::new(reader, st.cfg.frame_limits);
     let stream = Decoder::new(reader, sess.route.max_message_size);
-    run_session(st, sess, writer, stream, tripped).await
-}
-
-type Decoder<R> = crate::decode::Decoder<crate::guard::Guarded<R>>;
-
-/// The session logic.
-async fn run_session<R, W>(st: Arc<EdgeState>, sess: Arc<Session>, sink: W, stream: Decoder<R>, tripped: Arc<Tripped>)
-where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
     st.sessions.insert(sess.id.clone(), sess.clone());
     sess.route.open.increment(1.0);
-    // Reader and writer share this one task (no second task, stack or join handle per
-    // socket): both futures are polled here, each woken by its own half of the socket.
-    let mut writer = std::pin::pin!(write_loop(sink, sess.clone(), st.cfg.ping_interval));
-    let mut writer_done = false;
-    let mut pubr = Publisher {
-        st: &st,
-        sess: &sess,
-        seq: 0,
-    };
-
     // Welcome first: a backend may answer the connect event before the publish returns.
     if sess.route.cfg.mode == Mode::Framed {
         sess.reply(framed::welcome(&sess.id));
     }
-    let ended = {
-        let reader = async {
-            // Boxed: rare and large, so not part of every socket's resident task.
-            match Box::pin(pubr.lifecycle(Kind::Connect, None)).await {
-                Err(e) => {
-                    tracing::debug!(session = %sess.id, error = %e, "bus refused connect");
-                    Ended {
-                        code: close::TRY_AGAIN_LATER,
-                        reason: "bus unavailable".into(),
-                    }
-                }
-                Ok(()) => read_loop(&st, &sess, &mut pubr, stream, &tripped).await,
-            }
-        };
-        let mut reader = std::pin::pin!(reader);
-        loop {
-            tokio::select! {
-                e = &mut reader => break e,
-                // The writer ends early only when the socket failed; it cancels `stop`, which
-                // ends the reader too.
-                _ = &mut writer, if !writer_done => writer_done = true,
-            }
-        }
-    };
+    let mut conn = Conn::new(st.clone(), sess.clone(), stream, tripped, writer);
+    let ended = (&mut conn).await;
 
-    // Teardown: stop the writer (sending our close frame if one is still owed), leave channels,
-    // forget the session, then tell the backend.
-    // 1005/1006/1015 are never sent on the wire.
+    // Teardown: send our close frame if one is still owed, leave channels, forget the session,
+    // then tell the backend. 1005/1006/1015 are never sent on the wire.
     let code = if matches!(ended.code, 1005 | 1006 | 1015) {
         close::NORMAL
     } else {
         ended.code
     };
     sess.queue.close(code, &ended.reason);
-    if !writer_done {
+    if !conn.write_done {
         // The close frame (and what was queued before it) goes out, or we give up after 5 s.
-        let _ = tokio::time::timeout(Duration::from_secs(5), &mut writer).await;
+        // Boxed: the timer is needed once, not in every socket's resident task.
+        let flush = std::future::poll_fn(|cx| {
+            conn.poll_writer(cx);
+            if conn.write_done {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        });
+        let _ = Box::pin(tokio::time::timeout(Duration::from_secs(5), flush)).await;
     }
-    sess.stop.cancel();
+    drop(conn);
+    sess.stopped.store(true, Ordering::Release);
     let channels: Vec<String> = sess.channels.lock().drain().collect();
     for c in channels {
         Box::pin(st.channels.unsubscribe(&sess, &c)).await;
@@ -260,126 +238,328 @@ where
     metrics::counter!(crate::metrics::CLOSES, "route" => sess.route.cfg.path.clone(), "code" => ended.code.to_string())
         .increment(1);
     tracing::debug!(code = ended.code, reason = %ended.reason, "session closed");
-    if let Err(e) = Box::pin(pubr.lifecycle(Kind::Disconnect, Some(&ended))).await {
+    if let Err(e) = Box::pin(lifecycle(&st, &sess, Kind::Disconnect, Some(&ended))).await {
         tracing::warn!(session = %sess.id, error = %e, "bus refused disconnect event");
     }
 }
 
-async fn read_loop<R>(
-    st: &EdgeState,
-    sess: &Arc<Session>,
-    pubr: &mut Publisher<'_>,
-    mut stream: Decoder<R>,
-    tripped: &Tripped,
-) -> Ended
+type Decoder<R> = crate::decode::Decoder<crate::guard::Guarded<R>>;
+
+/// A bus publish in flight (the connect event, or a client frame's publish or framed op).
+struct Job {
+    connect: bool,
+    fut: Pin<Box<dyn Future<Output = Result<(), BusError>> + Send>>,
+}
+
+/// A session's task: reader, writer and timers in one hand-written future, which ends with how
+/// the session ended. Client frames are read one at a time: while a frame's publish is in
+/// flight nothing more is read (the bus sets the pace), but the writer and pings go on.
+struct Conn<R, W> {
+    st: Arc<EdgeState>,
+    sess: Arc<Session>,
+    stream: Decoder<R>,
+    tripped: Arc<Tripped>,
+    sink: W,
+    /// Frames taken from the queue and not yet fully written.
+    batch: VecDeque<Out>,
+    /// Written but not yet flushed (TLS).
+    unflushed: bool,
+    /// The batch being written ends with our close frame.
+    close_in_batch: bool,
+    /// Nothing more will be written: our close frame is on the wire, or the socket failed.
+    write_done: bool,
+    write_failed: bool,
+    /// The close frame we sent.
+    sent: Option<Ended>,
+    /// One timer for every deadline below; moved only when the earliest one comes closer or
+    /// when it fires (reading a frame moves `last_read`, not the timer).
+    timer: Pin<Box<Sleep>>,
+    next_ping: Instant,
+    last_read: Instant,
+    /// When the credential expires: the socket is closed with 4001 then.
+    expiry: Option<Instant>,
+    /// Once we have closed (drain, flood, expiry, a close frame sent): until when the client
+    /// may answer.
+    closing: Option<Instant>,
+    /// Why we closed, when we did.
+    ended: Option<Ended>,
+    job: Option<Job>,
+}
+
+impl<R, W> Conn<R, W>
 where
     R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
 {
-    let idle = st.cfg.idle_timeout;
-    // After we have sent a close (shutdown, idle, error), wait this long for the client's.
-    let mut closing_deadline: Option<tokio::time::Instant> = None;
-    let mut ended: Option<Ended> = None;
-    // A credential that expires mid-connection ends the session with 4001.
-    let expiry = sess.expires_at.map(|exp| {
-        let left = exp.saturating_sub(now_ms() / 1000);
-        tokio::time::Instant::now() + Duration::from_secs(left)
-    });
-    loop {
-        let deadline = closing_deadline.unwrap_or_else(|| tokio::time::Instant::now() + idle);
-        let next = tokio::select! {
-            biased;
-            _ = st.close_all.cancelled(), if closing_deadline.is_none() => {
-                // Draining (SIGTERM): the client should reconnect, to another node.
-                sess.queue.close(close::SERVICE_RESTART, "server restarting");
-                ended = Some(Ended { code: close::SERVICE_RESTART, reason: "server restarting".into() });
-                closing_deadline = Some(tokio::time::Instant::now() + st.cfg.shutdown_grace);
-                continue;
-            }
-            _ = tripped.signal.cancelled(), if closing_deadline.is_none() => {
-                // The guard stopped reading: nothing more will come from this client, so only
-                // give the writer a moment to send our close frame.
-                let why = tripped.reason().unwrap_or("frame_flood");
-                metrics::counter!(crate::metrics::DROPS, "route" => sess.route.cfg.path.clone(), "reason" => why).increment(1);
-                let reason = if why == "control_flood" { "control frame flood" } else { "frame flood" };
-                sess.queue.close(close::POLICY, reason);
-                ended = Some(Ended { code: close::POLICY, reason: reason.into() });
-                closing_deadline = Some(tokio::time::Instant::now() + Duration::from_secs(1));
-                continue;
-            }
-            _ = sess.close_sent_signal.cancelled(), if closing_deadline.is_none() => {
-                // We closed (backend request, slow consumer, ...): give the client a moment to
-                // answer, reading (and publishing) what it still sends.
-                closing_deadline = Some(tokio::time::Instant::now() + st.cfg.shutdown_grace.min(Duration::from_secs(5)));
-                continue;
-            }
-            _ = sess.stop.cancelled() => {
-                return ended.or_else(|| sent(sess)).unwrap_or(Ended { code: 1006, reason: "write failed".into() });
-            }
-            _ = sleep_until_opt(expiry), if closing_deadline.is_none() => {
-                sess.queue.close(close::TOKEN_EXPIRED, "token expired");
-                ended = Some(Ended { code: close::TOKEN_EXPIRED, reason: "token expired".into() });
-                closing_deadline = Some(tokio::time::Instant::now() + st.cfg.shutdown_grace.min(Duration::from_secs(5)));
-                continue;
-            }
-            r = tokio::time::timeout_at(deadline, stream.next()) => r,
+    fn new(st: Arc<EdgeState>, sess: Arc<Session>, stream: Decoder<R>, tripped: Arc<Tripped>, sink: W) -> Self {
+        let now = Instant::now();
+        let expiry = sess.expires_at.map(|exp| {
+            let left = exp.saturating_sub(now_ms() / 1000);
+            now + Duration::from_secs(left)
+        });
+        let next_ping = now + st.cfg.ping_interval;
+        // The connect event is published before anything the client sends.
+        let (st2, sess2) = (st.clone(), sess.clone());
+        let job = Job {
+            connect: true,
+            fut: Box::pin(async move { lifecycle(&st2, &sess2, Kind::Connect, None).await }),
         };
+        Self {
+            st,
+            sess,
+            stream,
+            tripped,
+            sink,
+            batch: VecDeque::new(),
+            unflushed: false,
+            close_in_batch: false,
+            write_done: false,
+            write_failed: false,
+            sent: None,
+            timer: Box::pin(tokio::time::sleep_until(next_ping)),
+            next_ping,
+            last_read: now,
+            expiry,
+            closing: None,
+            ended: None,
+            job: Some(job),
+        }
+    }
+
+    /// Closes the socket with `code` (after what is queued) and gives the client `wait` to
+    /// answer.
+    fn close_with(&mut self, code: u16, reason: &str, wait: Duration) {
+        self.sess.queue.close(code, reason);
+        self.ended = Some(Ended::new(code, reason));
+        self.closing = Some(Instant::now() + wait);
+    }
+
+    /// How long a client may take to answer our close (not the drain's full grace).
+    fn close_wait(&self) -> Duration {
+        self.st.cfg.shutdown_grace.min(Duration::from_secs(5))
+    }
+
+    /// Drives the writer; sets `write_done` (and `write_failed`) when it has finished.
+    fn poll_writer(&mut self, cx: &mut Context<'_>) {
+        if self.write_done {
+            return;
+        }
+        match self.poll_write_out(cx) {
+            Poll::Pending => {}
+            Poll::Ready(res) => {
+                self.write_done = true;
+                // Nothing more will be written: refuse further pushes.
+                self.sess.queue.close(close::GOING_AWAY, "writer stopped");
+                if let Err(e) = res {
+                    tracing::debug!(session = %self.sess.id, error = %e, "socket write ended");
+                    self.write_failed = true;
+                }
+            }
+        }
+    }
+
+    /// Writes everything queued, one vectored write per batch; ready once our close frame is
+    /// on the wire (or with the socket's error).
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            while !self.batch.is_empty() {
+                let batch = &self.batch;
+                let mut slices = [IoSlice::new(&[]); IOV];
+                let k = batch
+                    .iter()
+                    .filter_map(Out::bytes)
+                    .zip(slices.iter_mut())
+                    .map(|(b, s)| *s = IoSlice::new(b))
+                    .count();
+                let mut written = ready!(Pin::new(&mut self.sink).poll_write_vectored(cx, &slices[..k]))?;
+                if written == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.unflushed = true;
+                while written > 0 {
+                    let Some(front) = self.batch.front_mut() else { break };
+                    let len = front.bytes().map_or(0, Bytes::len);
+                    if written >= len {
+                        self.batch.pop_front();
+                        written -= len;
+                    } else {
+                        let rest = front.bytes().map(|b| b.slice(written..)).unwrap_or_default();
+                        *front = Out::Raw(rest);
+                        written = 0;
+                    }
+                }
+            }
+            if self.unflushed {
+                ready!(Pin::new(&mut self.sink).poll_flush(cx))?;
+                self.unflushed = false;
+            }
+            if self.close_in_batch {
+                return Poll::Ready(Ok(()));
+            }
+            ready!(self.sess.queue.poll_take_all(cx, &mut self.batch));
+            self.prepare_batch();
+        }
+    }
+
+    /// Counts a batch taken from the queue and encodes its close frame, if it has one.
+    fn prepare_batch(&mut self) {
+        let (mut n, mut bytes) = (0u64, 0u64);
+        for out in self.batch.iter_mut() {
+            match out {
+                Out::Data(b) | Out::Control(b) => {
+                    n += 1;
+                    bytes += b.len() as u64;
+                }
+                Out::Raw(_) => {}
+                Out::Close(code, reason) => {
+                    self.sent = Some(Ended::new(*code, reason));
+                    // We closed (backend request, slow consumer, ...): the client has a moment
+                    // to answer; what it still sends is read and published.
+                    if self.closing.is_none() {
+                        self.closing = Some(Instant::now() + self.st.cfg.shutdown_grace.min(Duration::from_secs(5)));
+                    }
+                    *out = Out::Raw(frame::close(*code, reason));
+                    self.close_in_batch = true;
+                }
+            }
+        }
+        // Counted before the write: once a client can see a frame, it is counted.
+        count(&self.sess, &self.sess.route, n, bytes);
+    }
+
+    /// The earliest deadline the timer must wake us for. While a publish is in flight only
+    /// pings are due (the rest is looked at once it is done).
+    fn next_deadline(&self) -> Instant {
+        let far = self.last_read + Duration::from_secs(86_400);
+        let ping = if self.write_done { far } else { self.next_ping };
+        if self.job.is_some() {
+            return ping;
+        }
+        let mut d = ping.min(self.closing.unwrap_or(self.last_read + self.st.cfg.idle_timeout));
+        if self.closing.is_none() {
+            if let Some(e) = self.expiry {
+                d = d.min(e);
+            }
+        }
+        d
+    }
+
+    /// Acts on the deadlines that have passed.
+    fn on_time(&mut self, now: Instant) -> Option<Ended> {
+        if !self.write_done && now >= self.next_ping {
+            self.sess.queue.push_raw(frame::ping());
+            self.next_ping = now + self.st.cfg.ping_interval;
+        }
+        if self.job.is_some() {
+            return None;
+        }
+        if let Some(deadline) = self.closing {
+            return (now >= deadline).then(|| {
+                self.ended
+                    .take()
+                    .unwrap_or_else(|| Ended::new(close::GOING_AWAY, "close timeout"))
+            });
+        }
+        if self.expiry.is_some_and(|e| now >= e) {
+            self.close_with(close::TOKEN_EXPIRED, "token expired", self.close_wait());
+            return None;
+        }
+        if now >= self.last_read + self.st.cfg.idle_timeout {
+            self.sess.queue.close(close::GOING_AWAY, "idle timeout");
+            return Some(Ended::new(close::GOING_AWAY, "idle timeout"));
+        }
+        None
+    }
+
+    /// The signals looked at between client frames: a failed socket, a drain.
+    fn on_signals(&mut self) -> Option<Ended> {
+        if self.write_failed {
+            return Some(
+                self.ended
+                    .take()
+                    .or_else(|| self.sent.take())
+                    .unwrap_or_else(|| Ended::new(1006, "write failed")),
+            );
+        }
+        if self.closing.is_none() && self.st.close_all.is_cancelled() {
+            // Draining (SIGTERM): the client should reconnect, to another node.
+            self.close_with(close::SERVICE_RESTART, "server restarting", self.st.cfg.shutdown_grace);
+        }
+        None
+    }
+
+    /// The frame-flood guard stopped reading: nothing more will come from this client, so only
+    /// give the writer a moment to send our close frame.
+    fn on_tripped(&mut self) {
+        let why = self.tripped.reason().unwrap_or("frame_flood");
+        metrics::counter!(crate::metrics::DROPS, "route" => self.sess.route.cfg.path.clone(), "reason" => why)
+            .increment(1);
+        let reason = if why == "control_flood" {
+            "control frame flood"
+        } else {
+            "frame flood"
+        };
+        self.close_with(close::POLICY, reason, Duration::from_secs(1));
+    }
+
+    /// A publish finished.
+    fn on_job_done(&mut self, connect: bool, res: Result<(), BusError>) -> Option<Ended> {
+        let e = res.err()?;
+        if connect {
+            tracing::debug!(session = %self.sess.id, error = %e, "bus refused connect");
+            return Some(Ended::new(close::TRY_AGAIN_LATER, "bus unavailable"));
+        }
+        self.sess.route.drop_bus.increment(1);
+        match self.sess.route.cfg.mode {
+            Mode::Raw => {
+                tracing::debug!(session = %self.sess.id, error = %e, "bus refused a frame: closing 1013");
+                self.sess.queue.close(close::TRY_AGAIN_LATER, "bus unavailable");
+                Some(Ended::new(close::TRY_AGAIN_LATER, "bus unavailable"))
+            }
+            Mode::Framed => None, // handle_op already told the client
+        }
+    }
+
+    /// One result from the decoder.
+    fn on_read(&mut self, next: Option<Result<Msg, DecodeError>>) -> Option<Ended> {
         let msg = match next {
-            Err(_) if closing_deadline.is_some() => {
-                return ended.unwrap_or(Ended {
-                    code: close::GOING_AWAY,
-                    reason: "close timeout".into(),
-                });
-            }
-            Err(_) => {
-                sess.queue.close(close::GOING_AWAY, "idle timeout");
-                return Ended {
-                    code: close::GOING_AWAY,
-                    reason: "idle timeout".into(),
-                };
-            }
-            Ok(None) => {
-                return ended.unwrap_or(Ended {
-                    code: 1006,
-                    reason: "connection lost".into(),
-                })
-            }
-            Ok(Some(Err(e))) => {
+            None => return Some(self.ended.take().unwrap_or_else(|| Ended::new(1006, "connection lost"))),
+            Some(Err(e)) => {
                 tracing::debug!(error = %e, "client frame refused");
                 let (code, reason) = e.close();
                 if code != 1006 {
-                    sess.queue.close(code, reason);
+                    self.sess.queue.close(code, reason);
                 }
-                return Ended {
-                    code,
-                    reason: reason.into(),
-                };
+                return Some(Ended::new(code, reason));
             }
-            Ok(Some(Ok(m))) => m,
+            Some(Ok(m)) => m,
         };
         let (payload, opcode) = match msg {
             Msg::Text(t) => (t, Opcode::Text),
             Msg::Binary(b) => (b, Opcode::Binary),
             Msg::Ping(p) => {
-                sess.queue.push_raw(frame::pong(&p));
-                continue;
+                self.sess.queue.push_raw(frame::pong(&p));
+                return None;
             }
-            Msg::Pong => continue,
+            Msg::Pong => return None,
             Msg::Close(f) => {
                 let (code, reason) = f.unwrap_or((1005, String::new()));
-                return ended.unwrap_or(Ended { code, reason });
+                return Some(self.ended.take().unwrap_or(Ended { code, reason }));
             }
         };
+        let sess = &self.sess;
         sess.frames_in.fetch_add(1, Ordering::Relaxed);
         sess.route.frames_in.increment(1);
         sess.route.bytes_in.increment(payload.len() as u64);
-        if ended
+        if self
+            .ended
             .as_ref()
             .is_some_and(|e| e.code == close::POLICY || e.code == close::TOKEN_EXPIRED)
         {
             // Closed for policy (flood, rate) or an expired token: nothing more this client
             // sends is published while its close handshake runs out.
             sess.route.drop_policy.increment(1);
-            continue;
+            return None;
         }
         if sess.rate.as_ref().is_some_and(|r| r.check().is_err()) {
             let action = sess.route.cfg.rate_limit.map(|r| r.action);
@@ -391,13 +571,7 @@ where
             metrics::counter!(crate::metrics::RATE_LIMITED, "route" => sess.route.cfg.path.clone(), "action" => label)
                 .increment(1);
             if action == Some(RateAction::Close) {
-                sess.queue.close(close::POLICY, "message rate exceeded");
-                ended = Some(Ended {
-                    code: close::POLICY,
-                    reason: "message rate exceeded".into(),
-                });
-                closing_deadline =
-                    Some(tokio::time::Instant::now() + st.cfg.shutdown_grace.min(Duration::from_secs(5)));
+                self.close_with(close::POLICY, "message rate exceeded", self.close_wait());
             } else {
                 // Not published, and the client is told which message it was.
                 let id = (opcode == Opcode::Text)
@@ -409,45 +583,77 @@ where
                     id.as_deref(),
                 ));
             }
-            continue;
+            return None;
         }
-        let res = match sess.route.cfg.mode {
-            // Boxed so the resident task stays small: one short-lived allocation per frame
-            // (publishing allocates a boxed bus future anyway).
-            Mode::Raw => Box::pin(pubr.frame(payload, opcode)).await,
-            Mode::Framed => Box::pin(handle_op(st, sess, pubr, payload, opcode)).await,
+        let (st, sess) = (self.st.clone(), self.sess.clone());
+        let fut: Pin<Box<dyn Future<Output = Result<(), BusError>> + Send>> = match sess.route.cfg.mode {
+            Mode::Raw => Box::pin(async move { publish_frame(&st, &sess, payload, opcode).await }),
+            Mode::Framed => Box::pin(async move { handle_op(&st, &sess, payload, opcode).await }),
         };
-        if let Err(e) = res {
-            sess.route.drop_bus.increment(1);
-            match sess.route.cfg.mode {
-                Mode::Raw => {
-                    tracing::debug!(session = %sess.id, error = %e, "bus refused a frame: closing 1013");
-                    sess.queue.close(close::TRY_AGAIN_LATER, "bus unavailable");
-                    return Ended {
-                        code: close::TRY_AGAIN_LATER,
-                        reason: "bus unavailable".into(),
-                    };
+        self.job = Some(Job { connect: false, fut });
+        None
+    }
+
+    /// Re-arms the timer if the earliest deadline moved, and polls it.
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<Option<Ended>> {
+        let want = self.next_deadline();
+        if want < self.timer.deadline() || self.timer.is_elapsed() {
+            self.timer.as_mut().reset(want);
+        }
+        ready!(self.timer.as_mut().poll(cx));
+        Poll::Ready(self.on_time(Instant::now()))
+    }
+}
+
+impl<R, W> Future for Conn<R, W>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    type Output = Ended;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Ended> {
+        let this = self.get_mut();
+        // Woken by pushes to an empty queue and by signals (a drain).
+        this.sess.queue.register(cx.waker());
+        loop {
+            this.poll_writer(cx);
+            if let Some(job) = &mut this.job {
+                if let Poll::Ready(res) = job.fut.as_mut().poll(cx) {
+                    let connect = job.connect;
+                    this.job = None;
+                    if let Some(e) = this.on_job_done(connect, res) {
+                        return Poll::Ready(e);
+                    }
+                    continue;
                 }
-                Mode::Framed => {} // handle_op already told the client
+            } else {
+                if let Some(e) = this.on_signals() {
+                    return Poll::Ready(e);
+                }
+                match this.stream.poll_next(cx) {
+                    Poll::Ready(next) => {
+                        this.last_read = Instant::now();
+                        if let Some(e) = this.on_read(next) {
+                            return Poll::Ready(e);
+                        }
+                        continue;
+                    }
+                    Poll::Pending => {
+                        if this.closing.is_none() && this.tripped.reason().is_some() {
+                            this.on_tripped();
+                            continue;
+                        }
+                    }
+                }
+            }
+            match this.poll_timer(cx) {
+                Poll::Ready(Some(e)) => return Poll::Ready(e),
+                Poll::Ready(None) => continue,
+                Poll::Pending => return Poll::Pending,
             }
         }
     }
-}
-
-async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// The close we sent, if any.
-
-fn sent(sess: &Session) -> Option<Ended> {
-    sess.close_sent
-        .lock()
-        .clone()
-        .map(|(code, reason)| Ended { code, reason })
 }
 
 fn bus_code(e: &BusError) -> &'static str {
@@ -474,13 +680,7 @@ fn forbidden(sess: &Session, publish: bool, channel: &str, id: Option<&str>) -> 
 
 /// Handles one framed-protocol client frame. A bus refusal is answered with an error op
 /// (carrying the client's `id` if it gave one) and returned so it is counted.
-async fn handle_op(
-    st: &EdgeState,
-    sess: &Arc<Session>,
-    pubr: &mut Publisher<'_>,
-    payload: Bytes,
-    opcode: Opcode,
-) -> Result<(), BusError> {
+async fn handle_op(st: &EdgeState, sess: &Arc<Session>, payload: Bytes, opcode: Opcode) -> Result<(), BusError> {
     if opcode == Opcode::Binary {
         sess.reply(framed::error(
             "bad_request",
@@ -537,7 +737,7 @@ async fn handle_op(
             };
             st.bus.publish(&st.cfg.naming.channel(&channel), rec).await.map(|_| ())
         }
-        ClientOp::Send { data } => pubr.frame(data, Opcode::Text).await,
+        ClientOp::Send { data } => publish_frame(st, sess, data, Opcode::Text).await,
     };
     match (&res, id) {
         (Ok(()), Some(id)) => sess.reply(framed::ack(id)),
@@ -570,7 +770,7 @@ pub async fn subscribe(st: &EdgeState, sess: &Arc<Session>, channel: &str) {
         }
     }
     match st.channels.subscribe(sess, channel).await {
-        Ok(()) if sess.stop.is_cancelled() || sess.queue.is_closing() => {
+        Ok(()) if sess.stopped.load(Ordering::Acquire) || sess.queue.is_closing() => {
             // The session ended while the subscription was being made: undo it, or the hub
             // would keep the session (and the bus subscription) forever.
             st.channels.unsubscribe(sess, channel).await;
@@ -590,188 +790,90 @@ pub async fn subscribe(st: &EdgeState, sess: &Arc<Session>, channel: &str) {
     }
 }
 
-/// Stamps and publishes this session's inbound records, in order.
-struct Publisher<'a> {
-    st: &'a EdgeState,
-    sess: &'a Session,
-    seq: u64,
-}
-
-impl Publisher<'_> {
-    /// Adds `sy-sig` when the node has an identity key.
-    fn sign(&self, headers: &mut Headers, payload: &[u8]) {
-        if let Some(key) = &self.st.cfg.identity_hmac_key {
-            let sig = switchyard_protocol::sign::sign(key, headers, payload);
-            headers.insert(switchyard_protocol::sign::SIG, sig);
-        }
-    }
-
-    fn envelope(&mut self, kind: Kind, payload: Bytes, opcode: Opcode) -> Envelope {
-        self.seq += 1;
-        let mut e = Envelope::new(self.sess.id.clone(), kind, payload);
-        e.seq = self.seq;
-        e.node = Some(self.st.cfg.node_id.clone());
-        e.route = Some(self.sess.route.cfg.path.clone());
-        e.opcode = opcode;
-        e.trace = Some(self.sess.trace.clone());
-        e.identity = self.sess.identity.clone();
-
-        e.timestamp_ms = now_ms();
-        e.reply = Some(self.st.node_topic.clone());
-        e
-    }
-
-    async fn frame(&mut self, payload: Bytes, opcode: Opcode) -> Result<(), BusError> {
-        let e = self.envelope(Kind::Frame, payload, opcode);
-        let mut headers = e.headers();
-        self.sign(&mut headers, &e.payload);
-        let rec = Record {
-            key: Some(e.key()),
-            headers,
-            payload: e.payload,
-        };
-        // A refused frame keeps its number: a gap in sy-seq tells the backend that a frame was
-        // refused (and its client told).
-        self.st.bus.publish(&self.sess.route.inbound, rec).await.map(|_| ())
-    }
-
-    /// Connect goes to the durable registry (if the bus has one) and the registry feed first,
-    /// then inbound; disconnect the other way round, so a router never routes to a session it
-    /// cannot find.
-    async fn lifecycle(&mut self, kind: Kind, ended: Option<&Ended>) -> Result<(), BusError> {
-        let mut e = self.envelope(kind, Bytes::new(), Opcode::Text);
-        if let Some(x) = ended {
-            e.code = Some(x.code);
-            // Client-chosen text: no control characters in a header.
-            e.reason = Some(x.reason.chars().filter(|c| !c.is_control()).take(120).collect());
-        }
-
-        let mut headers = e.headers();
-        headers.insert(header::INBOUND, self.sess.route.inbound.clone());
-        self.sign(&mut headers, &[]);
-        let rec = Record {
-            key: Some(e.key()),
-            headers,
-            payload: Bytes::new(),
-        };
-        let sessions = self.st.cfg.naming.sessions();
-        let inbound = &self.sess.route.inbound;
-        let durable = self.st.bus.registry();
-        if kind == Kind::Connect {
-            if let Some(d) = &durable {
-                let entry = SessionEntry {
-                    node: self.st.cfg.node_id.clone(),
-                    route: self.sess.route.cfg.path.clone(),
-                    inbound: inbound.clone(),
-                };
-                d.register(&self.sess.id, &entry).await?;
-            }
-            self.st.bus.publish(&sessions, rec.clone()).await?;
-            self.st.bus.publish(inbound, rec).await?;
-        } else {
-            let a = self.st.bus.publish(inbound, rec.clone()).await;
-            let b = self.st.bus.publish(&sessions, rec).await;
-            if let Some(d) = &durable {
-                d.unregister(&self.sess.id).await?;
-            }
-            a.and(b)?;
-        }
-        Ok(())
+/// Adds `sy-sig` when the node has an identity key.
+fn sign(st: &EdgeState, headers: &mut Headers, payload: &[u8]) {
+    if let Some(key) = &st.cfg.identity_hmac_key {
+        let sig = switchyard_protocol::sign::sign(key, headers, payload);
+        headers.insert(switchyard_protocol::sign::SIG, sig);
     }
 }
 
-/// The writer: drains the queue into the socket, one vectored write per batch; pings on an
-/// interval (through the queue, so they never cut into a frame written by the direct path).
-async fn write_loop<W>(mut sink: W, sess: Arc<Session>, ping_every: Duration)
-where
-    W: AsyncWrite + Unpin,
-{
-    let mut batch: VecDeque<Out> = VecDeque::new();
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
-    let route = sess.route.clone();
-    let res: io::Result<()> = async {
-        loop {
-            tokio::select! {
-                _ = sess.queue.take_all(&mut batch) => {
-                    if write_batch(&mut sink, &sess, &route, &mut batch).await? {
-                        return Ok(());
-                    }
-                }
-                _ = ping.tick() => {
-                    sess.queue.push_raw(frame::ping());
-                }
-            }
+/// Stamps an inbound record with the session's next seq. Records are published one at a time
+/// per session, so seq order is publish order.
+fn envelope(st: &EdgeState, sess: &Session, kind: Kind, payload: Bytes, opcode: Opcode) -> Envelope {
+    let mut e = Envelope::new(sess.id.clone(), kind, payload);
+    e.seq = sess.seq.fetch_add(1, Ordering::Relaxed) + 1;
+    e.node = Some(st.cfg.node_id.clone());
+    e.route = Some(sess.route.cfg.path.clone());
+    e.opcode = opcode;
+    e.trace = Some(sess.trace.clone());
+    e.identity = sess.identity.clone();
+    e.timestamp_ms = now_ms();
+    e.reply = Some(st.node_topic.clone());
+    e
+}
+
+/// Publishes one client frame to the route's inbound topic.
+async fn publish_frame(st: &EdgeState, sess: &Session, payload: Bytes, opcode: Opcode) -> Result<(), BusError> {
+    let e = envelope(st, sess, Kind::Frame, payload, opcode);
+    let mut headers = e.headers();
+    sign(st, &mut headers, &e.payload);
+    let rec = Record {
+        key: Some(e.key()),
+        headers,
+        payload: e.payload,
+    };
+    // A refused frame keeps its number: a gap in sy-seq tells the backend that a frame was
+    // refused (and its client told).
+    st.bus.publish(&sess.route.inbound, rec).await.map(|_| ())
+}
+
+/// Connect goes to the durable registry (if the bus has one) and the registry feed first,
+/// then inbound; disconnect the other way round, so a router never routes to a session it
+/// cannot find.
+async fn lifecycle(st: &EdgeState, sess: &Session, kind: Kind, ended: Option<&Ended>) -> Result<(), BusError> {
+    let mut e = envelope(st, sess, kind, Bytes::new(), Opcode::Text);
+    if let Some(x) = ended {
+        e.code = Some(x.code);
+        // Client-chosen text: no control characters in a header.
+        e.reason = Some(x.reason.chars().filter(|c| !c.is_control()).take(120).collect());
+    }
+
+    let mut headers = e.headers();
+    headers.insert(header::INBOUND, sess.route.inbound.clone());
+    sign(st, &mut headers, &[]);
+    let rec = Record {
+        key: Some(e.key()),
+        headers,
+        payload: Bytes::new(),
+    };
+    let sessions = st.cfg.naming.sessions();
+    let inbound = &sess.route.inbound;
+    let durable = st.bus.registry();
+    if kind == Kind::Connect {
+        if let Some(d) = &durable {
+            let entry = SessionEntry {
+                node: st.cfg.node_id.clone(),
+                route: sess.route.cfg.path.clone(),
+                inbound: inbound.clone(),
+            };
+            d.register(&sess.id, &entry).await?;
         }
+        st.bus.publish(&sessions, rec.clone()).await?;
+        st.bus.publish(inbound, rec).await?;
+    } else {
+        let a = st.bus.publish(inbound, rec.clone()).await;
+        let b = st.bus.publish(&sessions, rec).await;
+        if let Some(d) = &durable {
+            d.unregister(&sess.id).await?;
+        }
+        a.and(b)?;
     }
-    .await;
-    // Nothing more will be written: refuse further pushes.
-    sess.queue.close(close::GOING_AWAY, "writer stopped");
-    if let Err(e) = res {
-        // The socket is gone: stop the reader too.
-        tracing::debug!(session = %sess.id, error = %e, "socket write ended");
-        sess.stop.cancel();
-    }
+    Ok(())
 }
 
 /// Most frames handed to one vectored write.
 const IOV: usize = 64;
-
-/// Writes everything taken from the queue; true once our close frame is on the wire.
-async fn write_batch<W>(sink: &mut W, sess: &Session, route: &Route, batch: &mut VecDeque<Out>) -> io::Result<bool>
-where
-    W: AsyncWrite + Unpin,
-{
-    let (mut n, mut bytes, mut closed) = (0u64, 0u64, false);
-    for out in batch.iter_mut() {
-        match out {
-            Out::Data(b) | Out::Control(b) => {
-                n += 1;
-                bytes += b.len() as u64;
-            }
-            Out::Raw(_) => {}
-            Out::Close(code, reason) => {
-                *sess.close_sent.lock() = Some((*code, reason.clone()));
-                sess.close_sent_signal.cancel();
-                *out = Out::Raw(frame::close(*code, reason));
-                closed = true;
-            }
-        }
-    }
-    // Counted before the write: once a client can see a frame, it is counted.
-    count(sess, route, n, bytes);
-    while !batch.is_empty() {
-        // The slice array lives only inside one poll: held across an await it would sit in
-        // every socket's resident task (1 KiB).
-        let mut written = std::future::poll_fn(|cx| {
-            let mut slices = [IoSlice::new(&[]); IOV];
-            let k = batch
-                .iter()
-                .filter_map(Out::bytes)
-                .zip(slices.iter_mut())
-                .map(|(b, s)| *s = IoSlice::new(b))
-                .count();
-            Pin::new(&mut *sink).poll_write_vectored(cx, &slices[..k])
-        })
-        .await?;
-        if written == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        while written > 0 {
-            let Some(front) = batch.front_mut() else { break };
-            let len = front.bytes().map_or(0, Bytes::len);
-            if written >= len {
-                batch.pop_front();
-                written -= len;
-            } else {
-                let rest = front.bytes().map(|b| b.slice(written..)).unwrap_or_default();
-                *front = Out::Raw(rest);
-                written = 0;
-            }
-        }
-    }
-    sink.flush().await?;
-    Ok(closed)
-}
 
 fn count(sess: &Session, route: &Route, n: u64, bytes: u64) {
     if n > 0 {

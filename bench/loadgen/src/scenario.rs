@@ -880,7 +880,7 @@ async fn handshake(args: &Args, n: usize) -> Result<Value> {
     let srv_a = procfs::server(args.server_pid);
     let me = SelfCpu::start_with(args.server_pid);
     let t = Instant::now();
-    let connectors: Vec<JoinHandle<Vec<systems::Ws>>> = (0..args.connectors.max(1))
+    let connectors: Vec<JoinHandle<Vec<tokio::net::TcpStream>>> = (0..args.connectors.max(1))
         .map(|_| {
             let (dial, next, hist, errors, first_error) = (
                 dial.clone(),
@@ -900,7 +900,7 @@ async fn handshake(args: &Args, n: usize) -> Result<Value> {
                     let t = Instant::now();
                     let r = tokio::time::timeout(
                         Duration::from_secs(30),
-                        systems::open(&dial.url, dial.dst, dial.source(i), None),
+                        systems::upgrade_raw(&dial.url, dial.dst, dial.source(i)),
                     )
                     .await
                     .map_err(|_| anyhow!("upgrade took over 30 s"))

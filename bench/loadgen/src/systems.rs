@@ -93,6 +93,69 @@ pub(crate) async fn open(url: &str, dst: SocketAddr, src: IpAddr, rcvbuf: Option
     Ok(ws)
 }
 
+/// The `handshake` scenario's client: TCP connect from `src`, then an RFC 6455 upgrade written
+/// by hand (one fixed request; the response read up to its blank line; status 101 and
+/// `Sec-WebSocket-Accept` checked). tungstenite's client handshake builds an `http::Request`,
+/// parses with `httparse` and allocates an 8 KiB read buffer per socket; this does the same
+/// checks for a fraction of the load generator's CPU, so it is less of a ceiling on upgrades/s
+/// (the same client for every system). The upgraded socket is returned as is, to be held open.
+pub(crate) async fn upgrade_raw(url: &str, dst: SocketAddr, src: IpAddr) -> Result<TcpStream> {
+    use tokio::io::AsyncReadExt;
+    use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
+    let sock = TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(src, 0))
+        .with_context(|| format!("bind {src}"))?;
+    let mut tcp = sock.connect(dst).await.context("connect")?;
+    tcp.set_nodelay(true)?;
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let (host, path) = match rest.find(['/', '?']) {
+        Some(i) if rest[i..].starts_with('/') => (&rest[..i], &rest[i..]),
+        Some(i) => (&rest[..i], &rest[i..]), // "?query": path "/" is implied by HTTP; keep it
+        None => (rest, "/"),
+    };
+    let path = if path.starts_with('?') {
+        format!("/{path}")
+    } else {
+        path.to_owned()
+    };
+    let key = generate_key();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await.context("send upgrade request")?;
+    let mut buf = [0u8; 2048];
+    let mut have = 0;
+    let end = loop {
+        let n = tcp.read(&mut buf[have..]).await.context("read upgrade response")?;
+        if n == 0 {
+            bail!("connection closed during the upgrade");
+        }
+        have += n;
+        if let Some(i) = memchr::memmem::find(&buf[..have], b"\r\n\r\n") {
+            break i;
+        }
+        if have == buf.len() {
+            bail!("upgrade response headers over {} bytes", buf.len());
+        }
+    };
+    let head = std::str::from_utf8(&buf[..end]).context("upgrade response is not UTF-8")?;
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap_or("");
+    if !status.starts_with("HTTP/1.1 101") {
+        bail!("upgrade refused: {status}");
+    }
+    let want = derive_accept_key(key.as_bytes());
+    let accept = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("sec-websocket-accept"))
+        .map(|(_, v)| v.trim());
+    if accept != Some(want.as_str()) {
+        bail!("bad Sec-WebSocket-Accept: {accept:?}");
+    }
+    Ok(tcp)
+}
+
 /// One client connection of a system.
 pub(crate) struct Conn {
     pub ws: Ws,
