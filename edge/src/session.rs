@@ -228,8 +228,11 @@ where
         let _ = Box::pin(tokio::time::timeout(Duration::from_secs(5), flush)).await;
     }
     drop(conn);
-    sess.stopped.store(true, Ordering::Release);
-    let channels: Vec<String> = sess.channels.lock().drain().collect();
+    let channels: Vec<String> = {
+        let mut chans = sess.channels.lock();
+        sess.stopped.store(true, Ordering::Release);
+        chans.drain().collect()
+    };
     for c in channels {
         Box::pin(st.channels.unsubscribe(&sess, &c)).await;
     }
@@ -471,8 +474,17 @@ where
         None
     }
 
-    /// The signals looked at between client frames: a failed socket, a drain.
+    /// What is looked at before every client frame: a drain, an expired credential (here too,
+    /// not only on the timer: a client that always has a frame buffered never lets the timer
+    /// run without a publish in flight), a failed socket.
     fn on_signals(&mut self) -> Option<Ended> {
+        if self.closing.is_none() && self.st.close_all.is_cancelled() {
+            // Draining (SIGTERM): the client should reconnect, to another node.
+            self.close_with(close::SERVICE_RESTART, "server restarting", self.st.cfg.shutdown_grace);
+        }
+        if self.closing.is_none() && self.expiry.is_some_and(|e| Instant::now() >= e) {
+            self.close_with(close::TOKEN_EXPIRED, "token expired", self.close_wait());
+        }
         if self.write_failed {
             return Some(
                 self.ended
@@ -480,10 +492,6 @@ where
                     .or_else(|| self.sent.take())
                     .unwrap_or_else(|| Ended::new(1006, "write failed")),
             );
-        }
-        if self.closing.is_none() && self.st.close_all.is_cancelled() {
-            // Draining (SIGTERM): the client should reconnect, to another node.
-            self.close_with(close::SERVICE_RESTART, "server restarting", self.st.cfg.shutdown_grace);
         }
         None
     }
@@ -622,6 +630,8 @@ where
                 if let Poll::Ready(res) = job.fut.as_mut().poll(cx) {
                     let connect = job.connect;
                     this.job = None;
+                    // Idle time counts from the end of the client's last publish.
+                    this.last_read = Instant::now();
                     if let Some(e) = this.on_job_done(connect, res) {
                         return Poll::Ready(e);
                     }
@@ -770,15 +780,22 @@ pub async fn subscribe(st: &EdgeState, sess: &Arc<Session>, channel: &str) {
         }
     }
     match st.channels.subscribe(sess, channel).await {
-        Ok(()) if sess.stopped.load(Ordering::Acquire) || sess.queue.is_closing() => {
-            // The session ended while the subscription was being made: undo it, or the hub
-            // would keep the session (and the bus subscription) forever.
-            st.channels.unsubscribe(sess, channel).await;
-        }
         Ok(()) => {
-            sess.channels.lock().insert(channel.to_owned());
-
-            if sess.route.is_framed() {
+            // Checked and recorded under the lock teardown takes to set `stopped` and empty
+            // the set: either teardown sees this channel, or this sees `stopped`.
+            let kept = {
+                let mut chans = sess.channels.lock();
+                let ended = sess.stopped.load(Ordering::Acquire) || sess.queue.is_closing();
+                if !ended {
+                    chans.insert(channel.to_owned());
+                }
+                !ended
+            };
+            if !kept {
+                // The session ended while the subscription was being made: undo it, or the hub
+                // would keep the session (and the bus subscription) forever.
+                st.channels.unsubscribe(sess, channel).await;
+            } else if sess.route.is_framed() {
                 sess.reply(framed::subscribed(channel));
             }
         }

@@ -145,11 +145,25 @@ pub(crate) async fn upgrade_raw(url: &str, dst: SocketAddr, src: IpAddr) -> Resu
     if !status.starts_with("HTTP/1.1 101") {
         bail!("upgrade refused: {status}");
     }
-    let want = derive_accept_key(key.as_bytes());
-    let accept = lines
+    let headers: Vec<(&str, &str)> = lines
         .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("sec-websocket-accept"))
-        .map(|(_, v)| v.trim());
+        .map(|(k, v)| (k.trim(), v.trim()))
+        .collect();
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| *v)
+    };
+    // RFC 6455 §4.1: Upgrade is "websocket", Connection has "Upgrade", the accept key matches.
+    if !get("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket")) {
+        bail!("upgrade response without Upgrade: websocket");
+    }
+    if !get("connection").is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))) {
+        bail!("upgrade response without Connection: Upgrade");
+    }
+    let want = derive_accept_key(key.as_bytes());
+    let accept = get("sec-websocket-accept");
     if accept != Some(want.as_str()) {
         bail!("bad Sec-WebSocket-Accept: {accept:?}");
     }
