@@ -208,7 +208,7 @@ impl Dial {
             let res = {
                 let _permit = self.sem.acquire().await?;
                 let fut = async {
-                    let ws = systems::open(&self.url, self.dst, self.source(i), rcvbuf).await?;
+                    let ws = crate::ws::Ws::open(&self.url, self.dst, self.source(i), rcvbuf).await?;
                     prepare(Conn::new(ws, self.system)).await
                 };
                 tokio::time::timeout(Duration::from_secs(30), fut)
@@ -643,6 +643,7 @@ async fn hot(args: &Args, n: usize) -> Result<Value> {
     let mut step_out = Vec::new();
     let mut best: Option<(f64, f64)> = None;
     let mut limit: Option<&str> = None;
+    let mut best_sustained: Option<(f64, f64)> = None;
     for (k, &rate) in steps.iter().enumerate() {
         let count = (rate * args.step_secs).round() as u64;
         let me = SelfCpu::start_with(args.server_pid);
@@ -660,7 +661,8 @@ async fn hot(args: &Args, n: usize) -> Result<Value> {
         let h = sh.hists[k].lock().unwrap().clone();
         let lost = expected.saturating_sub(got);
         let p99_ms = h.value_at_quantile(0.99) as f64 / 1000.0;
-        let pass = lost == 0 && p99_ms <= args.p99_limit_ms && pub_errors.load(Relaxed) == errs_a && got > 0;
+        let sustained = lost == 0 && p99_ms <= args.sustain_p99_ms && pub_errors.load(Relaxed) == errs_a && got > 0;
+        let pass = sustained && p99_ms <= args.p99_limit_ms;
         let cpu = srv_b.cpu_us.saturating_sub(srv_a.cpu_us);
         step_out.push(json!({
             "rate": rate,
@@ -676,6 +678,7 @@ async fn hot(args: &Args, n: usize) -> Result<Value> {
             "server_cpu_util": srv_util,
             "other_cpu_util": other,
             "pass": pass,
+            "sustained": sustained,
         }));
         if !pass && limit.is_none() {
             // Who ran out of CPU at the first failing step (both pinned to one core each).
@@ -688,11 +691,12 @@ async fn hot(args: &Args, n: usize) -> Result<Value> {
             });
         }
         seq += count;
-        if pass {
-            let dps = rate * ready as f64;
-            if best.is_none_or(|(r, _)| rate > r) {
-                best = Some((rate, dps));
-            }
+        // The rule: the highest step passed before the first failing one.
+        if pass && limit.is_none() {
+            best = Some((rate, rate * ready as f64));
+        }
+        if sustained {
+            best_sustained = Some((rate, rate * ready as f64));
         } else if !args.keep_ramping {
             break;
         }
@@ -715,6 +719,9 @@ async fn hot(args: &Args, n: usize) -> Result<Value> {
     m.insert("limit".into(), limit.unwrap_or("no step failed").into());
     m.insert("best_rate".into(), best.map(|b| b.0).into());
     m.insert("best_deliveries_per_s".into(), best.map(|b| b.1).into());
+    m.insert("sustain_p99_ms".into(), args.sustain_p99_ms.into());
+    m.insert("sustained_rate".into(), best_sustained.map(|b| b.0).into());
+    m.insert("sustained_deliveries_per_s".into(), best_sustained.map(|b| b.1).into());
     if let Some(s) = &best_step {
         m.insert("latency".into(), s["latency"].clone());
         m.insert(
@@ -966,13 +973,13 @@ async fn handshake(args: &Args, n: usize) -> Result<Value> {
                     let t = Instant::now();
                     let r = tokio::time::timeout(
                         Duration::from_secs(30),
-                        systems::upgrade_raw(&dial.url, dial.dst, dial.source(i)),
+                        systems::upgrade_raw(&dial.url, dial.dst, dial.source(i), None),
                     )
                     .await
                     .map_err(|_| anyhow!("upgrade took over 30 s"))
                     .and_then(|r| r);
                     match r {
-                        Ok(ws) => {
+                        Ok((ws, _)) => {
                             let us = t.elapsed().as_micros() as u64;
                             hist.lock().unwrap().saturating_record(us.max(1));
                             held.push(ws);

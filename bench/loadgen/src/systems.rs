@@ -26,7 +26,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-pub(crate) type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<TcpStream>;
 
 /// A system under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -71,18 +71,15 @@ pub(crate) fn check_loopback(ip: IpAddr) -> Result<()> {
 }
 
 fn ws_config() -> WebSocketConfig {
-    // Small eagerly-allocated read buffers: 16k clients in one process.
     WebSocketConfig::default()
         .read_buffer_size(8 * 1024)
         .write_buffer_size(0)
 }
 
-/// TCP connect from `src` (port chosen by the kernel) and WebSocket upgrade.
-pub(crate) async fn open(url: &str, dst: SocketAddr, src: IpAddr, rcvbuf: Option<u32>) -> Result<Ws> {
+/// The publisher's connection: TCP connect from `src` (port chosen by the kernel) and a
+/// tokio-tungstenite upgrade.
+async fn open_publisher(url: &str, dst: SocketAddr, src: IpAddr) -> Result<Ws> {
     let sock = TcpSocket::new_v4()?;
-    if let Some(n) = rcvbuf {
-        sock.set_recv_buffer_size(n)?;
-    }
     sock.bind(SocketAddr::new(src, 0))
         .with_context(|| format!("bind {src}"))?;
     let tcp = sock.connect(dst).await.context("connect")?;
@@ -93,16 +90,25 @@ pub(crate) async fn open(url: &str, dst: SocketAddr, src: IpAddr, rcvbuf: Option
     Ok(ws)
 }
 
-/// The `handshake` scenario's client: TCP connect from `src`, then an RFC 6455 upgrade written
-/// by hand (one fixed request; the response read up to its blank line; status 101 and
-/// `Sec-WebSocket-Accept` checked). tungstenite's client handshake builds an `http::Request`,
-/// parses with `httparse` and allocates an 8 KiB read buffer per socket; this does the same
-/// checks for a fraction of the load generator's CPU, so it is less of a ceiling on upgrades/s
-/// (the same client for every system). The upgraded socket is returned as is, to be held open.
-pub(crate) async fn upgrade_raw(url: &str, dst: SocketAddr, src: IpAddr) -> Result<TcpStream> {
+/// The subscribers' and the `handshake` scenario's upgrade: TCP connect from `src`, then an
+/// RFC 6455 upgrade written by hand (one fixed request; the response read up to its blank line;
+/// status 101, `Upgrade`, `Connection` and `Sec-WebSocket-Accept` checked). tungstenite's client
+/// handshake builds an `http::Request`, parses with `httparse` and allocates an 8 KiB read buffer
+/// per socket; this does the same checks for a fraction of the load generator's CPU, so it is
+/// less of a ceiling on upgrades/s (the same client for every system). Returns the socket and
+/// any bytes that arrived after the response head (a server may speak first).
+pub(crate) async fn upgrade_raw(
+    url: &str,
+    dst: SocketAddr,
+    src: IpAddr,
+    rcvbuf: Option<u32>,
+) -> Result<(TcpStream, Vec<u8>)> {
     use tokio::io::AsyncReadExt;
     use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
     let sock = TcpSocket::new_v4()?;
+    if let Some(n) = rcvbuf {
+        sock.set_recv_buffer_size(n)?;
+    }
     sock.bind(SocketAddr::new(src, 0))
         .with_context(|| format!("bind {src}"))?;
     let mut tcp = sock.connect(dst).await.context("connect")?;
@@ -167,26 +173,26 @@ pub(crate) async fn upgrade_raw(url: &str, dst: SocketAddr, src: IpAddr) -> Resu
     if accept != Some(want.as_str()) {
         bail!("bad Sec-WebSocket-Accept: {accept:?}");
     }
-    Ok(tcp)
+    Ok((tcp, buf[end + 4..have].to_vec()))
 }
 
 /// One client connection of a system.
 pub(crate) struct Conn {
-    pub ws: Ws,
+    pub ws: crate::ws::Ws,
     system: System,
     nats: nats::Parser,
 }
 
 /// What one read produced.
 pub(crate) enum Read {
-    /// A frame was processed (zero or more stamps were reported).
+    /// Frames were processed (zero or more stamps were reported).
     Frame,
     /// The connection ended (close frame, EOF or error).
     Closed,
 }
 
 impl Conn {
-    pub(crate) fn new(ws: Ws, system: System) -> Self {
+    pub(crate) fn new(ws: crate::ws::Ws, system: System) -> Self {
         Self {
             ws,
             system,
@@ -201,12 +207,12 @@ impl Conn {
         match self.system {
             System::Switchyard | System::Baseline => {
                 let op = format!(r#"{{"op":"subscribe","channel":"{channel}"}}"#);
-                self.ws.send(Message::text(op)).await?;
+                self.ws.send_text(op.as_bytes()).await?;
                 self.wait_text(br#""op":"subscribed""#).await
             }
             System::Nats => {
                 let cmd = format!("{}SUB {channel} 1\r\nPING\r\n", nats::CONNECT);
-                self.ws.send(Message::binary(cmd.into_bytes())).await?;
+                self.ws.send_binary(cmd.as_bytes()).await?;
                 self.wait_pong().await
             }
             System::Pushpin => self.wait_text(br#""op":"subscribed""#).await,
@@ -217,7 +223,7 @@ impl Conn {
     pub(crate) async fn prepare_unicast(&mut self, id: usize) -> Result<()> {
         if self.system == System::Nats {
             let cmd = format!("{}SUB u.{id} 1\r\nPING\r\n", nats::CONNECT);
-            self.ws.send(Message::binary(cmd.into_bytes())).await?;
+            self.ws.send_binary(cmd.as_bytes()).await?;
             self.wait_pong().await?;
         }
         Ok(())
@@ -225,57 +231,63 @@ impl Conn {
 
     /// Sends one unicast probe that the system routes back to this session.
     pub(crate) async fn send_unicast(&mut self, id: usize, payload: Vec<u8>) -> Result<()> {
-        let msg = match self.system {
+        match self.system {
             System::Nats => {
                 let mut v = Vec::with_capacity(payload.len() + 32);
                 nats::push_pub(&mut v, &format!("u.{id}"), &payload);
-                Message::binary(v)
+                self.ws.send_binary(&v).await
             }
-            _ => Message::text(String::from_utf8(payload)?),
-        };
-        self.ws.send(msg).await?;
-        Ok(())
+            _ => self.ws.send_text(&payload).await,
+        }
     }
 
     async fn wait_text(&mut self, needle: &[u8]) -> Result<()> {
         loop {
-            match self.ws.next().await {
-                Some(Ok(Message::Text(t))) => {
-                    let b = t.as_bytes();
+            let (mut found, mut refused) = (false, None);
+            let got = self
+                .ws
+                .read(|f| {
+                    let b = match f {
+                        crate::ws::Frame::Text(b) => b,
+                        crate::ws::Frame::Binary(_) => return,
+                    };
                     if memchr::memmem::find(b, needle).is_some() {
-                        return Ok(());
+                        found = true;
+                    } else if memchr::memmem::find(b, br#""op":"error""#).is_some() {
+                        refused = Some(String::from_utf8_lossy(b).into_owned());
                     }
-                    if memchr::memmem::find(b, br#""op":"error""#).is_some() {
-                        bail!("server refused: {}", t.as_str());
-                    }
-                }
-                Some(Ok(Message::Close(f))) => bail!("closed while subscribing: {f:?}"),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(e.into()),
-                None => bail!("connection ended while subscribing"),
+                })
+                .await;
+            if let Some(e) = refused {
+                bail!("server refused: {e}");
+            }
+            if found {
+                return Ok(());
+            }
+            if let crate::ws::Got::Closed = got {
+                bail!("connection ended while subscribing");
             }
         }
     }
 
     async fn wait_pong(&mut self) -> Result<()> {
         loop {
-            let data = match self.ws.next().await {
-                Some(Ok(Message::Binary(b))) => b.to_vec(),
-                Some(Ok(Message::Text(t))) => t.as_bytes().to_vec(),
-                Some(Ok(Message::Close(f))) => bail!("closed while subscribing: {f:?}"),
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Err(e.into()),
-                None => bail!("connection ended while subscribing"),
-            };
             let (mut pong, mut ping, mut err) = (false, false, None);
-            self.nats.feed(&data, |e| match e {
-                nats::Event::Pong => pong = true,
-                nats::Event::Ping => ping = true,
-                nats::Event::Err(l) => err = Some(String::from_utf8_lossy(l).into_owned()),
-                _ => {}
-            });
+            let nats = &mut self.nats;
+            let got = self
+                .ws
+                .read(|f| {
+                    let (crate::ws::Frame::Text(b) | crate::ws::Frame::Binary(b)) = f;
+                    nats.feed(b, |e| match e {
+                        nats::Event::Pong => pong = true,
+                        nats::Event::Ping => ping = true,
+                        nats::Event::Err(l) => err = Some(String::from_utf8_lossy(l).into_owned()),
+                        _ => {}
+                    });
+                })
+                .await;
             if ping {
-                self.ws.send(Message::binary(&b"PONG\r\n"[..])).await?;
+                self.ws.send_binary(b"PONG\r\n").await?;
             }
             if let Some(e) = err {
                 bail!("nats: {e}");
@@ -283,50 +295,42 @@ impl Conn {
             if pong {
                 return Ok(());
             }
+            if let crate::ws::Got::Closed = got {
+                bail!("connection ended while subscribing");
+            }
         }
     }
 
-    /// Reads one frame and reports every benchmark stamp in it to `on`.
+    /// Reads once and reports every benchmark stamp in the frames that arrived to `on`.
     pub(crate) async fn read(&mut self, mut on: impl FnMut(Stamp)) -> Read {
-        let msg = match self.ws.next().await {
-            Some(Ok(m)) => m,
-            _ => return Read::Closed,
-        };
-        match (self.system, msg) {
-            (_, Message::Close(_)) => Read::Closed,
-            (System::Nats, Message::Binary(b)) => self.nats_data(&b, on).await,
-            (System::Nats, Message::Text(t)) => self.nats_data(t.as_bytes(), on).await,
-            (_, Message::Text(t)) => {
-                if let Some(s) = payload::parse(t.as_bytes()) {
-                    on(s);
-                }
-                Read::Frame
-            }
-            (_, Message::Binary(b)) => {
-                if let Some(s) = payload::parse(&b) {
-                    on(s);
-                }
-                Read::Frame
-            }
-            _ => Read::Frame,
-        }
-    }
-
-    async fn nats_data(&mut self, data: &[u8], mut on: impl FnMut(Stamp)) -> Read {
+        let (system, nats) = (self.system, &mut self.nats);
         let mut ping = false;
-        self.nats.feed(data, |e| match e {
-            nats::Event::Msg(p) => {
-                if let Some(s) = payload::parse(p) {
-                    on(s)
+        let got = self
+            .ws
+            .read(|f| {
+                let (crate::ws::Frame::Text(b) | crate::ws::Frame::Binary(b)) = f;
+                if system == System::Nats {
+                    nats.feed(b, |e| match e {
+                        nats::Event::Msg(p) => {
+                            if let Some(s) = payload::parse(p) {
+                                on(s)
+                            }
+                        }
+                        nats::Event::Ping => ping = true,
+                        _ => {}
+                    });
+                } else if let Some(s) = payload::parse(b) {
+                    on(s);
                 }
-            }
-            nats::Event::Ping => ping = true,
-            _ => {}
-        });
-        if ping && self.ws.send(Message::binary(&b"PONG\r\n"[..])).await.is_err() {
+            })
+            .await;
+        if ping && self.ws.send_binary(b"PONG\r\n").await.is_err() {
             return Read::Closed;
         }
-        Read::Frame
+        match got {
+            crate::ws::Got::Frames => Read::Frame,
+            crate::ws::Got::Closed => Read::Closed,
+        }
     }
 }
 
@@ -360,7 +364,7 @@ impl Publisher {
         match system {
             System::Switchyard | System::Baseline => {
                 let dst = target_addr(endpoint)?;
-                let ws = open(endpoint, dst, dst.ip(), None).await?;
+                let ws = open_publisher(endpoint, dst, dst.ip()).await?;
                 let (sink, mut stream) = ws.split();
                 let reader = tokio::spawn(async move {
                     while let Some(Ok(m)) = stream.next().await {
