@@ -283,6 +283,44 @@ async fn stalled_subscriber_on_close_policy_gets_4008() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_subscriber_that_keeps_sending_is_closed_all_the_same() {
+    let mut s = Settings::for_tests();
+    let r = route(Mode::Framed, 64, SlowPolicy::Close);
+    let path = r.path.clone();
+    s.edge.routes.push(r);
+    let app = start(s).await;
+    let admin = app.admin.to_string();
+    let open = format!(r#"switchyard_connections_open{{route="{path}"}}"#);
+    let channel = unique("c");
+    let (mut stalled, _) = framed_subscriber(&app.url(&path), &channel).await;
+    let (healthy, _) = framed_subscriber(&app.url(&path), &channel).await;
+    assert_eq!(sample(&admin, &open).await, 2, "both sessions counted");
+    const M: usize = 2000;
+    let progress = Progress::new(1);
+    let readers = healthy_readers(vec![healthy], M, &progress);
+    flood(&app, &channel, M, 16 * 1024, &progress, 16).await;
+    for r in readers {
+        r.await.unwrap(); // the healthy socket is dropped here: its session ends too
+    }
+    // The stalled client never reads (its 4008 sits behind a full socket) but keeps sending:
+    // its session must still end once the close deadline passes, not live while it talks.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut sending = true;
+    while sample(&admin, &open).await != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stalled session was never closed"
+        );
+        if sending {
+            sending = stalled.send(Message::text(r#"{"op":"send","data":1}"#)).await.is_ok();
+        } else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await; // polling the gauge
+        }
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_message_closes_1009() {
     let mut s = Settings::for_tests();
     s.edge.max_message_size = 1024;

@@ -434,6 +434,35 @@ async fn a_token_expiring_mid_connection_closes_4001() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_expiring_past_the_clocks_range_does_not_kill_its_session() {
+    let k = keys();
+    let app = secured(&k, 10_000).await;
+    // Signed by the issuer, so valid; 10^19 s is more than a monotonic deadline can hold.
+    let far = rs256(
+        &k,
+        json!({"sub":"dave","aud":"sy","iss":"test","exp": 10_000_000_000_000_000_000u64}),
+    );
+    let mut ws = attempt(
+        &app,
+        "",
+        &[("origin", ORIGIN), ("authorization", &format!("Bearer {far}"))],
+    )
+    .await
+    .unwrap();
+    assert_eq!(next_json(&mut ws).await["op"], "welcome");
+    ws.send(Message::text(r#"{"op":"send","data":1,"id":"m1"}"#))
+        .await
+        .unwrap();
+    let ack = next_json(&mut ws).await;
+    assert_eq!(
+        (ack["op"].as_str(), ack["id"].as_str()),
+        (Some("ack"), Some("m1")),
+        "{ack}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_ip_opening_ten_times_its_cap_gets_429_past_the_cap() {
     let k = keys();
     const CAP: usize = 120;

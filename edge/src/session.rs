@@ -296,9 +296,10 @@ where
 {
     fn new(st: Arc<EdgeState>, sess: Arc<Session>, stream: Decoder<R>, tripped: Arc<Tripped>, sink: W) -> Self {
         let now = Instant::now();
-        let expiry = sess.expires_at.map(|exp| {
+        // An `exp` too far ahead for the clock (e.g. 1e19, signed by the issuer) never expires.
+        let expiry = sess.expires_at.and_then(|exp| {
             let left = exp.saturating_sub(now_ms() / 1000);
-            now + Duration::from_secs(left)
+            now.checked_add(Duration::from_secs(left))
         });
         let next_ping = now + st.cfg.ping_interval;
         // The connect event is published before anything the client sends.
@@ -416,15 +417,15 @@ where
                 Out::Raw(_) => {}
                 Out::Close(code, reason) => {
                     self.sent = Some(Ended::new(*code, reason));
-                    // We closed (backend request, slow consumer, ...): the client has a moment
-                    // to answer; what it still sends is read and published.
-                    if self.closing.is_none() {
-                        self.closing = Some(Instant::now() + self.st.cfg.shutdown_grace.min(Duration::from_secs(5)));
-                    }
                     *out = Out::Raw(frame::close(*code, reason));
                     self.close_in_batch = true;
                 }
             }
+        }
+        if self.close_in_batch && self.closing.is_none() {
+            // We closed (backend request, slow consumer, ...): the client has a moment to
+            // answer; what it still sends is read and published.
+            self.closing = Some(Instant::now() + self.close_wait());
         }
         // Counted before the write: once a client can see a frame, it is counted.
         count(&self.sess, &self.sess.route, n, bytes);
@@ -456,12 +457,8 @@ where
         if self.job.is_some() {
             return None;
         }
-        if let Some(deadline) = self.closing {
-            return (now >= deadline).then(|| {
-                self.ended
-                    .take()
-                    .unwrap_or_else(|| Ended::new(close::GOING_AWAY, "close timeout"))
-            });
+        if self.closing.is_some() {
+            return self.close_timed_out(now);
         }
         if self.expiry.is_some_and(|e| now >= e) {
             self.close_with(close::TOKEN_EXPIRED, "token expired", self.close_wait());
@@ -478,11 +475,22 @@ where
     /// not only on the timer: a client that always has a frame buffered never lets the timer
     /// run without a publish in flight), a failed socket.
     fn on_signals(&mut self) -> Option<Ended> {
+        // Here too, not only on the timer: a client that always has a frame buffered would
+        // otherwise keep publishing past our close for as long as it likes.
+        let now = Instant::now();
+        if let Some(e) = self.close_timed_out(now) {
+            return Some(e);
+        }
+        if self.closing.is_none() && self.sess.queue.is_closing() {
+            // Closed from outside (a 4008 overflow, a backend close) while our writer is stuck
+            // behind a full socket: the close frame may never go out, so start the clock here.
+            self.closing = Some(now + self.close_wait());
+        }
         if self.closing.is_none() && self.st.close_all.is_cancelled() {
             // Draining (SIGTERM): the client should reconnect, to another node.
             self.close_with(close::SERVICE_RESTART, "server restarting", self.st.cfg.shutdown_grace);
         }
-        if self.closing.is_none() && self.expiry.is_some_and(|e| Instant::now() >= e) {
+        if self.closing.is_none() && self.expiry.is_some_and(|e| now >= e) {
             self.close_with(close::TOKEN_EXPIRED, "token expired", self.close_wait());
         }
         if self.write_failed {
@@ -494,6 +502,15 @@ where
             );
         }
         None
+    }
+
+    /// How the session ends once the client has had its time to answer our close.
+    fn close_timed_out(&mut self, now: Instant) -> Option<Ended> {
+        self.closing.is_some_and(|d| now >= d).then(|| {
+            self.ended
+                .take()
+                .unwrap_or_else(|| Ended::new(close::GOING_AWAY, "close timeout"))
+        })
     }
 
     /// The frame-flood guard stopped reading: nothing more will come from this client, so only
