@@ -682,7 +682,9 @@ async fn hot(args: &Args, n: usize) -> Result<Value> {
         }));
         if !pass && limit.is_none() {
             // Who ran out of CPU at the first failing step (both pinned to one core each).
-            limit = Some(if lg_util >= 0.9 {
+            limit = Some(if lg_util >= 0.9 && srv_util >= 0.9 {
+                "both saturated"
+            } else if lg_util >= 0.9 {
                 "loadgen"
             } else if srv_util >= 0.9 {
                 "server"
