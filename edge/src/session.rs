@@ -477,20 +477,21 @@ where
     fn on_signals(&mut self) -> Option<Ended> {
         // Here too, not only on the timer: a client that always has a frame buffered would
         // otherwise keep publishing past our close for as long as it likes.
-        let now = Instant::now();
-        if let Some(e) = self.close_timed_out(now) {
-            return Some(e);
-        }
-        if self.closing.is_none() && self.sess.queue.is_closing() {
+        // (The clock is read only when a deadline is running: this runs before every frame.)
+        if self.closing.is_some() {
+            if let Some(e) = self.close_timed_out(Instant::now()) {
+                return Some(e);
+            }
+        } else if self.sess.queue.is_closing() {
             // Closed from outside (a 4008 overflow, a backend close) while our writer is stuck
             // behind a full socket: the close frame may never go out, so start the clock here.
-            self.closing = Some(now + self.close_wait());
+            self.closing = Some(Instant::now() + self.close_wait());
         }
         if self.closing.is_none() && self.st.close_all.is_cancelled() {
             // Draining (SIGTERM): the client should reconnect, to another node.
             self.close_with(close::SERVICE_RESTART, "server restarting", self.st.cfg.shutdown_grace);
         }
-        if self.closing.is_none() && self.expiry.is_some_and(|e| now >= e) {
+        if self.closing.is_none() && self.expiry.is_some_and(|e| Instant::now() >= e) {
             self.close_with(close::TOKEN_EXPIRED, "token expired", self.close_wait());
         }
         if self.write_failed {
