@@ -358,6 +358,25 @@ async fn an_edge_that_lost_its_lease_closes_its_sessions_1012() {
     let mut inbound = nc.subscribe(format!("{p}.in.echo.*")).await.unwrap();
     nc.flush().await.unwrap();
     let (mut ws, id) = connect(&edge.ws("/ws/echo")).await;
+    // The upgrade answers before the edge registers the session. Freezing the edge before it
+    // has would leave no session for the router to end; its connect record on the inbound
+    // subject is published last, after the registry and the session feed.
+    let kind_of = |m: &async_nats::Message| {
+        let h = m.headers.as_ref().unwrap();
+        (
+            h.get("sy-kind").unwrap().to_string(),
+            h.get("sy-session").unwrap().to_string(),
+        )
+    };
+    loop {
+        let m = tokio::time::timeout(WAIT, inbound.next())
+            .await
+            .expect("connect record")
+            .unwrap();
+        if kind_of(&m) == ("connect".to_owned(), id.clone()) {
+            break;
+        }
+    }
     let pid = edge.child.id().unwrap().to_string();
     let signal = |sig: &str| {
         assert!(std::process::Command::new("kill")
@@ -373,9 +392,9 @@ async fn an_edge_that_lost_its_lease_closes_its_sessions_1012() {
             .await
             .expect("synthetic disconnect")
             .unwrap();
-        let h = m.headers.unwrap();
-        if h.get("sy-kind").unwrap().as_str() == "disconnect" && h.get("sy-session").unwrap().as_str() == id {
-            assert_eq!(h.get("sy-synthetic").map(|v| v.as_str()), Some("true"));
+        if kind_of(&m) == ("disconnect".to_owned(), id.clone()) {
+            let synthetic = m.headers.as_ref().unwrap().get("sy-synthetic").map(|v| v.to_string());
+            assert_eq!(synthetic.as_deref(), Some("true"));
             break;
         }
     }
