@@ -94,11 +94,15 @@ impl Session {
     /// [`Session::deliver`], adding a written frame to the route's counters through `tally`
     /// (a fan-out applies them once per batch, not once per socket).
     pub fn deliver_tallied(&self, frame: &Bytes, tally: &mut Tally) {
-        match self.queue.push(frame) {
-            Push::Written => {
-                self.frames_out.fetch_add(1, Ordering::Relaxed);
-                tally.add(&self.route, frame.len() as u64);
-            }
+        // Counted before a direct write can reach the client, taken back if it did not happen
+        // (a queued frame is counted when the writer takes it).
+        self.frames_out.fetch_add(1, Ordering::Relaxed);
+        let p = self.queue.push(frame);
+        if p != Push::Written {
+            self.frames_out.fetch_sub(1, Ordering::Relaxed);
+        }
+        match p {
+            Push::Written => tally.add(&self.route, frame.len() as u64),
             Push::Queued | Push::Closed => {}
             Push::DroppedOldest => self.route.drop_oldest.increment(1),
             Push::Overflowed => {
@@ -112,6 +116,8 @@ impl Session {
     /// vectored write.
     pub fn deliver_all(&self, frames: &[Bytes]) {
         let (mut n, mut bytes) = (0u64, 0u64);
+        // As in `deliver_tallied`: counted before the write, the unwritten ones taken back.
+        self.frames_out.fetch_add(frames.len() as u64, Ordering::Relaxed);
         self.queue.push_all(frames, |f, p| match p {
             Push::Written => {
                 n += 1;
@@ -121,15 +127,22 @@ impl Session {
             Push::DroppedOldest => self.route.drop_oldest.increment(1),
             Push::Overflowed => self.route.drop_slow_close.increment(1),
         });
-        count(self, &self.route, n, bytes);
+        let unwritten = frames.len() as u64 - n;
+        if unwritten > 0 {
+            self.frames_out.fetch_sub(unwritten, Ordering::Relaxed);
+        }
+        tally_route(&self.route, n, bytes);
     }
 
     /// Sends or queues a protocol message (welcome, ack, error) for a framed client.
     pub fn reply(&self, text: String) {
         let f = frame::text(text.as_bytes());
         let len = f.len() as u64;
+        self.frames_out.fetch_add(1, Ordering::Relaxed);
         if self.queue.push_control(f) == Push::Written {
-            count(self, &self.route, 1, len);
+            tally_route(&self.route, 1, len);
+        } else {
+            self.frames_out.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -913,6 +926,12 @@ const IOV: usize = 64;
 fn count(sess: &Session, route: &Route, n: u64, bytes: u64) {
     if n > 0 {
         sess.frames_out.fetch_add(n, Ordering::Relaxed);
+        tally_route(route, n, bytes);
+    }
+}
+
+fn tally_route(route: &Route, n: u64, bytes: u64) {
+    if n > 0 {
         route.frames_out.increment(n);
         route.bytes_out.increment(bytes);
     }
