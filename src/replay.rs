@@ -37,7 +37,8 @@ pub struct ReplayArgs {
     /// Speed factor for --to-ws (2 = twice as fast; 0 = no waiting)
     #[arg(long, default_value_t = 1.0)]
     pub speed: f64,
-    /// With --to-ws: after the last frame, wait this long for replies
+    /// With --to-ws: after the last frame, wait for replies until as many came back as the
+    /// session originally received, or until none came for this long
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub linger: Duration,
 }
@@ -203,12 +204,14 @@ pub async fn run(
 }
 
 /// Sends the session's client frames to `url` with the original spacing (÷ speed), printing
-/// every message that comes back as a JSON line.
+/// every message that comes back as a JSON line. After the last frame it waits until as many
+/// messages came back as the session originally received, or until none came for `linger`.
 async fn drive_ws(records: &[LogRecord], url: &str, speed: f64, linger: Duration) -> anyhow::Result<()> {
     let (ws, _) = tokio_tungstenite::connect_async(url)
         .await
         .with_context(|| format!("cannot connect to {url}"))?;
     let (mut tx, mut rx) = ws.split();
+    let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel::<()>();
     let printer = tokio::spawn(async move {
         let mut n = 0u64;
         while let Some(Ok(m)) = rx.next().await {
@@ -223,10 +226,18 @@ async fn drive_ws(records: &[LogRecord], url: &str, speed: f64, linger: Duration
                 _ => continue,
             };
             println!("{line}");
-            n += 1;
+            if line.get("kind").is_none() {
+                n += 1;
+                let _ = got_tx.send(());
+            }
         }
         n
     });
+    // What the session originally received (a control op is not a message to the client).
+    let expected = records
+        .iter()
+        .filter(|r| !is_inbound(r) && r.headers.get("sy-kind").unwrap_or("deliver") == "deliver")
+        .count();
     let frames: Vec<&LogRecord> = records
         .iter()
         .filter(|r| r.headers.get("sy-kind") == Some("frame"))
@@ -245,14 +256,25 @@ async fn drive_ws(records: &[LogRecord], url: &str, speed: f64, linger: Duration
         };
         tx.send(m).await?;
     }
-    eprintln!("sent {} frames; waiting {:?} for replies", frames.len(), linger);
-    tokio::time::sleep(linger).await;
+    eprintln!(
+        "sent {} frames; waiting for the {expected} replies the session received (at most {:?} between two)",
+        frames.len(),
+        linger
+    );
+    let mut replies = 0;
+    while replies < expected || expected == 0 {
+        match tokio::time::timeout(linger, got.recv()).await {
+            Ok(Some(())) => replies += 1,
+            // Quiet for the whole linger, or the endpoint closed.
+            _ => break,
+        }
+    }
     let _ = tx.send(Message::Close(None)).await;
     let n = tokio::time::timeout(Duration::from_secs(5), printer)
         .await
         .ok()
         .and_then(|r| r.ok())
         .unwrap_or(0);
-    eprintln!("received {n} messages");
+    eprintln!("received {n} messages (the session originally received {expected})");
     Ok(())
 }

@@ -178,7 +178,8 @@ async fn replay_prints_the_transcript_and_redrives_it() {
     let ts: Vec<i64> = lines.iter().map(|l| l["ts"].as_i64().unwrap()).collect();
     assert!(ts.windows(2).all(|w| w[0] <= w[1]), "interleaved by time");
 
-    // --to-ws against the echo route reproduces the replies.
+    // --to-ws against the echo route reproduces the replies. It stops once the three replies
+    // the session originally got are back; the linger only bounds a quiet spell.
     let out = replay(&[
         "--bus",
         &url,
@@ -191,7 +192,7 @@ async fn replay_prints_the_transcript_and_redrives_it() {
         "--speed",
         "0",
         "--linger",
-        "2s",
+        "30s",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let again: Vec<Message> = String::from_utf8(out.stdout)
@@ -202,6 +203,11 @@ async fn replay_prints_the_transcript_and_redrives_it() {
         .map(|l| payload(&l))
         .collect();
     assert_eq!(again, received, "re-driven frames produce the same replies");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("received 3 messages (the session originally received 3)"),
+        "{said}"
+    );
 
     // Clear errors.
     let out = replay(&["--bus", &url, "--prefix", &p, "--session", "01NOSUCHSESSIONAAAAAAAAAAA"]);
