@@ -347,6 +347,50 @@ async fn a_close_reason_with_line_breaks_still_yields_a_disconnect() {
     close_normal(&mut ws2).await;
 }
 
+/// Our close asks the client to close; it does not wait for ever. A client that ignores it and
+/// keeps sending is cut off once the close wait (the shutdown grace, here 1 s) is over, even
+/// though every frame it sends waits for a JetStream acknowledgement (so the session always has
+/// a publish in flight), and the backend is told with a disconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_ignores_our_close_and_keeps_sending_is_cut_off() {
+    let (url, p) = (env("NATS_URL"), prefix());
+    // Standalone: the admin API's close goes through the outbound topic and a router.
+    let edge = spawn("standalone", &url, &p, &["--shutdown-grace", "1s"]).await;
+    let nc = async_nats::connect(&url).await.unwrap();
+    let mut inbound = nc.subscribe(format!("{p}.in.echo.*")).await.unwrap();
+    nc.flush().await.unwrap();
+    let (mut ws, id) = connect(&edge.ws("/ws/echo")).await;
+    let r = reqwest::Client::new()
+        .delete(edge.admin(&format!("/api/sessions/{id}?code=4000&reason=bye")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    // Never reads (so never answers the close); sends until the socket is cut.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut sent = 0u64;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.send(Message::text(format!("{sent}")))).await {
+            Ok(Ok(())) => sent += 1,
+            Ok(Err(_)) => break, // cut off
+            Err(_) => panic!("still open after {sent} frames sent past our close"),
+        }
+    }
+    loop {
+        let m = tokio::time::timeout(WAIT, inbound.next())
+            .await
+            .expect("disconnect arrives")
+            .unwrap();
+        let h = m.headers.unwrap();
+        if h.get("sy-kind").unwrap().as_str() == "disconnect" {
+            assert_eq!(h.get("sy-session").unwrap().as_str(), id);
+            assert_eq!(h.get("sy-code").unwrap().as_str(), "1001");
+            assert_eq!(h.get("sy-reason").unwrap().as_str(), "close timeout");
+            break;
+        }
+    }
+}
+
 /// An edge frozen past its lease (SIGSTOP) comes back to find its sessions ended by a router:
 /// it must not keep them as zombies whose replies go nowhere. It closes them with 1012.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
