@@ -208,6 +208,38 @@ async fn replay_prints_the_transcript_and_redrives_it() {
         said.contains("received 3 messages (the session originally received 3)"),
         "{said}"
     );
+    // Against a framed route the edge's own ops come back too (welcome, an error per frame
+    // that is not a framed op): they are printed, and replay waits the whole --linger.
+    let out = replay(&[
+        "--bus",
+        &url,
+        "--prefix",
+        &p,
+        "--session",
+        &id,
+        "--to-ws",
+        &gw.ws("/ws"),
+        "--speed",
+        "0",
+        "--linger",
+        "5s",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ops: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["kind"] != "close")
+        .map(|l| serde_json::from_str(l["payload"].as_str().unwrap()).unwrap())
+        .collect();
+    assert_eq!(ops.len(), 4, "{ops:?}");
+    assert_eq!(ops[0]["op"], "welcome");
+    assert!(ops[1..].iter().all(|o| o["op"] == "error"), "{ops:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("received 4 messages, protocol ops included; a framed route waits the whole --linger"),
+        "{said}"
+    );
 
     // Clear errors.
     let out = replay(&["--bus", &url, "--prefix", &p, "--session", "01NOSUCHSESSIONAAAAAAAAAAA"]);

@@ -354,8 +354,16 @@ async fn a_close_reason_with_line_breaks_still_yields_a_disconnect() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_ignores_our_close_and_keeps_sending_is_cut_off() {
     let (url, p) = (env("NATS_URL"), prefix());
-    // Standalone: the admin API's close goes through the outbound topic and a router.
-    let edge = spawn("standalone", &url, &p, &["--shutdown-grace", "1s"]).await;
+    // Standalone: the admin API's close goes through the outbound topic and a router. The
+    // frame-flood guard is raised out of the way: this client sends as fast as it can, and
+    // the close it must get is the close timeout, not a 1008.
+    let edge = spawn(
+        "standalone",
+        &url,
+        &p,
+        &["--shutdown-grace", "1s", "--max-frames-per-second", "10000000"],
+    )
+    .await;
     let nc = async_nats::connect(&url).await.unwrap();
     let mut inbound = nc.subscribe(format!("{p}.in.echo.*")).await.unwrap();
     nc.flush().await.unwrap();
