@@ -169,16 +169,11 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_switchyard")
 }
 
-/// Runs the binary until it prints its "switchyard started" line; returns the child and the
-/// client/admin addresses it bound.
-pub async fn spawn_binary(
-    args: &[&str],
-) -> (
-    tokio::process::Child,
-    Option<SocketAddr>,
-    SocketAddr,
-    tokio::task::JoinHandle<Vec<String>>,
-) {
+type LogLines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>;
+
+/// Runs the binary until it prints its "switchyard started" line; returns the child, the
+/// client/admin addresses it bound and the rest of its log.
+async fn start_binary(args: &[&str]) -> (tokio::process::Child, Option<SocketAddr>, SocketAddr, LogLines) {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let mut child = tokio::process::Command::new(binary())
         .args(args)
@@ -205,6 +200,19 @@ pub async fn spawn_binary(
     .expect("switchyard starts in time");
     let client = started["fields"]["client"].as_str().and_then(|s| s.parse().ok());
     let admin = started["fields"]["admin"].as_str().unwrap().parse().unwrap();
+    (child, client, admin, lines)
+}
+
+/// [`start_binary`], with the rest of the log collected until the process ends.
+pub async fn spawn_binary(
+    args: &[&str],
+) -> (
+    tokio::process::Child,
+    Option<SocketAddr>,
+    SocketAddr,
+    tokio::task::JoinHandle<Vec<String>>,
+) {
+    let (child, client, admin, mut lines) = start_binary(args).await;
     let rest = tokio::spawn(async move {
         let mut all = Vec::new();
         while let Ok(Some(l)) = lines.next_line().await {
@@ -215,11 +223,35 @@ pub async fn spawn_binary(
     (child, client, admin, rest)
 }
 
-/// A switchyard process started by a test.
+/// A switchyard process started by a test. If the test fails, the end of its log is printed
+/// with the failure (at the level in SWITCHYARD_LOG, which the process inherits: info unless
+/// set, so warnings and errors; `SWITCHYARD_LOG=debug ./scripts/test FILTER` shows more).
 pub struct Proc {
     pub child: tokio::process::Child,
     pub client: Option<SocketAddr>,
     pub admin: SocketAddr,
+    role: String,
+    log: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
+}
+
+/// Log lines kept per process for a failing test's report.
+const LOG_TAIL: usize = 40;
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+            eprintln!(
+                "--- last {} log lines of `switchyard {}` (pid {:?}) ---",
+                log.len(),
+                self.role,
+                self.child.id()
+            );
+            for l in log.iter() {
+                eprintln!("{l}");
+            }
+        }
+    }
 }
 
 impl Proc {
@@ -253,8 +285,25 @@ pub async fn spawn(role: &str, bus: &str, prefix: &str, extra: &[&str]) -> Proc 
         "127.0.0.1:0",
     ];
     args.extend_from_slice(extra);
-    let (child, client, admin, _logs) = spawn_binary(&args).await;
-    Proc { child, client, admin }
+    let (child, client, admin, mut lines) = start_binary(&args).await;
+    let log = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+    let tail = log.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(l)) = lines.next_line().await {
+            let mut t = tail.lock().unwrap();
+            if t.len() == LOG_TAIL {
+                t.pop_front();
+            }
+            t.push_back(l);
+        }
+    });
+    Proc {
+        child,
+        client,
+        admin,
+        role: role.to_owned(),
+        log,
+    }
 }
 
 /// Sends framed `send` ops with ids until `until` and returns (acked, told) id sets. Every
