@@ -180,62 +180,49 @@ async fn replay_prints_the_transcript_and_redrives_it() {
 
     // --to-ws against the echo route reproduces the replies. It stops once the three replies
     // the session originally got are back; the linger only bounds a quiet spell.
-    let out = replay(&[
-        "--bus",
-        &url,
-        "--prefix",
-        &p,
-        "--session",
-        &id,
-        "--to-ws",
-        &gw.ws("/ws/echo"),
-        "--speed",
-        "0",
-        "--linger",
-        "30s",
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let again: Vec<Message> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|l| l["kind"] != "close")
-        .map(|l| payload(&l))
-        .collect();
+    // Re-drives the session into `path`; returns the messages that came back (closes left
+    // out) and what replay said on stderr.
+    let redrive = |path: &str, linger: &str| {
+        let out = replay(&[
+            "--bus",
+            &url,
+            "--prefix",
+            &p,
+            "--session",
+            &id,
+            "--to-ws",
+            &gw.ws(path),
+            "--speed",
+            "0",
+            "--linger",
+            linger,
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let back: Vec<Value> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|l| l["kind"] != "close")
+            .collect();
+        (back, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (back, said) = redrive("/ws/echo", "30s");
+    let again: Vec<Message> = back.iter().map(payload).collect();
     assert_eq!(again, received, "re-driven frames produce the same replies");
-    let said = String::from_utf8_lossy(&out.stderr);
     assert!(
         said.contains("received 3 messages (the session originally received 3)"),
         "{said}"
     );
     // Against a framed route the edge's own ops come back too (welcome, an error per frame
     // that is not a framed op): they are printed, and replay waits the whole --linger.
-    let out = replay(&[
-        "--bus",
-        &url,
-        "--prefix",
-        &p,
-        "--session",
-        &id,
-        "--to-ws",
-        &gw.ws("/ws"),
-        "--speed",
-        "0",
-        "--linger",
-        "5s",
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let ops: Vec<Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|l| l["kind"] != "close")
+    let (back, said) = redrive("/ws", "5s");
+    let ops: Vec<Value> = back
+        .iter()
         .map(|l| serde_json::from_str(l["payload"].as_str().unwrap()).unwrap())
         .collect();
     assert_eq!(ops.len(), 4, "{ops:?}");
     assert_eq!(ops[0]["op"], "welcome");
     assert!(ops[1..].iter().all(|o| o["op"] == "error"), "{ops:?}");
-    let said = String::from_utf8_lossy(&out.stderr);
     assert!(
         said.contains("received 4 messages, protocol ops included; a framed route waits the whole --linger"),
         "{said}"

@@ -19,6 +19,21 @@ fn prefix() -> String {
     unique("t")
 }
 
+/// The headers of the next record of `kind` for `session` on `sub` (other records are skipped).
+async fn next_of(sub: &mut async_nats::Subscriber, kind: &str, session: &str) -> async_nats::HeaderMap {
+    loop {
+        let m = tokio::time::timeout(WAIT, sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("a {kind} record for {session}"))
+            .unwrap();
+        let h = m.headers.unwrap();
+        let is = |name: &str, want: &str| h.get(name).map(|v| v.as_str()) == Some(want);
+        if is("sy-kind", kind) && is("sy-session", session) {
+            return h;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_sessions_over_two_edges_and_two_routers_get_their_own_replies_in_order() {
     raise_fd_limit();
@@ -329,19 +344,9 @@ async fn a_close_reason_with_line_breaks_still_yields_a_disconnect() {
     }))
     .await
     .unwrap();
-    loop {
-        let m = tokio::time::timeout(WAIT, inbound.next())
-            .await
-            .expect("disconnect arrives")
-            .unwrap();
-        let h = m.headers.unwrap();
-        if h.get("sy-kind").unwrap().as_str() == "disconnect" {
-            assert_eq!(h.get("sy-session").unwrap().as_str(), id);
-            assert_eq!(h.get("sy-reason").unwrap().as_str(), "byeX-Injected: 1");
-            assert!(h.get("X-Injected").is_none(), "no header injection");
-            break;
-        }
-    }
+    let h = next_of(&mut inbound, "disconnect", &id).await;
+    assert_eq!(h.get("sy-reason").unwrap().as_str(), "byeX-Injected: 1");
+    assert!(h.get("X-Injected").is_none(), "no header injection");
     // The edge is still serving.
     let (mut ws2, _) = connect(&edge.ws("/ws/echo")).await;
     close_normal(&mut ws2).await;
@@ -384,19 +389,9 @@ async fn a_client_that_ignores_our_close_and_keeps_sending_is_cut_off() {
             Err(_) => panic!("still open after {sent} frames sent past our close"),
         }
     }
-    loop {
-        let m = tokio::time::timeout(WAIT, inbound.next())
-            .await
-            .expect("disconnect arrives")
-            .unwrap();
-        let h = m.headers.unwrap();
-        if h.get("sy-kind").unwrap().as_str() == "disconnect" {
-            assert_eq!(h.get("sy-session").unwrap().as_str(), id);
-            assert_eq!(h.get("sy-code").unwrap().as_str(), "1001");
-            assert_eq!(h.get("sy-reason").unwrap().as_str(), "close timeout");
-            break;
-        }
-    }
+    let h = next_of(&mut inbound, "disconnect", &id).await;
+    assert_eq!(h.get("sy-code").unwrap().as_str(), "1001");
+    assert_eq!(h.get("sy-reason").unwrap().as_str(), "close timeout");
 }
 
 /// An edge frozen past its lease (SIGSTOP) comes back to find its sessions ended by a router:
@@ -413,22 +408,7 @@ async fn an_edge_that_lost_its_lease_closes_its_sessions_1012() {
     // The upgrade answers before the edge registers the session. Freezing the edge before it
     // has would leave no session for the router to end; its connect record on the inbound
     // subject is published last, after the registry and the session feed.
-    let kind_of = |m: &async_nats::Message| {
-        let h = m.headers.as_ref().unwrap();
-        (
-            h.get("sy-kind").unwrap().to_string(),
-            h.get("sy-session").unwrap().to_string(),
-        )
-    };
-    loop {
-        let m = tokio::time::timeout(WAIT, inbound.next())
-            .await
-            .expect("connect record")
-            .unwrap();
-        if kind_of(&m) == ("connect".to_owned(), id.clone()) {
-            break;
-        }
-    }
+    next_of(&mut inbound, "connect", &id).await;
     let pid = edge.child.id().unwrap().to_string();
     let signal = |sig: &str| {
         assert!(std::process::Command::new("kill")
@@ -439,17 +419,8 @@ async fn an_edge_that_lost_its_lease_closes_its_sessions_1012() {
     };
     signal("-STOP");
     // The router ends the session while the edge is frozen.
-    loop {
-        let m = tokio::time::timeout(WAIT, inbound.next())
-            .await
-            .expect("synthetic disconnect")
-            .unwrap();
-        if kind_of(&m) == ("disconnect".to_owned(), id.clone()) {
-            let synthetic = m.headers.as_ref().unwrap().get("sy-synthetic").map(|v| v.to_string());
-            assert_eq!(synthetic.as_deref(), Some("true"));
-            break;
-        }
-    }
+    let h = next_of(&mut inbound, "disconnect", &id).await;
+    assert_eq!(h.get("sy-synthetic").map(|v| v.as_str()), Some("true"));
     signal("-CONT");
     assert_eq!(
         close_code(&mut ws).await,

@@ -94,13 +94,11 @@ impl Session {
     /// [`Session::deliver`], adding a written frame to the route's counters through `tally`
     /// (a fan-out applies them once per batch, not once per socket).
     pub fn deliver_tallied(&self, frame: &Bytes, tally: &mut Tally) {
-        // Counted before a direct write can reach the client, taken back if it did not happen
-        // (a queued frame is counted when the writer takes it).
-        self.frames_out.fetch_add(1, Ordering::Relaxed);
-        let p = self.queue.push(frame);
-        if p != Push::Written {
-            self.frames_out.fetch_sub(1, Ordering::Relaxed);
-        }
+        let mut p = Push::Closed;
+        self.count_ahead(1, || {
+            p = self.queue.push(frame);
+            u64::from(p == Push::Written)
+        });
         match p {
             Push::Written => tally.add(&self.route, frame.len() as u64),
             Push::Queued | Push::Closed => {}
@@ -115,22 +113,20 @@ impl Session {
     /// [`Session::deliver`] for several frames in order: the ones that fit go out with one
     /// vectored write.
     pub fn deliver_all(&self, frames: &[Bytes]) {
-        let (mut n, mut bytes) = (0u64, 0u64);
-        // As in `deliver_tallied`: counted before the write, the unwritten ones taken back.
-        self.frames_out.fetch_add(frames.len() as u64, Ordering::Relaxed);
-        self.queue.push_all(frames, |f, p| match p {
-            Push::Written => {
-                n += 1;
-                bytes += f.len() as u64;
-            }
-            Push::Queued | Push::Closed => {}
-            Push::DroppedOldest => self.route.drop_oldest.increment(1),
-            Push::Overflowed => self.route.drop_slow_close.increment(1),
+        let mut bytes = 0u64;
+        let n = self.count_ahead(frames.len() as u64, || {
+            let mut n = 0;
+            self.queue.push_all(frames, |f, p| match p {
+                Push::Written => {
+                    n += 1;
+                    bytes += f.len() as u64;
+                }
+                Push::Queued | Push::Closed => {}
+                Push::DroppedOldest => self.route.drop_oldest.increment(1),
+                Push::Overflowed => self.route.drop_slow_close.increment(1),
+            });
+            n
         });
-        let unwritten = frames.len() as u64 - n;
-        if unwritten > 0 {
-            self.frames_out.fetch_sub(unwritten, Ordering::Relaxed);
-        }
         tally_route(&self.route, n, bytes);
     }
 
@@ -138,12 +134,21 @@ impl Session {
     pub fn reply(&self, text: String) {
         let f = frame::text(text.as_bytes());
         let len = f.len() as u64;
-        self.frames_out.fetch_add(1, Ordering::Relaxed);
-        if self.queue.push_control(f) == Push::Written {
+        if self.count_ahead(1, || u64::from(self.queue.push_control(f) == Push::Written)) == 1 {
             tally_route(&self.route, 1, len);
-        } else {
-            self.frames_out.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// Adds `n` frames to `frames_out` before `push` can write them where the client sees
+    /// them, then takes back the ones it did not write (a queued frame is counted when the
+    /// writer takes it). Returns how many `push` wrote.
+    fn count_ahead(&self, n: u64, push: impl FnOnce() -> u64) -> u64 {
+        self.frames_out.fetch_add(n, Ordering::Relaxed);
+        let written = push();
+        if written < n {
+            self.frames_out.fetch_sub(n - written, Ordering::Relaxed);
+        }
+        written
     }
 }
 
