@@ -207,31 +207,24 @@ pub async fn run(
 /// every message that comes back as a JSON line. After the last frame it waits `linger`, or on
 /// a raw route only until as many messages came back as the session originally received.
 async fn drive_ws(records: &[LogRecord], url: &str, speed: f64, linger: Duration) -> anyhow::Result<()> {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    use std::sync::Arc;
     let (ws, _) = tokio_tungstenite::connect_async(url)
         .await
         .with_context(|| format!("cannot connect to {url}"))?;
     let (mut tx, mut rx) = ws.split();
-    // Messages that came back. On a framed route (its first message is the welcome op) the
-    // edge's own ops (welcome, acks, errors) and channel messages are not in the session's log,
-    // so the count cannot be compared with it: only raw routes stop early.
-    let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let received = Arc::new(AtomicU64::new(0));
-    let framed = Arc::new(AtomicBool::new(false));
-    let (n, is_framed) = (received.clone(), framed.clone());
+    // One event per message that came back: whether the route is framed (its first message is
+    // the welcome op). A framed route's own ops (welcome, acks, errors) and channel messages
+    // are not in the session's log, so its count cannot be compared: only raw routes stop early.
+    let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel::<bool>();
     let printer = tokio::spawn(async move {
+        let mut framed = None;
         while let Some(Ok(m)) = rx.next().await {
             let line = match m {
                 Message::Text(t) => {
-                    if n.load(Ordering::Relaxed) == 0
-                        && serde_json::from_str::<Value>(&t).is_ok_and(|v| v["op"] == "welcome")
-                    {
-                        is_framed.store(true, Ordering::Relaxed);
-                    }
+                    framed.get_or_insert_with(|| serde_json::from_str::<Value>(&t).is_ok_and(|v| v["op"] == "welcome"));
                     json!({"direction":"out","ts":switchyard_protocol::envelope::now_ms(),"opcode":"text","payload":t.as_str()})
                 }
                 Message::Binary(b) => {
+                    framed.get_or_insert(false);
                     json!({"direction":"out","ts":switchyard_protocol::envelope::now_ms(),"opcode":"binary","payload_b64":base64::engine::general_purpose::STANDARD.encode(&b)})
                 }
                 Message::Close(f) => {
@@ -244,10 +237,7 @@ async fn drive_ws(records: &[LogRecord], url: &str, speed: f64, linger: Duration
                 _ => continue,
             };
             println!("{line}");
-            n.fetch_add(1, Ordering::Relaxed);
-            if !is_framed.load(Ordering::Relaxed) {
-                let _ = got_tx.send(());
-            }
+            let _ = got_tx.send(framed == Some(true));
         }
     });
     // What the session originally received (a control op is not a message to the client).
@@ -279,25 +269,29 @@ async fn drive_ws(records: &[LogRecord], url: &str, speed: f64, linger: Duration
         linger
     );
     let until = tokio::time::Instant::now() + linger;
-    let mut counted = 0;
-    while expected == 0 || counted < expected {
+    let (mut received, mut framed) = (0, false);
+    while expected == 0 || framed || received < expected {
         match tokio::time::timeout_at(until, got.recv()).await {
-            Ok(Some(())) => counted += 1,
+            Ok(Some(f)) => {
+                received += 1;
+                framed |= f;
+            }
             // --linger is over, or the endpoint closed.
             Ok(None) | Err(_) => break,
         }
     }
     let _ = tx.send(Message::Close(None)).await;
-    // What comes while our close is answered is still printed (at most 5 s).
+    // What comes while our close is answered is still printed (at most 5 s), and counted.
     let _ = tokio::time::timeout(Duration::from_secs(5), printer).await;
-    let how = if framed.load(Ordering::Relaxed) {
+    while let Ok(f) = got.try_recv() {
+        received += 1;
+        framed |= f;
+    }
+    let how = if framed {
         ", protocol ops included; a framed route waits the whole --linger"
     } else {
         ""
     };
-    eprintln!(
-        "received {} messages{how} (the session originally received {expected})",
-        received.load(Ordering::Relaxed)
-    );
+    eprintln!("received {received} messages{how} (the session originally received {expected})");
     Ok(())
 }

@@ -145,12 +145,17 @@ async fn replay_prints_the_transcript_and_redrives_it() {
         received.push(next_data(&mut ws).await);
     }
     close_normal(&mut ws).await;
+    // `switchyard replay` of this session, with `extra` arguments.
+    let of_session = |extra: &[&str]| {
+        let base = ["--bus", url.as_str(), "--prefix", p.as_str(), "--session", id.as_str()];
+        replay(&[&base[..], extra].concat())
+    };
     // The disconnect is the last record: wait until the transcript ends with it.
     let mut lines: Vec<Value> = Vec::new();
     let deadline = Instant::now() + WAIT;
     while lines.last().map(|l| l["kind"] != "disconnect").unwrap_or(true) {
         assert!(Instant::now() < deadline, "disconnect recorded in time");
-        let out = replay(&["--bus", &url, "--prefix", &p, "--session", &id]);
+        let out = of_session(&[]);
         if out.status.success() {
             lines = String::from_utf8(out.stdout)
                 .unwrap()
@@ -183,20 +188,7 @@ async fn replay_prints_the_transcript_and_redrives_it() {
     // Re-drives the session into `path`; returns the messages that came back (closes left
     // out) and what replay said on stderr.
     let redrive = |path: &str, linger: &str| {
-        let out = replay(&[
-            "--bus",
-            &url,
-            "--prefix",
-            &p,
-            "--session",
-            &id,
-            "--to-ws",
-            &gw.ws(path),
-            "--speed",
-            "0",
-            "--linger",
-            linger,
-        ]);
+        let out = of_session(&["--to-ws", &gw.ws(path), "--speed", "0", "--linger", linger]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let back: Vec<Value> = String::from_utf8(out.stdout)
             .unwrap()
@@ -232,18 +224,7 @@ async fn replay_prints_the_transcript_and_redrives_it() {
     let out = replay(&["--bus", &url, "--prefix", &p, "--session", "01NOSUCHSESSIONAAAAAAAAAAA"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no records for session"));
-    let out = replay(&[
-        "--bus",
-        &url,
-        "--prefix",
-        &p,
-        "--session",
-        &id,
-        "--from",
-        "2001-01-01T00:00:00Z",
-        "--to",
-        "2001-01-02T00:00:00Z",
-    ]);
+    let out = of_session(&["--from", "2001-01-01T00:00:00Z", "--to", "2001-01-02T00:00:00Z"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("none in the given range"));
     let out = replay(&["--bus", "memory://", "--session", &id]);
