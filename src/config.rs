@@ -167,6 +167,10 @@ pub struct Options {
     /// TLS to the broker: client key (with --bus-tls-cert)
     #[arg(long, env = "SWITCHYARD_BUS_TLS_KEY", requires = "bus_tls_cert", global = true)]
     pub bus_tls_key: Option<PathBuf>,
+    /// Framed routes: deepest JSON nesting of a client frame (its own object is level 1); deeper
+    /// frames are answered bad_request and not published
+    #[arg(long, env = "SWITCHYARD_MAX_JSON_DEPTH", default_value_t = switchyard_protocol::framed::DEFAULT_MAX_DEPTH, global = true)]
+    pub max_json_depth: usize,
     /// Per-subscription bus buffer (messages)
     #[arg(long, env = "SWITCHYARD_BUS_BUFFER", default_value_t = 8192, global = true)]
     pub bus_buffer: usize,
@@ -293,6 +297,7 @@ impl Cli {
             _ => None,
         };
         edge.drain_grace = o.drain_grace;
+        edge.max_json_depth = o.max_json_depth;
         edge.identity_hmac_key = match &o.identity_hmac_key_file {
             Some(p) => {
                 let k = std::fs::read(p).map_err(|e| format!("cannot read identity HMAC key {}: {e}", p.display()))?;

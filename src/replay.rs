@@ -13,7 +13,8 @@ use std::io::Write;
 use std::time::Duration;
 use switchyard_bus::kafka::{LogRecord, SessionLog};
 use switchyard_bus::{BusOptions, Record};
-use switchyard_protocol::envelope::valid_session;
+use switchyard_protocol::envelope::{header, valid_session};
+use switchyard_protocol::Naming;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Replay one session recorded on a Kafka bus.
@@ -85,14 +86,14 @@ pub fn validate(args: &ReplayArgs, bus: &str) -> Result<(), String> {
 /// The time a record happened: the edge's `sy-ts`, else the broker timestamp.
 fn when(r: &LogRecord) -> i64 {
     r.headers
-        .get("sy-ts")
+        .get(header::TIMESTAMP)
         .and_then(|t| t.parse().ok())
         .or(r.timestamp_ms)
         .unwrap_or(0)
 }
 
 fn is_inbound(r: &LogRecord) -> bool {
-    matches!(r.headers.get("sy-kind"), Some("connect" | "frame" | "disconnect"))
+    matches!(r.headers.get(header::KIND), Some("connect" | "frame" | "disconnect"))
 }
 
 fn transcript_line(r: &LogRecord) -> Value {
@@ -103,14 +104,14 @@ fn transcript_line(r: &LogRecord) -> Value {
     let mut line = json!({
         "direction": if is_inbound(r) { "in" } else { "out" },
         "ts": when(r),
-        "seq": r.headers.get("sy-seq").and_then(|s| s.parse::<u64>().ok()),
-        "kind": r.headers.get("sy-kind").unwrap_or("deliver"),
-        "opcode": r.headers.get("sy-opcode"),
+        "seq": r.headers.get(header::SEQ).and_then(|s| s.parse::<u64>().ok()),
+        "kind": r.headers.get(header::KIND).unwrap_or("deliver"),
+        "opcode": r.headers.get(header::OPCODE),
         "topic": r.topic,
         "offset": r.offset,
         "headers": headers,
     });
-    let binary = r.headers.get("sy-opcode") == Some("binary");
+    let binary = r.headers.get(header::OPCODE) == Some("binary");
     match std::str::from_utf8(&r.payload) {
         Ok(t) if !binary => line["payload"] = Value::String(t.to_owned()),
         _ => line["payload_b64"] = Value::String(base64::engine::general_purpose::STANDARD.encode(&r.payload)),
@@ -136,7 +137,8 @@ pub async fn run(
         indicatif::ProgressStyle::with_template("{spinner} reading {pos}/{len} records {wide_bar} {eta}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let log = SessionLog::new(&bus_url, &prefix, tls.clone());
+    let naming = Naming::new(&prefix).map_err(|e| anyhow::anyhow!("--prefix: {e}"))?;
+    let log = SessionLog::new(&bus_url, naming.clone(), tls.clone());
     let session = args.session.clone();
     let b2 = bar.clone();
     let mut records = tokio::task::spawn_blocking(move || {
@@ -150,7 +152,7 @@ pub async fn run(
     if records.is_empty() {
         // Tell "no such session" apart from "nothing in that range".
         if from.is_some() || to.is_some() {
-            let log = SessionLog::new(&bus_url, &prefix, tls.clone());
+            let log = SessionLog::new(&bus_url, naming, tls.clone());
             let s = args.session.clone();
             let any = tokio::task::spawn_blocking(move || log.read(&s, None, None, &|_, _| {})).await??;
             if !any.is_empty() {
@@ -179,8 +181,8 @@ pub async fn run(
         let mut n = 0;
         for r in records.iter().filter(|r| is_inbound(r)) {
             let mut headers = r.headers.clone();
-            headers.0.retain(|(k, _)| k != "sy-replayed");
-            headers.insert("sy-replayed", "true");
+            headers.0.retain(|(k, _)| k != header::REPLAYED);
+            headers.insert(header::REPLAYED, "true");
             bus.publish(
                 topic,
                 Record {
@@ -243,11 +245,11 @@ async fn drive_ws(records: &[LogRecord], url: &str, speed: f64, linger: Duration
     // What the session originally received (a control op is not a message to the client).
     let expected = records
         .iter()
-        .filter(|r| !is_inbound(r) && r.headers.get("sy-kind").unwrap_or("deliver") == "deliver")
+        .filter(|r| !is_inbound(r) && r.headers.get(header::KIND).unwrap_or("deliver") == "deliver")
         .count();
     let frames: Vec<&LogRecord> = records
         .iter()
-        .filter(|r| r.headers.get("sy-kind") == Some("frame"))
+        .filter(|r| r.headers.get(header::KIND) == Some("frame"))
         .collect();
     let mut prev: Option<i64> = None;
     for r in &frames {
@@ -256,7 +258,7 @@ async fn drive_ws(records: &[LogRecord], url: &str, speed: f64, linger: Duration
             tokio::time::sleep(Duration::from_millis(gap as u64)).await;
         }
         prev = Some(when(r));
-        let m = if r.headers.get("sy-opcode") == Some("binary") {
+        let m = if r.headers.get(header::OPCODE) == Some("binary") {
             Message::Binary(r.payload.clone())
         } else {
             Message::Text(String::from_utf8_lossy(&r.payload).into_owned().into())

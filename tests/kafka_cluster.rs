@@ -249,7 +249,7 @@ async fn replay_to_topic_marks_records_as_replayed() {
     loop {
         let out = replay(&["--bus", &url, "--prefix", &p, "--session", &id, "--to-topic", &staging]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let log = SessionLog::new(&url, &p, None);
+        let log = SessionLog::new(&url, switchyard_protocol::Naming::new(&p).unwrap(), None);
         let sid = id.clone();
         let recs = tokio::task::spawn_blocking(move || log.read(&sid, None, None, &|_, _| {}))
             .await
@@ -325,7 +325,7 @@ async fn broker_restart_mid_stream_loses_no_acknowledged_frame_and_counts_the_re
     }
     let mut stored: HashMap<String, Vec<u64>> = HashMap::new();
     for (session, _, _) in &results {
-        let log = SessionLog::new(&url, &p, None);
+        let log = SessionLog::new(&url, switchyard_protocol::Naming::new(&p).unwrap(), None);
         let sid = session.clone();
         let recs = tokio::task::spawn_blocking(move || log.read(&sid, None, None, &|_, _| {}))
             .await

@@ -30,7 +30,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use switchyard_protocol::Headers;
+use switchyard_protocol::{Headers, Naming, TopicClass};
 use tokio::sync::mpsc;
 
 type Senders = Arc<Mutex<HashMap<String, Vec<(u64, mpsc::Sender<Message>)>>>>;
@@ -48,6 +48,7 @@ pub struct KafkaBus {
     /// Serialises topic creation: the first publisher creates, the others wait for it.
     creating: tokio::sync::Mutex<()>,
     prefix: String,
+    naming: Naming,
     partitions: i32,
     buffer: usize,
     ack_timeout: Duration,
@@ -212,6 +213,7 @@ impl KafkaBus {
             created: Mutex::new(HashSet::new()),
             creating: tokio::sync::Mutex::new(()),
             prefix: opts.prefix.clone(),
+            naming: opts.naming()?,
             partitions: opts.partitions.max(1) as i32,
             buffer: opts.buffer.max(1),
             ack_timeout: opts.ack_timeout,
@@ -230,18 +232,15 @@ impl KafkaBus {
             return Ok(());
         }
 
-        let class = topic
-            .strip_prefix(&self.prefix)
-            .and_then(|t| t.split('.').nth(1))
-            .unwrap_or("");
+        let class = self.naming.classify(topic);
         // Node delivery and channels: one partition (one order, one offset sequence).
         let partitions = match class {
-            "node" | "ch" => 1,
+            TopicClass::Node | TopicClass::Channel => 1,
             _ => self.partitions,
         };
 
         let mut nt = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-        if class == "sessions" {
+        if class == TopicClass::Sessions {
             nt = nt.set("cleanup.policy", "compact");
         }
         let res = self
@@ -527,7 +526,7 @@ pub struct LogRecord {
 /// connect names a node, that node's delivery topic.
 pub struct SessionLog {
     brokers: String,
-    prefix: String,
+    naming: Naming,
     tls: Option<crate::BusTls>,
 }
 
@@ -535,10 +534,10 @@ pub struct SessionLog {
 pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
 
 impl SessionLog {
-    pub fn new(url: &str, prefix: &str, tls: Option<crate::BusTls>) -> Self {
+    pub fn new(url: &str, naming: Naming, tls: Option<crate::BusTls>) -> Self {
         Self {
             brokers: url.trim_start_matches("kafka://").trim_end_matches('/').to_owned(),
-            prefix: prefix.to_owned(),
+            naming,
             tls,
         }
     }
@@ -563,13 +562,13 @@ impl SessionLog {
         let md = consumer
             .fetch_metadata(None, timeout)
             .map_err(|e| unavailable(format!("cannot reach Kafka at {}: {e}", self.brokers)))?;
-        let inbound_prefix = format!("{}.in.", self.prefix);
+        let inbound_prefix = self.naming.inbound("");
         let key = session.as_bytes();
         // (topic, partition) pairs to scan: murmur2 says which partition holds the session.
         let mut targets: Vec<(String, i32)> = md
             .topics()
             .iter()
-            .filter(|t| t.name().starts_with(&inbound_prefix) && !t.partitions().is_empty())
+            .filter(|t| self.naming.classify(t.name()) == TopicClass::Inbound && !t.partitions().is_empty())
             .map(|t| {
                 (
                     t.name().to_owned(),
@@ -585,9 +584,13 @@ impl SessionLog {
         }
         let mut out = self.scan(&consumer, &targets, key, from_ms, to_ms, progress)?;
         // The node that held the session, from its connect record, holds the replies.
-        let node = out.iter().find_map(|r| r.headers.get("sy-node").map(str::to_owned));
+        let node = out.iter().find_map(|r| {
+            r.headers
+                .get(switchyard_protocol::envelope::header::NODE)
+                .map(str::to_owned)
+        });
         if let Some(node) = node {
-            let topic = format!("{}.node.{node}", self.prefix);
+            let topic = self.naming.node(&node);
             if md.topics().iter().any(|t| t.name() == topic) {
                 targets = vec![(topic, 0)];
                 out.extend(self.scan(&consumer, &targets, key, from_ms, to_ms, progress)?);

@@ -6,7 +6,7 @@
 //! (backpressure); if it is still full, publish returns [`BusError::Overflow`]: the record
 //! reached the other subscribers, and the caller is told.
 
-use crate::{check_name, matches, Bus, BusError, Message, Record, SubscribeOptions, Subscription};
+use crate::{check_name, Bus, BusError, Message, Record, SubscribeOptions, Subscription};
 use async_trait::async_trait;
 use parking_lot::RwLock;
 use std::collections::HashMap;
@@ -161,12 +161,11 @@ impl MemoryBus {
         let mut full = Vec::new();
         // Groups seen on this publish: group name → candidate members.
         let mut groups: Vec<(&str, Vec<&Sub>)> = Vec::new();
-        let candidates = g
-            .exact
-            .get(topic)
-            .into_iter()
-            .flatten()
-            .chain(g.wild.iter().filter(|s| matches(&s.pattern, topic)));
+        let candidates = g.exact.get(topic).into_iter().flatten().chain(
+            g.wild
+                .iter()
+                .filter(|s| switchyard_protocol::pattern_matches(&s.pattern, topic)),
+        );
         for s in candidates {
             match &s.group {
                 None => try_send(&s.tx, &msg, &mut full),

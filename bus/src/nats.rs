@@ -57,11 +57,6 @@ async fn barrier(client: &async_nats::Client) -> Result<(), BusError> {
     }
 }
 
-/// Stream / bucket names may not contain dots.
-fn undotted(prefix: &str) -> String {
-    prefix.replace('.', "_")
-}
-
 impl NatsBus {
     pub async fn connect(url: &str, opts: &BusOptions) -> Result<Self, BusError> {
         let mut connect = async_nats::ConnectOptions::new();
@@ -95,17 +90,17 @@ impl NatsBus {
             .map_err(|e| unavailable(format!("cannot connect to {url}: {e}")))?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(opts.ack_timeout);
-        let base = undotted(&opts.prefix);
+        let naming = opts.naming()?;
         js.get_or_create_stream(stream::Config {
-            name: format!("{}_IN", base.to_uppercase()),
-            subjects: vec![format!("{}.in.>", opts.prefix)],
+            name: naming.inbound_stream(),
+            subjects: vec![naming.inbound(">")],
             max_age: Duration::from_secs(24 * 3600),
             storage: stream::StorageType::File,
             ..Default::default()
         })
         .await
         .map_err(|e| unavailable(format!("cannot create the inbound stream: {e}")))?;
-        let bucket = format!("{base}_sessions");
+        let bucket = naming.registry_bucket();
         let kv = match js.get_key_value(&bucket).await {
             Ok(kv) => kv,
             Err(_) => js
@@ -120,7 +115,7 @@ impl NatsBus {
         Ok(Self {
             client,
             js,
-            inbound_prefix: format!("{}.in.", opts.prefix),
+            inbound_prefix: naming.inbound(""),
             partitions: opts.partitions.max(1),
             buffer: opts.buffer.max(1),
             outage_buffer: opts.outage_buffer,

@@ -2,7 +2,7 @@
 
 use serde::Deserialize;
 use std::time::Duration;
-use switchyard_protocol::{valid_channel, Naming};
+use switchyard_protocol::{valid_channel, valid_pattern, Naming};
 
 /// How a route treats client frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -90,31 +90,6 @@ pub struct ChannelRules {
     pub publish: Vec<String>,
 }
 
-/// Does `channel` match the NATS-style `pattern`?
-pub fn channel_matches(pattern: &str, channel: &str) -> bool {
-    let mut c = channel.split('.');
-    for p in pattern.split('.') {
-        match (p, c.next()) {
-            (">", Some(_)) => return true,
-            ("*", Some(_)) => {}
-            (p, Some(t)) if p == t => {}
-            _ => return false,
-        }
-    }
-    c.next().is_none()
-}
-
-/// A pattern is `valid_channel` once `*` and a final `>` are replaced by a token.
-pub fn valid_pattern(p: &str) -> bool {
-    let n = p.split('.').count();
-    let plain: Vec<&str> = p
-        .split('.')
-        .enumerate()
-        .map(|(i, t)| if t == "*" || (t == ">" && i + 1 == n) { "x" } else { t })
-        .collect();
-    valid_channel(&plain.join("."))
-}
-
 fn default_queue() -> usize {
     1024
 }
@@ -200,7 +175,13 @@ pub struct EdgeConfig {
     pub drain_grace: Duration,
     /// When set, every inbound record carries `sy-sig`, an HMAC-SHA256 by this key.
     pub identity_hmac_key: Option<std::sync::Arc<Vec<u8>>>,
+    /// Framed routes: deepest JSON nesting a client frame may have (the frame's own object is
+    /// level 1); deeper frames are answered `bad_request` and not published.
+    pub max_json_depth: usize,
 }
+
+/// Deepest `max_json_depth` accepted: Python's `json` module, for one, fails near 1,000.
+pub const MAX_JSON_DEPTH: usize = 512;
 
 impl EdgeConfig {
     pub fn new(node_id: impl Into<String>) -> Self {
@@ -226,6 +207,7 @@ impl EdgeConfig {
             tls: None,
             drain_grace: Duration::ZERO,
             identity_hmac_key: None,
+            max_json_depth: switchyard_protocol::framed::DEFAULT_MAX_DEPTH,
         }
     }
 
@@ -288,6 +270,12 @@ impl EdgeConfig {
         }
         if self.identity_hmac_key.as_ref().is_some_and(|k| k.len() < 32) {
             return Err("identity HMAC key shorter than 32 bytes".into());
+        }
+        if !(1..=MAX_JSON_DEPTH).contains(&self.max_json_depth) {
+            return Err(format!(
+                "max JSON depth {} out of range 1..={MAX_JSON_DEPTH}",
+                self.max_json_depth
+            ));
         }
         if self.lease < Duration::from_secs(1) || self.lease > Duration::from_secs(3600) {
             return Err(format!("lease {:?} out of range 1s..=1h", self.lease));
@@ -355,6 +343,7 @@ impl EdgeConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchyard_protocol::pattern_matches as channel_matches;
 
     #[test]
     fn shipped_example_is_the_default() {

@@ -81,7 +81,7 @@ impl Route {
 
     /// Channel authorization: the route's patterns (empty = any) and the credential's grants.
     pub fn may(&self, publish: bool, grants: &crate::auth::Grants, channel: &str) -> bool {
-        use crate::config::channel_matches;
+        use switchyard_protocol::pattern_matches as channel_matches;
         let (route, granted) = if publish {
             (&self.cfg.channels.publish, &grants.publish)
         } else {

@@ -619,7 +619,7 @@ where
             } else {
                 // Not published, and the client is told which message it was.
                 let id = (opcode == Opcode::Text)
-                    .then(|| framed::decode_request(&payload).id)
+                    .then(|| framed::decode_request_with(&payload, self.st.cfg.max_json_depth).id)
                     .flatten();
                 sess.reply(framed::error_with_id(
                     "rate_limited",
@@ -734,7 +734,7 @@ async fn handle_op(st: &EdgeState, sess: &Arc<Session>, payload: Bytes, opcode: 
         ));
         return Ok(());
     }
-    let req = framed::decode_request(&payload);
+    let req = framed::decode_request_with(&payload, st.cfg.max_json_depth);
     let id = req.id.as_deref();
     let op = match req.op {
         Ok(op) => op,

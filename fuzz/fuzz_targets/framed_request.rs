@@ -11,11 +11,14 @@ fuzz_target!(|frame: &[u8]| {
     let req = framed::decode_request(frame);
     let op = framed::decode_client(frame);
 
-    // decode_request is decode_client plus the `id`; it only overrides the op for a bad id.
-    if req.op != Err(FramedError::InvalidId) {
-        assert_eq!(req.op, op, "decode_request and decode_client disagree");
-    } else {
+    // decode_request is decode_client plus the `id` and the nesting bound; it only overrides
+    // the op for a bad id or a frame nested too deep.
+    let too_deep = framed::nesting_exceeds(frame, framed::DEFAULT_MAX_DEPTH);
+    assert_eq!(req.op == Err(FramedError::TooDeep(framed::DEFAULT_MAX_DEPTH)), too_deep && req.op != Err(FramedError::InvalidId));
+    if req.op == Err(FramedError::InvalidId) {
         assert_eq!(req.id, None);
+    } else if !too_deep {
+        assert_eq!(req.op, op, "decode_request and decode_client disagree");
     }
 
     // Anything decoded must have come from a JSON document.

@@ -35,13 +35,17 @@ pub enum FramedError {
     InvalidChannel(String),
     #[error("`id` must be a string of at most 64 characters or an integer")]
     InvalidId,
+    #[error("JSON nested deeper than {0} levels")]
+    TooDeep(usize),
 }
 
 impl FramedError {
     /// The `code` of the error op sent to the client.
     pub fn code(&self) -> &'static str {
         match self {
-            FramedError::NotJson(_) | FramedError::Missing(_) | FramedError::InvalidId => "bad_request",
+            FramedError::NotJson(_) | FramedError::Missing(_) | FramedError::InvalidId | FramedError::TooDeep(_) => {
+                "bad_request"
+            }
             FramedError::UnknownOp(_) => "unknown_op",
             FramedError::InvalidChannel(_) => "invalid_channel",
         }
@@ -78,8 +82,49 @@ fn valid_id(raw: &RawValue) -> bool {
     }
 }
 
-/// Decodes one client frame, keeping its `id` even when the op itself is invalid.
+/// How deeply a framed client frame may nest arrays and objects by default (the frame's own
+/// object is level 1). Deeper frames are refused before anything is published, so no backend
+/// behind the gateway receives a document its JSON parser cannot take.
+pub const DEFAULT_MAX_DEPTH: usize = 64;
+
+/// True when `json` nests arrays and objects more than `max` levels deep. Brackets inside
+/// strings do not count. One pass, no allocation; stops at the first level past `max`. It
+/// judges nesting only: whether the text is JSON at all is the parser's business.
+pub fn nesting_exceeds(json: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// [`decode_request_with`] at [`DEFAULT_MAX_DEPTH`].
 pub fn decode_request(frame: &[u8]) -> Request {
+    decode_request_with(frame, DEFAULT_MAX_DEPTH)
+}
+
+/// Decodes one client frame, keeping its `id` even when the op itself is invalid. A frame
+/// nested deeper than `max_depth` is [`FramedError::TooDeep`], whatever its op.
+pub fn decode_request_with(frame: &[u8], max_depth: usize) -> Request {
     let raw: Result<RawOp<'_>, _> = serde_json::from_slice(frame);
     let id = match &raw {
         Ok(r) => match r.id {
@@ -94,10 +139,12 @@ pub fn decode_request(frame: &[u8]) -> Request {
         },
         Err(_) => None,
     };
-    Request {
-        id,
-        op: decode_client(frame),
-    }
+    let op = if nesting_exceeds(frame, max_depth) {
+        Err(FramedError::TooDeep(max_depth))
+    } else {
+        decode_client(frame)
+    };
+    Request { id, op }
 }
 
 /// Decodes one client frame.
@@ -293,6 +340,30 @@ mod tests {
                 Err(FramedError::NotJson(_))
             ));
         }
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        let deep = |n: usize| format!(r#"{{"op":"send","id":9,"data":{}1{}}}"#, "[".repeat(n), "]".repeat(n));
+        // The frame's object is level 1, so data may nest max - 1 arrays.
+        assert!(decode_request_with(deep(63).as_bytes(), 64).op.is_ok());
+        let r = decode_request_with(deep(64).as_bytes(), 64);
+        assert_eq!(r.op, Err(FramedError::TooDeep(64)));
+        assert_eq!(r.op.unwrap_err().code(), "bad_request");
+        assert_eq!(r.id.as_deref(), Some("9"), "the id survives, so the error can name it");
+        // 100,000 levels: refused, in one pass.
+        assert_eq!(
+            decode_request(deep(100_000).as_bytes()).op,
+            Err(FramedError::TooDeep(64))
+        );
+        // Brackets inside strings, escaped quotes included, are not nesting.
+        let text = format!(r#"{{"op":"send","data":"\"{}"}}"#, "[{".repeat(500));
+        assert!(!nesting_exceeds(text.as_bytes(), 2));
+        assert!(decode_request_with(text.as_bytes(), 2).op.is_ok());
+        assert!(
+            nesting_exceeds(br#"{"a":"\\",[[1]]}"#, 2),
+            "an escaped backslash ends the escape"
+        );
     }
 
     #[test]

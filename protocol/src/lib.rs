@@ -19,4 +19,4 @@ pub mod naming;
 pub mod sign;
 
 pub use envelope::{ControlOp, DecodeError, Envelope, Headers, Identity, Kind, Opcode, TraceContext, WIRE_VERSION};
-pub use naming::{valid_channel, Naming};
+pub use naming::{pattern_matches, valid_channel, valid_pattern, Naming, TopicClass};

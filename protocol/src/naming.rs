@@ -52,11 +52,75 @@ impl Naming {
     pub fn channel(&self, channel: &str) -> String {
         format!("{}.ch.{channel}", self.prefix)
     }
+    /// The JetStream stream over every inbound subject (NATS): `<PREFIX>_IN`, dots as `_`.
+    pub fn inbound_stream(&self) -> String {
+        format!("{}_IN", self.undotted().to_uppercase())
+    }
+    /// The JetStream KV bucket of the durable session registry (NATS): `<prefix>_sessions`.
+    pub fn registry_bucket(&self) -> String {
+        format!("{}_sessions", self.undotted())
+    }
+    /// The prefix with its dots as `_` (stream and bucket names may not contain dots).
+    fn undotted(&self) -> String {
+        self.prefix.replace('.', "_")
+    }
     /// The channel name of a channel topic, if `topic` is one.
     pub fn channel_of<'a>(&self, topic: &'a str) -> Option<&'a str> {
-        topic
-            .strip_prefix(self.prefix.as_str())
-            .and_then(|t| t.strip_prefix(".ch."))
+        self.rest(topic).and_then(|t| t.strip_prefix("ch."))
+    }
+    /// The route topic of an inbound topic (`<prefix>.in.<topic>` → `<topic>`).
+    pub fn inbound_of<'a>(&self, topic: &'a str) -> Option<&'a str> {
+        self.rest(topic).and_then(|t| t.strip_prefix("in."))
+    }
+    /// What `topic` is, judged after this prefix (which may itself contain dots). Used for
+    /// bounded metric labels and per-kind topic settings (partitions, compaction).
+    pub fn classify(&self, topic: &str) -> TopicClass {
+        let Some(rest) = self.rest(topic) else {
+            return TopicClass::Other;
+        };
+        match rest.split_once('.') {
+            None if rest == "out" => TopicClass::Outbound,
+            None if rest == "sessions" => TopicClass::Sessions,
+            Some(("in", t)) if !t.is_empty() => TopicClass::Inbound,
+            Some(("node", n)) if !n.is_empty() => TopicClass::Node,
+            Some(("ch", c)) if !c.is_empty() => TopicClass::Channel,
+            _ => TopicClass::Other,
+        }
+    }
+    /// `topic` after `<prefix>.`, if it starts with it.
+    fn rest<'a>(&self, topic: &'a str) -> Option<&'a str> {
+        topic.strip_prefix(self.prefix.as_str())?.strip_prefix('.')
+    }
+}
+
+/// The kind of a topic under one prefix (see [`Naming::classify`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicClass {
+    /// `<prefix>.in.<topic>` (and NATS partition subjects below it).
+    Inbound,
+    /// `<prefix>.out`.
+    Outbound,
+    /// `<prefix>.sessions`.
+    Sessions,
+    /// `<prefix>.node.<node>`.
+    Node,
+    /// `<prefix>.ch.<channel>`.
+    Channel,
+    /// Anything else (another prefix, a staging topic of `replay --to-topic`).
+    Other,
+}
+
+impl TopicClass {
+    /// A bounded metric label: `in`, `out`, `sessions`, `node`, `ch` or `other`.
+    pub fn label(self) -> &'static str {
+        match self {
+            TopicClass::Inbound => "in",
+            TopicClass::Outbound => "out",
+            TopicClass::Sessions => "sessions",
+            TopicClass::Node => "node",
+            TopicClass::Channel => "ch",
+            TopicClass::Other => "other",
+        }
     }
 }
 
@@ -66,10 +130,40 @@ pub const MAX_NAME_LEN: usize = 200;
 /// A channel or topic name: 1..=200 chars, dot-separated non-empty tokens of `[A-Za-z0-9_-]`.
 /// No wildcards, no spaces, no empty tokens.
 pub fn valid_channel(s: &str) -> bool {
+    s.len() <= MAX_NAME_LEN && valid_dotted(s, false)
+}
+
+/// A channel pattern: like [`valid_channel`], but a token may be `*` (any one token) and the
+/// last token may be `>` (one or more tokens).
+pub fn valid_pattern(s: &str) -> bool {
+    s.len() <= MAX_NAME_LEN && valid_dotted(s, true)
+}
+
+/// Dot-separated non-empty tokens of `[A-Za-z0-9_-]`, of any length (a bus topic is a prefix
+/// plus a name). With `wildcards`, a token may be `*` and the last one `>`.
+pub fn valid_dotted(s: &str, wildcards: bool) -> bool {
+    let mut tokens = s.split('.').peekable();
     !s.is_empty()
-        && s.len() <= MAX_NAME_LEN
-        && s.split('.')
-            .all(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+        && std::iter::from_fn(|| tokens.next().map(|t| (t, tokens.peek().is_none()))).all(|(t, last)| {
+            (wildcards && (t == "*" || (t == ">" && last)))
+                || (!t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+        })
+}
+
+/// Does `name` match the NATS-style `pattern` (`*` = one token, `>` = one or more trailing
+/// tokens)? The one matcher behind channel grants and the memory bus.
+pub fn pattern_matches(pattern: &str, name: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut t = name.split('.');
+    loop {
+        match (p.next(), t.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
 }
 
 /// Kafka's default partitioner hash (murmur2, seed 0x9747b28c), so that Java clients, the
@@ -127,6 +221,32 @@ mod tests {
     }
 
     #[test]
+    fn classify_with_a_dotted_prefix() {
+        let n = Naming::new("acme.prod").unwrap();
+        assert_eq!(n.classify(&n.inbound("echo")), TopicClass::Inbound);
+        assert_eq!(n.classify(&n.inbound_partition("echo", 3)), TopicClass::Inbound);
+        assert_eq!(n.classify(&n.outbound()), TopicClass::Outbound);
+        assert_eq!(n.classify(&n.sessions()), TopicClass::Sessions);
+        assert_eq!(n.classify(&n.node("e1")), TopicClass::Node);
+        assert_eq!(n.classify(&n.channel("ticker.AAPL")), TopicClass::Channel);
+        assert_eq!(n.channel_of(&n.channel("ticker.AAPL")), Some("ticker.AAPL"));
+        assert_eq!(n.inbound_of(&n.inbound("chat.room")), Some("chat.room"));
+        assert_eq!(n.inbound_stream(), "ACME_PROD_IN");
+        assert_eq!(n.registry_bucket(), "acme_prod_sessions");
+        // Another deployment's names, or one that only shares the prefix's first characters.
+        for other in [
+            "sy.in.echo",
+            "acme.production.in.echo",
+            "acme.prod",
+            "acme.prod.in",
+            "acme.prod.outx",
+        ] {
+            assert_eq!(n.classify(other), TopicClass::Other, "{other}");
+        }
+        assert_eq!(TopicClass::Inbound.label(), "in");
+    }
+
+    #[test]
     fn channel_validation() {
         for ok in ["a", "ticker.AAPL", "dash_ops-1.x"] {
             assert!(valid_channel(ok), "{ok}");
@@ -134,6 +254,25 @@ mod tests {
         for bad in ["", ".", "a..b", "a.", "*", "a.>", "a b", &"x".repeat(201)] {
             assert!(!valid_channel(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn patterns() {
+        assert!(pattern_matches("a.b", "a.b"));
+        assert!(pattern_matches("a.*", "a.b"));
+        assert!(!pattern_matches("a.*", "a.b.c"));
+        assert!(pattern_matches("a.>", "a.b.c"));
+        assert!(!pattern_matches("a.>", "a"));
+        assert!(!pattern_matches("a.b", "a.c"));
+        assert!(!pattern_matches("a.b", "a.b.c"));
+        for ok in ["a.*.>", "*", ">", "ticker.*", "room.>"] {
+            assert!(valid_pattern(ok), "{ok}");
+        }
+        for bad in ["", "a..b", "a.>.b", "a*", "a.b c", &"x".repeat(201)] {
+            assert!(!valid_pattern(bad), "{bad}");
+        }
+        assert!(!valid_dotted("a.*", false));
+        assert!(valid_dotted(&format!("sy.ch.{}", "x".repeat(200)), false));
     }
 
     #[test]

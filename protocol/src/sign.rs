@@ -14,7 +14,7 @@
 //! JSON (which escapes them), and HTTP header values (`tracestate`) cannot carry CR or LF. So
 //! the text splits back into its fields one way only.
 
-use crate::envelope::Headers;
+use crate::envelope::{header, Headers};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
@@ -24,22 +24,22 @@ pub const SIG: &str = "sy-sig";
 /// Headers covered by the signature, in canonical order. The routing fields (`sy-reply`,
 /// `sy-inbound`) are signed too: a backend that answers on `sy-reply` must not be steerable.
 pub const SIGNED: [&str; 16] = [
-    "sy-v",
-    "sy-session",
-    "sy-seq",
-    "sy-kind",
-    "sy-node",
-    "sy-route",
-    "sy-opcode",
-    "sy-sub",
-    "sy-claims",
-    "sy-ts",
-    "sy-code",
-    "sy-reason",
-    "sy-reply",
-    "sy-inbound",
-    "traceparent",
-    "tracestate",
+    header::VERSION,
+    header::SESSION,
+    header::SEQ,
+    header::KIND,
+    header::NODE,
+    header::ROUTE,
+    header::OPCODE,
+    header::SUBJECT,
+    header::CLAIMS,
+    header::TIMESTAMP,
+    header::CODE,
+    header::REASON,
+    header::REPLY,
+    header::INBOUND,
+    header::TRACEPARENT,
+    header::TRACESTATE,
 ];
 
 fn mac(key: &[u8], headers: &Headers, payload: &[u8]) -> Hmac<Sha256> {

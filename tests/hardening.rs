@@ -1,0 +1,115 @@
+//! Hostile or unusual input and configuration on the embedded bus: JSON nesting bombs on framed
+//! routes, a dotted `--prefix`, and start-up failures mapped to exit codes.
+
+mod common;
+
+use common::*;
+use futures::SinkExt;
+use serde_json::json;
+use switchyard::config::Settings;
+use switchyard_bus::SubscribeOptions;
+use switchyard_protocol::{Envelope, Kind, Naming};
+use tokio_tungstenite::tungstenite::Message;
+
+/// `{"op":"send","id":ID,"data":[[…1…]]}` with `arrays` levels of arrays in `data`.
+fn nested_send(id: &str, arrays: usize) -> String {
+    format!(
+        r#"{{"op":"send","id":"{id}","data":{}1{}}}"#,
+        "[".repeat(arrays),
+        "]".repeat(arrays)
+    )
+}
+
+/// The next frame record of `session` on the tap (connect and other sessions skipped).
+async fn next_frame(tap: &mut switchyard_bus::Subscription, session: &str) -> Envelope {
+    loop {
+        let m = tokio::time::timeout(WAIT, tap.recv())
+            .await
+            .expect("record in time")
+            .unwrap();
+        let r = &m.record;
+        let e = Envelope::from_record(r.key.as_deref(), &r.headers, r.payload.clone()).unwrap();
+        if e.session == session && e.kind == Kind::Frame {
+            return e;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framed_json_nested_too_deep_is_bad_request_and_never_published() {
+    let app = start_default().await;
+    let mut tap = app
+        .bus
+        .subscribe("sy.in.app", SubscribeOptions::default())
+        .await
+        .unwrap();
+    let (mut ws, id) = connect(&app.url("/ws")).await;
+    assert_eq!(next_json(&mut ws).await["op"], "welcome");
+
+    // The issue's bomb: 100,000 levels (200 KB), then the default limit's edge: 64 levels in
+    // all (the frame's object + 63 arrays) passes, 65 does not.
+    for (tag, arrays) in [("bomb", 100_000), ("d65", 64)] {
+        ws.send(Message::text(nested_send(tag, arrays))).await.unwrap();
+        let v = next_json(&mut ws).await;
+        assert_eq!(
+            (v["op"].as_str(), v["code"].as_str(), v["id"].as_str()),
+            (Some("error"), Some("bad_request"), Some(tag)),
+            "{v}"
+        );
+        assert!(v["message"].as_str().unwrap_or_default().contains("64"), "{v}");
+    }
+    ws.send(Message::text(nested_send("d64", 63))).await.unwrap();
+    let v = next_json(&mut ws).await;
+    let ack = if v["op"] == "ack" { v } else { next_json(&mut ws).await };
+    assert_eq!(ack, json!({"op":"ack","id":"d64"}));
+    // The first frame record of the session is the one that passed: neither refused frame
+    // reached the bus.
+    let e = next_frame(&mut tap, &id).await;
+    assert_eq!(e.payload.iter().filter(|&&b| b == b'[').count(), 63);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_json_depth_is_configurable() {
+    let mut s = Settings::for_tests();
+    s.edge.max_json_depth = 3;
+    let app = start(s).await;
+    let (mut ws, _) = connect(&app.url("/ws")).await;
+    assert_eq!(next_json(&mut ws).await["op"], "welcome");
+    ws.send(Message::text(nested_send("ok", 2))).await.unwrap();
+    let mut got = vec![next_json(&mut ws).await, next_json(&mut ws).await];
+    got.sort_by_key(|v| v.to_string());
+    assert_eq!(got, [json!({"echo": [[1]]}), json!({"op":"ack","id":"ok"})]);
+    ws.send(Message::text(nested_send("deep", 3))).await.unwrap();
+    let v = next_json(&mut ws).await;
+    assert_eq!(
+        (v["code"].as_str(), v["id"].as_str()),
+        (Some("bad_request"), Some("deep")),
+        "{v}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dotted_prefix_keeps_bus_metric_labels() {
+    // Regression: the topic class was the second dotted token, so with `acme.prod` every bus
+    // metric said topic="other".
+    let naming = Naming::new("acme.prod").unwrap();
+    let mut s = Settings::for_tests();
+    s.naming = naming.clone();
+    s.edge.naming = naming.clone();
+    s.bus.prefix = "acme.prod".into();
+    let app = start(s).await;
+    let (mut ws, _) = connect(&app.url("/ws/echo")).await;
+    ws.send(Message::text("hi")).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::text("hi"));
+    close_normal(&mut ws).await;
+    let admin = app.admin.to_string();
+    let published = |topic: &str| format!(r#"switchyard_bus_published_total{{bus="memory",topic="{topic}"}}"#);
+    // The connect, the frame and the echo's reply were published under the dotted prefix.
+    assert!(sample(&admin, &published("in")).await >= 2);
+    assert!(sample(&admin, &published("sessions")).await >= 1);
+    assert!(sample(&admin, &published("node")).await >= 1);
+    assert_eq!(sample(&admin, &published("other")).await, 0);
+    app.stop().await;
+}
