@@ -1,7 +1,7 @@
 //! The admin listener: health, readiness, Prometheus metrics and a small JSON API. Served on its
 //! own address, apart from client traffic.
 
-use crate::server::EdgeState;
+use crate::state::EdgeState;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;

@@ -3,7 +3,7 @@
 //! by one task, so per-session order holds.
 
 use crate::metrics as m;
-use crate::server::EdgeState;
+use crate::state::EdgeState;
 use std::sync::Arc;
 use switchyard_bus::Subscription;
 use switchyard_protocol::framed;

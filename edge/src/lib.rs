@@ -13,13 +13,17 @@
 //! - [`listener`]: the accept loop: CIDR rules, TLS, header timeouts and limits.
 //! - [`tls`]: wss:// certificates, reloaded when their files change or on SIGHUP.
 //! - [`guard`]: the per-socket frame-flood budget (continuation and control floods).
-//! - [`server`]: route lookup, 404 before upgrade, every handshake check, the upgrade.
+//! - [`state`]: the shared data: routes with their metric handles, the node state.
+//! - [`node`]: the node's life: start (delivery, lease, listener) and drain.
+//! - [`admit`]: connection caps (rate, node, per IP, per user), held from accept to close.
+//! - [`upgrade`]: route lookup, 404 before upgrade, every handshake check, the upgrade.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` and the JSON API.
 //! - [`metrics`]: every metric the process exports, declared in one place.
 
 pub mod admin;
 pub mod auth;
 
+pub mod admit;
 pub mod channels;
 pub mod config;
 pub mod decode;
@@ -28,10 +32,13 @@ pub mod frame;
 pub mod guard;
 pub mod listener;
 pub mod metrics;
+pub mod node;
 pub mod queue;
-pub mod server;
 pub mod session;
+pub mod state;
 pub mod tls;
+pub mod upgrade;
 
 pub use config::{EdgeConfig, Mode, RouteConfig, SlowPolicy};
-pub use server::{Edge, EdgeState};
+pub use node::Edge;
+pub use state::EdgeState;

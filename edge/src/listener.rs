@@ -3,8 +3,9 @@
 //! then HTTP/1.1 with a header-read timeout and header size and count limits (slowloris, header
 //! floods). Requests go to the axum router, which performs the WebSocket upgrade.
 
+use crate::admit::{ConnSlot, Slot};
 use crate::metrics as m;
-use crate::server::{ConnSlot, EdgeState, Slot};
+use crate::state::EdgeState;
 use crate::tls::TlsReloader;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;

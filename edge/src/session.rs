@@ -18,7 +18,7 @@ use crate::config::{Mode, RateAction};
 use crate::frame;
 use crate::guard::Tripped;
 use crate::queue::{Out, OutQueue, Push};
-use crate::server::{EdgeState, Route};
+use crate::state::{EdgeState, Route};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::{HashSet, VecDeque};

@@ -1,0 +1,214 @@
+//! The handshake: every check before a socket exists (route, WebSocket handshake, draining,
+//! Origin, caps, authentication), the 101, and the session's task on the upgraded socket.
+
+use crate::admit::{refuse, ConnSlot};
+use crate::metrics as m;
+use crate::session::{self, Session};
+use crate::state::EdgeState;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use switchyard_protocol::TraceContext;
+use tracing::Instrument;
+
+/// Does a comma-separated header hold `token` (case-insensitive)?
+fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Every check before a socket exists, cheapest first: route (404), WebSocket handshake
+/// (400/426), draining (503), Origin (403), connection rate and caps (429/503),
+/// authentication (401), per-user cap (429). Then the 101 and, on its own task, the session.
+pub(crate) async fn upgrade(
+    State(st): State<Arc<EdgeState>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
+    req: axum::extract::Request,
+) -> Response {
+    let (mut parts, _body) = req.into_parts();
+    let headers = &parts.headers;
+    let Some(route) = st.routes.get(parts.uri.path()).cloned() else {
+        metrics::counter!(m::HANDSHAKE_REJECTED, "reason" => "unknown_path").increment(1);
+        return (StatusCode::NOT_FOUND, "no such route\n").into_response();
+    };
+    // RFC 6455 §4.2.1.
+    let is_ws = parts.method == Method::GET
+        && has_token(headers, header::CONNECTION, "upgrade")
+        && has_token(headers, header::UPGRADE, "websocket");
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).map(|k| k.as_bytes().to_vec());
+    let (Some(key), true) = (key, is_ws) else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "not_websocket",
+            "expected a WebSocket upgrade\n",
+        );
+    };
+    if headers.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v != "13") {
+        let mut r = refuse(
+            StatusCode::UPGRADE_REQUIRED,
+            "ws_version",
+            "WebSocket version 13 only\n",
+        );
+        r.headers_mut()
+            .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return r;
+    }
+    let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "not_websocket",
+            "connection cannot be upgraded\n",
+        );
+    };
+    if st.shutdown.is_cancelled() {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "draining", "node is shutting down\n");
+    }
+    // Exact Origin match: no suffix, prefix or `null` tricks.
+    if !route.cfg.allowed_origins.is_empty() {
+        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+        if !origin.is_some_and(|o| route.cfg.allowed_origins.iter().any(|a| a == o)) {
+            return refuse(StatusCode::FORBIDDEN, "origin", "origin not allowed\n");
+        }
+    }
+    // The connection's cap slot, taken at accept; the first upgrade on it takes it over.
+    let Some(mut slot) = parts.extensions.get::<ConnSlot>().and_then(|c| c.0.lock().take()) else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "not_websocket",
+            "connection already upgraded\n",
+        );
+    };
+    let verified = match &route.verifier {
+        Some(v) => match v.verify(headers, parts.uri.query()) {
+            Ok(v) => Some(v),
+            Err(r) => {
+                let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::UNAUTHORIZED);
+                return refuse(status, r.reason, "unauthorized\n");
+            }
+        },
+        None => None,
+    };
+    if let Some(v) = &verified {
+        if let Err(r) = slot.add_user(&route.cfg.path, &v.identity.subject) {
+            return r;
+        }
+    }
+    let trace = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|tp| {
+            let ts = headers.get("tracestate").and_then(|v| v.to_str().ok());
+            TraceContext::parse(tp, ts).ok()
+        })
+        .unwrap_or_else(new_trace);
+    let offered_v1 = has_token(headers, header::SEC_WEBSOCKET_PROTOCOL, "switchyard.v1");
+    let id = ulid::Ulid::new().to_string();
+    let span = tracing::info_span!("session", session = %id, route = %route.cfg.path, trace_id = %trace.trace_id());
+    let mut sess = Session::new(id.clone(), route.clone(), trace);
+    if let Some(v) = verified {
+        sess.identity = Some(v.identity);
+        sess.expires_at = v.expires_at;
+        sess.grants = v.grants;
+    }
+    let sess = Arc::new(sess);
+    let token = st.tracker.token();
+    let st2 = st.clone();
+    let fut = async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                tracing::debug!(%peer, "session opened");
+                match upgraded.downcast::<hyper_util::rt::TokioIo<tokio::net::TcpStream>>() {
+                    // Plain TCP: the write half is shared with the queue's direct path.
+                    Ok(parts) => {
+                        let (r, w) = parts.io.into_inner().into_split();
+                        let w = Arc::new(w);
+                        sess.queue.set_direct(w.clone());
+                        let r = Prefixed::new(parts.read_buf, r);
+                        session::run(st2, sess, r, crate::queue::SharedTcp(w)).await;
+                    }
+                    // TLS: everything is written by the session's writer.
+                    Err(upgraded) => {
+                        let (r, w) = tokio::io::split(hyper_util::rt::TokioIo::new(upgraded));
+                        session::run(st2, sess, r, w).await;
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+        }
+        drop(token);
+        drop(slot);
+    };
+    tokio::spawn(fut.instrument(span));
+    metrics::counter!(m::HANDSHAKES, "route" => route.cfg.path.clone()).increment(1);
+    let mut resp = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(
+            header::SEC_WEBSOCKET_ACCEPT,
+            tungstenite::handshake::derive_accept_key(&key),
+        )
+        .body(axum::body::Body::empty())
+        .expect("static response parts");
+    if offered_v1 {
+        resp.headers_mut().insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("switchyard.v1"),
+        );
+    }
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-switchyard-session", v);
+    }
+    resp
+}
+
+/// A reader that first yields what the HTTP parser had already read past the upgrade request
+/// (a client may send its first frame without waiting for the 101).
+pub struct Prefixed<R> {
+    head: bytes::Bytes,
+    inner: R,
+}
+
+impl<R> Prefixed<R> {
+    fn new(head: bytes::Bytes, inner: R) -> Self {
+        // A copy: the parser's bytes would keep its whole read buffer alive for the session.
+        let head = if head.is_empty() {
+            bytes::Bytes::new()
+        } else {
+            bytes::Bytes::copy_from_slice(&head)
+        };
+        Self { head, inner }
+    }
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<R> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.head.is_empty() {
+            let n = this.head.len().min(buf.remaining());
+            buf.put_slice(&this.head.split_to(n));
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+/// A fresh W3C trace context for a handshake that brought none.
+fn new_trace() -> TraceContext {
+    let t = ulid::Ulid::new().0 | 1;
+    let s = (ulid::Ulid::new().0 as u64) | 1;
+    TraceContext {
+        traceparent: format!("00-{t:032x}-{s:016x}-01"),
+        tracestate: None,
+    }
+}
