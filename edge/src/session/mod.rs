@@ -1,0 +1,269 @@
+//! One WebSocket session: one task whose future ([`Conn`]) is written by hand, so an idle socket
+//! costs a few hundred bytes of task state: the decoder, the writer's batch, one timer (ping,
+//! idle, close and token deadlines, re-armed lazily) and a few flags. It reads client frames,
+//! drains the session's [`OutQueue`] and runs at most one bus publish at a time.
+//!
+//! Client frames are decoded by [`crate::decode`]; everything sent to the client is an encoded
+//! frame from [`crate::frame`] written by the queue's direct path or by the writer here. Pings
+//! and closes are answered here, through the queue, in order with everything else. The task is
+//! woken by its socket, its timer, its publish, and the queue's waker (a push to an empty queue,
+//! or [`OutQueue::wake`] for a drain).
+//!
+//! The reader publishes connect, every client frame and disconnect to the route's inbound topic
+//! in order, with a per-session seq (connect = 1). A frame counts as accepted once the bus has
+//! taken it; when the bus refuses one, a raw client is closed with 1013 and a framed client gets
+//! an `error` op — never a silent drop.
+//!
+//! - this module: the session handle ([`Session`]: queue, counters, channels) and teardown;
+//! - [`conn`]: the hand-written future that reads, writes and keeps the timers;
+//! - [`ops`]: the framed protocol's ops (subscribe, unsubscribe, publish, send);
+//! - [`publish`]: envelope stamping and the inbound, lifecycle and registry publishes.
+
+mod conn;
+mod ops;
+mod publish;
+
+pub use ops::subscribe;
+
+use crate::config::Mode;
+use crate::frame;
+use crate::queue::{OutQueue, Push};
+use crate::state::{EdgeState, Route};
+use bytes::Bytes;
+use conn::{Conn, Decoder};
+use parking_lot::Mutex;
+use publish::lifecycle;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use switchyard_protocol::envelope::now_ms;
+use switchyard_protocol::framed;
+use switchyard_protocol::{close, Kind, TraceContext};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// Most channels one session may hold.
+pub const MAX_CHANNELS_PER_SESSION: usize = 256;
+
+/// A live session, shared by its reader, its writer, channel fan-out and node delivery.
+pub struct Session {
+    pub id: String,
+    pub route: Arc<Route>,
+    pub connected_at_ms: u64,
+    pub trace: TraceContext,
+    pub queue: OutQueue,
+    pub frames_in: AtomicU64,
+    pub frames_out: AtomicU64,
+    pub channels: Mutex<HashSet<String>>,
+    /// Set when the session is torn down: a subscription completed after this is undone.
+    stopped: AtomicBool,
+    /// The per-session seq of the last inbound record (connect = 1).
+    seq: AtomicU64,
+    /// Verified identity, stamped into every inbound record.
+    pub identity: Option<switchyard_protocol::Identity>,
+    /// When the credential expires (Unix seconds): the socket is closed with 4001 then.
+    pub expires_at: Option<u64>,
+    /// Channel patterns the credential grants (channel authorization).
+    pub grants: crate::auth::Grants,
+    /// The route's message rate for this session, when it has one.
+    rate: Option<governor::DefaultDirectRateLimiter>,
+}
+
+impl Session {
+    pub fn new(id: String, route: Arc<Route>, trace: TraceContext) -> Self {
+        Self {
+            queue: OutQueue::new(route.cfg.queue_size, route.cfg.slow_policy),
+            id,
+            connected_at_ms: now_ms(),
+            trace,
+            frames_in: AtomicU64::new(0),
+            frames_out: AtomicU64::new(0),
+            channels: Mutex::new(HashSet::new()),
+            stopped: AtomicBool::new(false),
+            seq: AtomicU64::new(0),
+            identity: None,
+            expires_at: None,
+            grants: Default::default(),
+            rate: route.rate.map(crate::guard::direct_limiter),
+            route,
+        }
+    }
+
+    /// Sends or queues an encoded data frame, applying and counting the slow-consumer policy.
+    pub fn deliver(&self, frame: &Bytes) {
+        let mut tally = Tally::default();
+        self.deliver_tallied(frame, &mut tally);
+    }
+
+    /// [`Session::deliver`], adding a written frame to the route's counters through `tally`
+    /// (a fan-out applies them once per batch, not once per socket).
+    pub fn deliver_tallied(&self, frame: &Bytes, tally: &mut Tally) {
+        let mut p = Push::Closed;
+        self.count_ahead(1, || {
+            p = self.queue.push(frame);
+            u64::from(p == Push::Written)
+        });
+        match p {
+            Push::Written => tally.add(&self.route, frame.len() as u64),
+            Push::Queued | Push::Closed => {}
+            Push::DroppedOldest => self.route.drop_oldest.increment(1),
+            Push::Overflowed => {
+                self.route.drop_slow_close.increment(1);
+                tracing::debug!(session = %self.id, "slow consumer: closing with 4008");
+            }
+        }
+    }
+
+    /// [`Session::deliver`] for several frames in order: the ones that fit go out with one
+    /// vectored write.
+    pub fn deliver_all(&self, frames: &[Bytes]) {
+        let mut bytes = 0u64;
+        let n = self.count_ahead(frames.len() as u64, || {
+            let mut n = 0;
+            self.queue.push_all(frames, |f, p| match p {
+                Push::Written => {
+                    n += 1;
+                    bytes += f.len() as u64;
+                }
+                Push::Queued | Push::Closed => {}
+                Push::DroppedOldest => self.route.drop_oldest.increment(1),
+                Push::Overflowed => self.route.drop_slow_close.increment(1),
+            });
+            n
+        });
+        tally_route(&self.route, n, bytes);
+    }
+
+    /// Sends or queues a protocol message (welcome, ack, error) for a framed client.
+    pub fn reply(&self, text: String) {
+        let f = frame::text(text.as_bytes());
+        let len = f.len() as u64;
+        if self.count_ahead(1, || u64::from(self.queue.push_control(f) == Push::Written)) == 1 {
+            tally_route(&self.route, 1, len);
+        }
+    }
+
+    /// Adds `n` frames to `frames_out` before `push` can write them where the client sees
+    /// them, then takes back the ones it did not write (a queued frame is counted when the
+    /// writer takes it). Returns how many `push` wrote.
+    fn count_ahead(&self, n: u64, push: impl FnOnce() -> u64) -> u64 {
+        self.frames_out.fetch_add(n, Ordering::Relaxed);
+        let written = push();
+        if written < n {
+            self.frames_out.fetch_sub(n - written, Ordering::Relaxed);
+        }
+        written
+    }
+}
+
+/// Frames written to clients, added up per route and applied to the route's counters on
+/// [`Tally::flush`] (and on drop).
+#[derive(Default)]
+pub struct Tally {
+    route: Option<Arc<Route>>,
+    frames: u64,
+    bytes: u64,
+}
+
+impl Tally {
+    fn add(&mut self, route: &Arc<Route>, bytes: u64) {
+        if !self.route.as_ref().is_some_and(|r| Arc::ptr_eq(r, route)) {
+            self.flush();
+            self.route = Some(route.clone());
+        }
+        self.frames += 1;
+        self.bytes += bytes;
+    }
+
+    /// Applies what was added to the route's counters.
+    pub fn flush(&mut self) {
+        if let Some(r) = &self.route {
+            if self.frames > 0 {
+                r.frames_out.increment(self.frames);
+                r.bytes_out.increment(self.bytes);
+            }
+        }
+        self.frames = 0;
+        self.bytes = 0;
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// How a session ended, as reported in its disconnect event.
+#[derive(Debug, Clone)]
+struct Ended {
+    code: u16,
+    reason: String,
+}
+
+impl Ended {
+    fn new(code: u16, reason: &str) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Runs a session on an upgraded socket until it ends: `reader` and `writer` are its two
+/// halves; the frame-flood guard is put in front of the reader here.
+pub async fn run<R, W>(st: Arc<EdgeState>, sess: Arc<Session>, reader: R, writer: W)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (reader, tripped) = crate::guard::Guarded::new(reader, st.cfg.frame_limits);
+    let stream = Decoder::new(reader, sess.route.max_message_size);
+    st.sessions.insert(sess.id.clone(), sess.clone());
+    sess.route.open.increment(1.0);
+    // Welcome first: a backend may answer the connect event before the publish returns.
+    if sess.route.cfg.mode == Mode::Framed {
+        sess.reply(framed::welcome(&sess.id));
+    }
+    let mut conn = Conn::new(st.clone(), sess.clone(), stream, tripped, writer);
+    let ended = (&mut conn).await;
+
+    // Teardown: send our close frame if one is still owed, leave channels, forget the session,
+    // then tell the backend. 1005/1006/1015 are never sent on the wire.
+    let code = if matches!(ended.code, 1005 | 1006 | 1015) {
+        close::NORMAL
+    } else {
+        ended.code
+    };
+    sess.queue.close(code, &ended.reason);
+    conn.flush_close().await;
+    let channels: Vec<String> = {
+        let mut chans = sess.channels.lock();
+        sess.stopped.store(true, Ordering::Release);
+        chans.drain().collect()
+    };
+    for c in channels {
+        Box::pin(st.channels.unsubscribe(&sess, &c)).await;
+    }
+    st.sessions.remove(&sess.id);
+    sess.route.open.decrement(1.0);
+    metrics::counter!(crate::metrics::CLOSES, "route" => sess.route.cfg.path.clone(), "code" => ended.code.to_string())
+        .increment(1);
+    tracing::debug!(code = ended.code, reason = %ended.reason, "session closed");
+    if let Err(e) = Box::pin(lifecycle(&st, &sess, Kind::Disconnect, Some(&ended))).await {
+        tracing::warn!(session = %sess.id, error = %e, "bus refused disconnect event");
+    }
+}
+
+fn count(sess: &Session, route: &Route, n: u64, bytes: u64) {
+    if n > 0 {
+        sess.frames_out.fetch_add(n, Ordering::Relaxed);
+        tally_route(route, n, bytes);
+    }
+}
+
+fn tally_route(route: &Route, n: u64, bytes: u64) {
+    if n > 0 {
+        route.frames_out.increment(n);
+        route.bytes_out.increment(bytes);
+    }
+}

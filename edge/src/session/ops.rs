@@ -1,0 +1,159 @@
+//! The framed protocol's client ops: subscribe, unsubscribe, publish and send, each answered
+//! (subscribed, unsubscribed, ack or error) and checked against the route and the credential.
+
+use super::publish::publish_frame;
+use super::{Session, MAX_CHANNELS_PER_SESSION};
+use crate::state::EdgeState;
+use bytes::Bytes;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use switchyard_bus::{BusError, Record};
+use switchyard_protocol::envelope::{header, now_ms};
+use switchyard_protocol::framed::{self, ClientOp};
+use switchyard_protocol::{Headers, Opcode};
+
+fn bus_code(e: &BusError) -> &'static str {
+    match e {
+        BusError::Overflow { .. } => "overloaded",
+        _ => "bus_unavailable",
+    }
+}
+
+/// Refuses a channel operation the route or the credential does not allow.
+fn forbidden(sess: &Session, publish: bool, channel: &str, id: Option<&str>) -> bool {
+    if sess.route.may(publish, &sess.grants, channel) {
+        return false;
+    }
+    let op = if publish { "publish" } else { "subscribe" };
+    metrics::counter!(crate::metrics::FORBIDDEN, "route" => sess.route.cfg.path.clone(), "op" => op).increment(1);
+    sess.reply(framed::error_with_id(
+        "forbidden",
+        &format!("not allowed to {op} on {channel}"),
+        id,
+    ));
+    true
+}
+
+/// Handles one framed-protocol client frame. A bus refusal is answered with an error op
+/// (carrying the client's `id` if it gave one) and returned so it is counted.
+pub(super) async fn handle_op(
+    st: &EdgeState,
+    sess: &Arc<Session>,
+    payload: Bytes,
+    opcode: Opcode,
+) -> Result<(), BusError> {
+    if opcode == Opcode::Binary {
+        sess.reply(framed::error(
+            "bad_request",
+            "binary frames are not part of the framed protocol",
+        ));
+        return Ok(());
+    }
+    let req = framed::decode_request_with(&payload, st.cfg.max_json_depth);
+    let id = req.id.as_deref();
+    let op = match req.op {
+        Ok(op) => op,
+        Err(e) => {
+            sess.reply(framed::error_with_id(e.code(), &e.to_string(), id));
+            return Ok(());
+        }
+    };
+    let res = match op {
+        ClientOp::Subscribe { channel } => {
+            if !forbidden(sess, false, &channel, id) {
+                subscribe(st, sess, &channel).await;
+            }
+            return Ok(());
+        }
+        ClientOp::Unsubscribe { channel } => {
+            if sess.channels.lock().remove(&channel) {
+                st.channels.unsubscribe(sess, &channel).await;
+                sess.reply(framed::unsubscribed(&channel));
+            } else {
+                sess.reply(framed::error("not_subscribed", &format!("not subscribed to {channel}")));
+            }
+            return Ok(());
+        }
+        ClientOp::Publish { channel, data } => {
+            if !sess.route.cfg.allow_publish {
+                sess.reply(framed::error_with_id(
+                    "forbidden",
+                    "this route does not allow publish",
+                    id,
+                ));
+                return Ok(());
+            }
+            if forbidden(sess, true, &channel, id) {
+                return Ok(());
+            }
+            let mut h = Headers::new();
+            h.insert(header::SESSION, sess.id.clone());
+            h.insert(header::NODE, st.cfg.node_id.clone());
+            h.insert(header::TIMESTAMP, now_ms().to_string());
+            h.insert(header::TRACEPARENT, sess.trace.traceparent.clone());
+            let rec = Record {
+                key: None,
+                headers: h,
+                payload: data,
+            };
+            st.bus.publish(&st.cfg.naming.channel(&channel), rec).await.map(|_| ())
+        }
+        ClientOp::Send { data } => publish_frame(st, sess, data, Opcode::Text).await,
+    };
+    match (&res, id) {
+        (Ok(()), Some(id)) => sess.reply(framed::ack(id)),
+        (Ok(()), None) => {}
+        (Err(e), id) => sess.reply(framed::error_with_id(bus_code(e), &e.to_string(), id)),
+    }
+    res
+}
+
+/// Subscribes a session to a channel and answers `subscribed` (framed) once it is live.
+pub async fn subscribe(st: &EdgeState, sess: &Arc<Session>, channel: &str) {
+    {
+        let chans = sess.channels.lock();
+        if chans.contains(channel) {
+            drop(chans);
+            if sess.route.is_framed() {
+                sess.reply(framed::subscribed(channel));
+            }
+            return;
+        }
+        if chans.len() >= MAX_CHANNELS_PER_SESSION {
+            drop(chans);
+            if sess.route.is_framed() {
+                sess.reply(framed::error(
+                    "too_many_channels",
+                    &format!("at most {MAX_CHANNELS_PER_SESSION} channels per session"),
+                ));
+            }
+            return;
+        }
+    }
+    match st.channels.subscribe(sess, channel).await {
+        Ok(()) => {
+            // Checked and recorded under the lock teardown takes to set `stopped` and empty
+            // the set: either teardown sees this channel, or this sees `stopped`.
+            let kept = {
+                let mut chans = sess.channels.lock();
+                let ended = sess.stopped.load(Ordering::Acquire) || sess.queue.is_closing();
+                if !ended {
+                    chans.insert(channel.to_owned());
+                }
+                !ended
+            };
+            if !kept {
+                // The session ended while the subscription was being made: undo it, or the hub
+                // would keep the session (and the bus subscription) forever.
+                st.channels.unsubscribe(sess, channel).await;
+            } else if sess.route.is_framed() {
+                sess.reply(framed::subscribed(channel));
+            }
+        }
+        Err(e) => {
+            if sess.route.is_framed() {
+                sess.reply(framed::error("bus_unavailable", &e.to_string()));
+            }
+        }
+    }
+}
