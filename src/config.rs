@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use switchyard_bus::BusOptions;
+use switchyard_edge::config::Loaded;
 use switchyard_edge::config::{default_routes, parse_routes};
 use switchyard_edge::EdgeConfig;
 use switchyard_protocol::Naming;
@@ -63,98 +64,12 @@ pub struct Options {
     /// Also run the demo backends (echo on /ws/echo, app + demo.ticker channel on /ws)
     #[arg(long, env = "SWITCHYARD_DEMO", global = true)]
     pub demo: bool,
-    /// Prefix of every topic/subject name
-    #[arg(long, env = "SWITCHYARD_PREFIX", default_value = "sy", global = true)]
-    pub prefix: String,
-    /// Default largest client message in bytes (bigger closes with 1009)
-    #[arg(long, env = "SWITCHYARD_MAX_MESSAGE_SIZE", default_value_t = 1 << 20, global = true)]
-    pub max_message_size: usize,
-    /// Interval between server pings, e.g. 20s
-    #[arg(long, env = "SWITCHYARD_PING_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration, global = true)]
-    pub ping_interval: Duration,
-    /// Close sockets silent (no frame, no pong) for this long, e.g. 60s
-    #[arg(long, env = "SWITCHYARD_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration, global = true)]
-    pub idle_timeout: Duration,
-    /// On SIGTERM, how long clients get to answer the close handshake
-    #[arg(long, env = "SWITCHYARD_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
-    pub shutdown_grace: Duration,
-    /// Node lease in the durable registry (NATS KV): a node silent this long is dead and its
-    /// sessions get synthetic disconnects
-    #[arg(long, env = "SWITCHYARD_LEASE", default_value = "15s", value_parser = humantime::parse_duration, global = true)]
-    pub lease: Duration,
-    /// Partitions of each inbound topic (NATS subject token p<N>; murmur2(session) % N)
-    #[arg(long, env = "SWITCHYARD_PARTITIONS", default_value_t = 16, global = true)]
-    pub partitions: u32,
-    /// Publishes that may wait while the bus is disconnected; past it, clients are told
-    #[arg(long, env = "SWITCHYARD_OUTAGE_BUFFER", default_value_t = 1024, global = true)]
-    pub outage_buffer: usize,
-    /// How long a durable publish (NATS stream, Kafka acks=all) may wait for the broker's
-    /// acknowledgement before the client is told it was refused
-    #[arg(long, env = "SWITCHYARD_ACK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
-    pub ack_timeout: Duration,
-    /// Most WebSocket connections this node holds (past it: 503 before the upgrade)
-    #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS", default_value_t = 100_000, global = true)]
-    pub max_connections: usize,
-    /// Most connections one client IP may hold (past it: 429 before the upgrade)
-    #[arg(
-        long,
-        env = "SWITCHYARD_MAX_CONNECTIONS_PER_IP",
-        default_value_t = 10_000,
-        global = true
-    )]
-    pub max_connections_per_ip: usize,
-    /// Most connections one authenticated subject may hold (past it: 429 before the upgrade)
-    #[arg(
-        long,
-        env = "SWITCHYARD_MAX_CONNECTIONS_PER_USER",
-        default_value_t = 1_000,
-        global = true
-    )]
-    pub max_connections_per_user: usize,
-    /// New connections per second one client IP may open, burst the same (past it: 429); 0 = off
-    #[arg(long, env = "SWITCHYARD_CONNECT_RATE_PER_IP", default_value_t = 0, global = true)]
-    pub connect_rate_per_ip: u32,
-    /// Only accept clients from these CIDRs (comma-separated; default: any)
-    #[arg(long, env = "SWITCHYARD_ALLOW_CIDRS", value_delimiter = ',', global = true)]
-    pub allow_cidr: Vec<ipnet::IpNet>,
-    /// Refuse clients from these CIDRs at accept (comma-separated; checked before --allow-cidr)
-    #[arg(long, env = "SWITCHYARD_DENY_CIDRS", value_delimiter = ',', global = true)]
-    pub deny_cidr: Vec<ipnet::IpNet>,
-    /// The TLS handshake, and then the HTTP request head, must each complete within this (slowloris)
-    #[arg(long, env = "SWITCHYARD_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
-    pub handshake_timeout: Duration,
-    /// Largest HTTP request head in bytes (431 past it; 8192..=1048576)
-    #[arg(long, env = "SWITCHYARD_MAX_HEADER_BYTES", default_value_t = 16 << 10, global = true)]
-    pub max_header_bytes: usize,
-    /// Most HTTP request headers (431 past it)
-    #[arg(long, env = "SWITCHYARD_MAX_HEADERS", default_value_t = 64, global = true)]
-    pub max_headers: usize,
-    /// Frames per second per socket, any kind incl. continuation (past it: close 1008)
-    #[arg(
-        long,
-        env = "SWITCHYARD_MAX_FRAMES_PER_SECOND",
-        default_value_t = 20_000,
-        global = true
-    )]
-    pub max_frames_per_second: u32,
-    /// Control frames (ping, pong, close) per second per socket (past it: close 1008)
-    #[arg(
-        long,
-        env = "SWITCHYARD_MAX_CONTROL_FRAMES_PER_SECOND",
-        default_value_t = 100,
-        global = true
-    )]
-    pub max_control_frames_per_second: u32,
     /// wss://: PEM certificate chain (with --tls-key); reloaded when the file changes or on SIGHUP
     #[arg(long, env = "SWITCHYARD_TLS_CERT", requires = "tls_key", global = true)]
     pub tls_cert: Option<PathBuf>,
     /// wss://: PEM private key (with --tls-cert)
     #[arg(long, env = "SWITCHYARD_TLS_KEY", requires = "tls_cert", global = true)]
     pub tls_key: Option<PathBuf>,
-    /// On SIGTERM, how long sessions keep running (readyz already 503) before they are closed
-    /// with 1012
-    #[arg(long, env = "SWITCHYARD_DRAIN_GRACE", default_value = "0s", value_parser = humantime::parse_duration, global = true)]
-    pub drain_grace: Duration,
     /// File holding the key (>= 32 bytes) for `sy-sig`, an HMAC-SHA256 on every inbound record
     #[arg(long, env = "SWITCHYARD_IDENTITY_HMAC_KEY_FILE", global = true)]
     pub identity_hmac_key_file: Option<PathBuf>,
@@ -167,13 +82,6 @@ pub struct Options {
     /// TLS to the broker: client key (with --bus-tls-cert)
     #[arg(long, env = "SWITCHYARD_BUS_TLS_KEY", requires = "bus_tls_cert", global = true)]
     pub bus_tls_key: Option<PathBuf>,
-    /// Framed routes: deepest JSON nesting of a client frame (its own object is level 1); deeper
-    /// frames are answered bad_request and not published
-    #[arg(long, env = "SWITCHYARD_MAX_JSON_DEPTH", default_value_t = switchyard_protocol::framed::DEFAULT_MAX_DEPTH, global = true)]
-    pub max_json_depth: usize,
-    /// Per-subscription bus buffer (messages)
-    #[arg(long, env = "SWITCHYARD_BUS_BUFFER", default_value_t = 8192, global = true)]
-    pub bus_buffer: usize,
     /// Log filter, tracing-subscriber syntax (e.g. info,switchyard_edge=debug)
     #[arg(long, env = "SWITCHYARD_LOG", default_value = "info", global = true)]
     pub log: String,
@@ -186,6 +94,10 @@ pub struct Options {
         global = true
     )]
     pub log_format: LogFormat,
+    #[command(flatten)]
+    pub edge: EdgeConfig,
+    #[command(flatten)]
+    pub bus_options: BusOptions,
 }
 
 impl Options {
@@ -215,6 +127,9 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub admin: SocketAddr,
     pub edge: EdgeConfig,
+    /// What validating `edge` loaded (verifiers, TLS); `None` for settings built by hand,
+    /// which [`Settings::build`](crate::App) then validates.
+    pub loaded: Option<Loaded>,
     pub naming: Naming,
     pub demo: bool,
 }
@@ -231,6 +146,7 @@ impl Settings {
             listen: "127.0.0.1:0".parse().expect("addr"),
             admin: "127.0.0.1:0".parse().expect("addr"),
             edge,
+            loaded: None,
             naming: Naming::default(),
             demo: true,
         }
@@ -258,7 +174,8 @@ impl Cli {
         if o.demo && command != Command::Standalone {
             return Err("--demo applies to standalone; run `switchyard demo` for the backends alone".into());
         }
-        let naming = Naming::new(&o.prefix).map_err(|e| format!("--prefix: {e}"))?;
+        o.bus_options.validate()?;
+        let naming = o.bus_options.naming().map_err(|e| format!("--prefix: {e}"))?;
         let routes = match &o.routes {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -268,27 +185,10 @@ impl Cli {
             }
             None => default_routes(),
         };
-        let mut edge = EdgeConfig::new(o.node_id.clone().unwrap_or_else(generated_node_id));
+        let mut edge = o.edge.clone();
+        edge.node_id = o.node_id.clone().unwrap_or_else(generated_node_id);
         edge.naming = naming.clone();
         edge.routes = routes;
-        edge.max_message_size = o.max_message_size;
-        edge.ping_interval = o.ping_interval;
-        edge.idle_timeout = o.idle_timeout;
-        edge.shutdown_grace = o.shutdown_grace;
-        edge.lease = o.lease;
-        edge.max_connections = o.max_connections;
-        edge.max_connections_per_ip = o.max_connections_per_ip;
-        edge.max_connections_per_user = o.max_connections_per_user;
-        edge.connect_rate_per_ip = o.connect_rate_per_ip;
-        edge.allow_cidrs = o.allow_cidr.clone();
-        edge.deny_cidrs = o.deny_cidr.clone();
-        edge.handshake_timeout = o.handshake_timeout;
-        edge.max_header_bytes = o.max_header_bytes;
-        edge.max_headers = o.max_headers;
-        edge.frame_limits = switchyard_edge::guard::FrameLimits {
-            frames_per_second: o.max_frames_per_second,
-            control_per_second: o.max_control_frames_per_second,
-        };
         edge.tls = match (&o.tls_cert, &o.tls_key) {
             (Some(cert), Some(key)) => Some(switchyard_edge::tls::TlsFiles {
                 cert: cert.clone(),
@@ -296,8 +196,6 @@ impl Cli {
             }),
             _ => None,
         };
-        edge.drain_grace = o.drain_grace;
-        edge.max_json_depth = o.max_json_depth;
         edge.identity_hmac_key = match &o.identity_hmac_key_file {
             Some(p) => {
                 let k = std::fs::read(p).map_err(|e| format!("cannot read identity HMAC key {}: {e}", p.display()))?;
@@ -306,25 +204,14 @@ impl Cli {
             None => None,
         };
 
-        edge.validate()?;
-        if o.partitions == 0 || o.partitions > 4096 {
-            return Err(format!("--partitions {} out of range 1..=4096", o.partitions));
-        }
-        if o.bus_buffer == 0 || o.bus_buffer > 1 << 22 {
-            return Err(format!("--bus-buffer {} out of range 1..=4194304", o.bus_buffer));
-        }
+        let loaded = edge.validate()?;
         if command == Command::Standalone && o.listen == o.admin && o.listen.port() != 0 {
             return Err(format!("--listen and --admin are both {}", o.listen));
         }
         let bus = BusOptions {
-            buffer: o.bus_buffer,
-            outage_buffer: o.outage_buffer,
             name: format!("switchyard-{}", edge.node_id),
-            prefix: o.prefix.clone(),
-            partitions: o.partitions,
-            ack_timeout: o.ack_timeout,
             tls: o.bus_tls()?,
-            ..BusOptions::default()
+            ..o.bus_options.clone()
         };
 
         Ok(Settings {
@@ -334,6 +221,7 @@ impl Cli {
             listen: o.listen,
             admin: o.admin,
             edge,
+            loaded: Some(loaded),
             naming,
             demo: o.demo,
         })

@@ -12,10 +12,11 @@ use std::process::ExitCode;
 use switchyard::config::{Cli, LogFormat};
 use tracing_subscriber::EnvFilter;
 
-/// EX_USAGE: bad flags, env or config.
-const EX_USAGE: u8 = 64;
-/// EX_UNAVAILABLE: a listener or the bus could not be opened.
-const EX_UNAVAILABLE: u8 = 69;
+use switchyard::exit::{FAILURE, USAGE as EX_USAGE};
+
+/// How long the runtime's shutdown waits for blocking tasks still running (a Kafka flush or
+/// metadata call in `spawn_blocking`) once `App::run` has returned.
+const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -68,12 +69,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async move {
+    let code = rt.block_on(async move {
         let app = match settings.build().await {
             Ok(app) => app,
             Err(e) => {
-                eprintln!("switchyard: {e:#}");
-                return ExitCode::from(EX_UNAVAILABLE);
+                eprintln!("switchyard: {e}");
+                return ExitCode::from(e.exit_code());
             }
         };
         let token = app.shutdown_token();
@@ -96,11 +97,13 @@ fn main() -> ExitCode {
         match app.run().await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("switchyard: {e:#}");
-                ExitCode::FAILURE
+                eprintln!("switchyard: {e}");
+                ExitCode::from(FAILURE)
             }
         }
-    })
+    });
+    rt.shutdown_timeout(RUNTIME_SHUTDOWN);
+    code
 }
 
 #[cfg(feature = "kafka")]
@@ -126,7 +129,7 @@ fn replay(args: switchyard::replay::ReplayArgs, opts: &switchyard::config::Optio
     match rt.block_on(switchyard::replay::run(
         args,
         opts.bus.clone(),
-        opts.prefix.clone(),
+        opts.bus_options.prefix.clone(),
         tls,
     )) {
         Ok(()) => ExitCode::SUCCESS,

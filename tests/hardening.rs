@@ -11,6 +11,14 @@ use switchyard_bus::SubscribeOptions;
 use switchyard_protocol::{Envelope, Kind, Naming};
 use tokio_tungstenite::tungstenite::Message;
 
+/// Builds `s` and returns the start error it fails with.
+async fn start_error(s: Settings) -> switchyard::StartError {
+    match s.build().await {
+        Ok(_) => panic!("expected the build to fail"),
+        Err(e) => e,
+    }
+}
+
 /// `{"op":"send","id":ID,"data":[[…1…]]}` with `arrays` levels of arrays in `data`.
 fn nested_send(id: &str, arrays: usize) -> String {
     format!(
@@ -112,4 +120,45 @@ async fn a_dotted_prefix_keeps_bus_metric_labels() {
     assert!(sample(&admin, &published("node")).await >= 1);
     assert_eq!(sample(&admin, &published("other")).await, 0);
     app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_failures_map_to_exit_codes_64_69_and_1() {
+    // 64: a configuration the builder validates itself (settings built by hand).
+    let mut s = Settings::for_tests();
+    s.edge.max_headers = 1;
+    let e = start_error(s).await;
+    assert_eq!(e.exit_code(), 64, "{e}");
+    assert!(e.to_string().contains("max headers"), "{e}");
+
+    // 69: a listener that cannot be bound.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut s = Settings::for_tests();
+    s.admin = taken.local_addr().unwrap();
+    let e = start_error(s).await;
+    assert_eq!(e.exit_code(), 69, "{e}");
+    assert!(e.to_string().contains(&taken.local_addr().unwrap().to_string()), "{e}");
+
+    // 69: a bus that cannot be reached (nothing listens on the port we just freed).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut s = Settings::for_tests();
+    s.bus_url = format!("nats://{closed}");
+    let e = start_error(s).await;
+    assert_eq!(e.exit_code(), 69, "{e}");
+    assert!(e.to_string().contains("cannot open bus"), "{e}");
+
+    // 1: anything else, e.g. an edge handed settings whose keys and certificates were not
+    // loaded by validation (it refuses rather than serve wss:// or an auth route without them).
+    let mut s = Settings::for_tests();
+    s.edge.tls = Some(switchyard_edge::tls::TlsFiles {
+        cert: "/nonexistent/cert.pem".into(),
+        key: "/nonexistent/key.pem".into(),
+    });
+    s.loaded = Some(Default::default());
+    let e = start_error(s).await;
+    assert_eq!(e.exit_code(), 1, "{e}");
+    assert!(e.to_string().contains("not validated"), "{e}");
 }

@@ -513,3 +513,85 @@ async fn tls_to_nats_with_a_trusted_ca_and_refused_without() {
     let (mut ws, id) = connect(&gw.ws("/ws/echo")).await;
     echo_in_order(&mut ws, &id, 20).await;
 }
+
+/// A nats-server of the test's own (so it can be stopped), on a free port, ready.
+async fn own_nats() -> (tokio::process::Child, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let store = std::env::temp_dir().join(unique("js"));
+    let child = tokio::process::Command::new(env("NATS_SERVER_BIN"))
+        .args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-js",
+            "-sd",
+            store.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("nats-server");
+    let url = format!("nats://127.0.0.1:{port}");
+    let deadline = Instant::now() + WAIT;
+    while async_nats::connect(&url).await.is_err() {
+        assert!(Instant::now() < deadline, "nats-server did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (child, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_the_broker_gone_ends_in_bounded_time_and_says_what_was_lost() {
+    // Before: an edge and a router whose nats-server had stopped never exited on SIGTERM.
+    let (mut nats, url) = own_nats().await;
+    let p = prefix();
+    let mut edge = spawn("edge", &url, &p, &["--shutdown-grace", "1s"]).await;
+    let mut router = spawn("router", &url, &p, &[]).await;
+    let nc = async_nats::connect(&url).await.unwrap();
+    let mut tap = nc.subscribe(format!("{p}.in.echo.>")).await.unwrap();
+    nc.flush().await.unwrap();
+    let (mut ws, id) = connect(&edge.ws("/ws/echo")).await;
+    // The session is idle (its connect published) when the broker goes away.
+    next_of(&mut tap, "connect", &id).await;
+    nats.kill().await.unwrap();
+    // Wait until the edge has noticed the outage (readyz 503), so the drain meets a dead bus.
+    let readyz = edge.admin("/readyz");
+    let deadline = Instant::now() + WAIT;
+    while reqwest::get(&readyz).await.unwrap().status() != 503 {
+        assert!(Instant::now() < deadline, "/readyz reports the outage");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    edge.term();
+    router.term();
+    let sigterm = Instant::now();
+    // The client is still told to reconnect elsewhere.
+    assert_eq!(close_code(&mut ws).await, Some(1012));
+    // Drain grace 0 + shutdown grace 1 s + 1 s (sessions) + 1 s (lease) + 3 s (flush and
+    // stop) + 1 s (runtime) = 7 s at most by design; 20 s here only guards against a hang.
+    let bound = Duration::from_secs(20);
+    let edge_status = tokio::time::timeout(bound, edge.child.wait())
+        .await
+        .expect("the edge exits after SIGTERM with its broker gone")
+        .unwrap();
+    let router_status = tokio::time::timeout(bound, router.child.wait())
+        .await
+        .expect("the router exits after SIGTERM with its broker gone")
+        .unwrap();
+    eprintln!(
+        "edge exited {edge_status:?}, router {router_status:?}, {:?} after SIGTERM",
+        sigterm.elapsed()
+    );
+    // The session's disconnect could not be published: the edge says so and exits non-zero.
+    assert_eq!(edge_status.code(), Some(1), "edge: {:?}", edge.log_tail());
+    let log = edge.log_tail().join("\n");
+    assert!(log.contains("shutdown incomplete"), "{log}");
+    assert!(log.contains("disconnect"), "the lost disconnect is named: {log}");
+    // The router exits by itself, with a code (not a signal).
+    assert!(router_status.code().is_some(), "router: {:?}", router.log_tail());
+}

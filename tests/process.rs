@@ -76,6 +76,28 @@ fn bad_config_is_one_line_and_exit_64_before_binding() {
     let out = run(&["--listen", &addr, "--admin", "127.0.0.1:0"], &[]);
     assert_eq!(out.status.code(), Some(69), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains(&addr));
+    // So is a broker nobody answers on: 69, one line naming the bus.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let bus = format!("nats://{closed}");
+    let out = run(
+        &[
+            "edge",
+            "--bus",
+            &bus,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("cannot open bus") && err.contains(&bus), "{err}");
 }
 
 #[test]

@@ -455,7 +455,7 @@ impl Bus for KafkaBus {
         }
         if pattern.contains(['*', '>']) {
             // Plain wildcard subscriptions get a private group, starting at the end.
-            let g = format!("p-{}", ulid_like(self.next_id.fetch_add(1, Ordering::Relaxed)));
+            let g = format!("p-{}", process_unique(self.next_id.fetch_add(1, Ordering::Relaxed)));
             return self.group_subscription(pattern, &g, "latest").await;
         }
         self.ensure_topic(pattern).await?;
@@ -505,7 +505,8 @@ impl Bus for KafkaBus {
     }
 }
 
-fn ulid_like(n: u64) -> String {
+/// A name unique to this process and call: `<pid>-<n>` (private consumer group names).
+fn process_unique(n: u64) -> String {
     format!("{}-{n}", std::process::id())
 }
 

@@ -289,26 +289,52 @@ pub fn validate_url(url: &str) -> Result<(), String> {
     }
 }
 
-/// Options common to every bus.
-#[derive(Debug, Clone)]
+/// Options common to every bus. The tunables are flags of the binary (each with its
+/// `SWITCHYARD_*` environment twin), flattened into its options: the defaults are written once,
+/// here, and [`BusOptions::default`] takes the same ones.
+#[derive(Debug, Clone, clap::Args)]
 pub struct BusOptions {
-    /// Per-subscription buffer (messages). Overflow is an error to the publisher (memory) or a
-    /// counted drop reported by the consumer (network buses).
+    /// Per-subscription bus buffer (messages)
+    #[arg(
+        long = "bus-buffer",
+        env = "SWITCHYARD_BUS_BUFFER",
+        default_value_t = 8192,
+        global = true
+    )]
     pub buffer: usize,
-    /// Records that may wait while a network bus is disconnected; past it, publish fails.
+    /// Publishes that may wait while the bus is disconnected; past it, clients are told
+    #[arg(long, env = "SWITCHYARD_OUTAGE_BUFFER", default_value_t = 1024, global = true)]
     pub outage_buffer: usize,
     /// How long a publisher waits for room in a full buffer before it is told `Overflow`.
+    #[arg(skip = std::time::Duration::from_secs(1))]
     pub publish_timeout: std::time::Duration,
     /// Client name shown by the broker.
+    #[arg(skip = String::from("switchyard"))]
     pub name: String,
-    /// Topic prefix (network buses derive stream / bucket names and inbound subjects from it).
+    /// Prefix of every topic/subject name
+    #[arg(long, env = "SWITCHYARD_PREFIX", default_value = "sy", global = true)]
     pub prefix: String,
-    /// Partitions of each inbound topic (NATS: the `p<N>` subject token; murmur2 of the key).
+    /// Partitions of each inbound topic (NATS subject token p<N>; murmur2(session) % N)
+    #[arg(long, env = "SWITCHYARD_PARTITIONS", default_value_t = 16, global = true)]
     pub partitions: u32,
-    /// How long a network bus waits for the broker to acknowledge a durable publish.
+    /// How long a durable publish (NATS stream, Kafka acks=all) may wait for the broker's
+    /// acknowledgement before the client is told it was refused
+    #[arg(long, env = "SWITCHYARD_ACK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
     pub ack_timeout: std::time::Duration,
     /// TLS to the broker (NATS: required once set; Kafka: `security.protocol=ssl`).
+    #[arg(skip)]
     pub tls: Option<BusTls>,
+}
+
+/// The defaults of a clap `Args` struct exactly as its attributes write them, without reading
+/// the environment: what `new`/`default` of a flag-backed settings struct return, so that each
+/// default is written once, in the flag's attribute.
+pub fn flag_defaults<T: clap::Args + clap::FromArgMatches>() -> T {
+    let cmd = T::augment_args(clap::Command::new("defaults")).mut_args(|a| a.env(None));
+    let matches = cmd
+        .try_get_matches_from(["defaults"])
+        .expect("every flag of a settings struct has a default");
+    T::from_arg_matches(&matches).expect("defaults parse into their own struct")
 }
 
 /// TLS to the broker: a CA bundle to trust, and optionally a client certificate (mutual TLS).
@@ -325,20 +351,28 @@ impl BusOptions {
     pub fn naming(&self) -> Result<Naming, BusError> {
         Naming::new(&self.prefix).map_err(|_| BusError::InvalidTopic(self.prefix.chars().take(80).collect()))
     }
+
+    /// Checks the ranges (config validation, before any port is bound). The error is one line.
+    pub fn validate(&self) -> Result<(), String> {
+        self.naming().map_err(|_| {
+            format!(
+                "--prefix: invalid prefix {:?}: use dot-separated tokens of [A-Za-z0-9_-]",
+                self.prefix
+            )
+        })?;
+        if self.partitions == 0 || self.partitions > 4096 {
+            return Err(format!("--partitions {} out of range 1..=4096", self.partitions));
+        }
+        if self.buffer == 0 || self.buffer > 1 << 22 {
+            return Err(format!("--bus-buffer {} out of range 1..=4194304", self.buffer));
+        }
+        Ok(())
+    }
 }
 
 impl Default for BusOptions {
     fn default() -> Self {
-        Self {
-            buffer: 8192,
-            outage_buffer: 1024,
-            publish_timeout: std::time::Duration::from_secs(1),
-            name: "switchyard".into(),
-            prefix: "sy".into(),
-            partitions: 16,
-            ack_timeout: std::time::Duration::from_secs(10),
-            tls: None,
-        }
+        flag_defaults()
     }
 }
 
@@ -410,6 +444,16 @@ mod tests {
         assert!(check_name("a.*", false).is_err());
         assert!(check_name("a..b", true).is_err());
         assert!(check_name("a.>.b", true).is_err());
+    }
+
+    #[test]
+    fn defaults_are_the_flags_defaults() {
+        let d = BusOptions::default();
+        assert_eq!((d.buffer, d.outage_buffer, d.partitions), (8192, 1024, 16));
+        assert_eq!((d.prefix.as_str(), d.name.as_str()), ("sy", "switchyard"));
+        assert_eq!(d.ack_timeout, std::time::Duration::from_secs(10));
+        assert_eq!(d.publish_timeout, std::time::Duration::from_secs(1));
+        d.validate().unwrap();
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Edge configuration: node-wide limits plus the route table (from a TOML file).
 
 use serde::Deserialize;
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 use switchyard_protocol::{valid_channel, valid_pattern, Naming};
 
@@ -132,82 +134,125 @@ allow_publish = true
 slow_policy = "drop_oldest"
 "#;
 
-/// Node-wide edge settings.
-#[derive(Debug, Clone)]
+/// Node-wide edge settings. The tunables are flags of the binary (each with its `SWITCHYARD_*`
+/// environment twin), flattened into its options: their defaults are written once, here, and
+/// [`EdgeConfig::new`] takes the same defaults. The rest is filled in by the binary from other
+/// flags (node id, prefix, route file, TLS files, the identity key).
+#[derive(Debug, Clone, clap::Args)]
 pub struct EdgeConfig {
+    #[arg(skip)]
     pub node_id: String,
+    #[arg(skip)]
     pub naming: Naming,
+    #[arg(skip = default_routes())]
     pub routes: Vec<RouteConfig>,
-    /// Default largest client message (bytes).
+    /// Default largest client message in bytes (bigger closes with 1009)
+    #[arg(long, env = "SWITCHYARD_MAX_MESSAGE_SIZE", default_value_t = 1 << 20, global = true)]
     pub max_message_size: usize,
-    /// Interval between server pings.
+    /// Interval between server pings, e.g. 20s
+    #[arg(long, env = "SWITCHYARD_PING_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration, global = true)]
     pub ping_interval: Duration,
-    /// Close a socket from which nothing (not even a pong) arrived for this long.
+    /// Close sockets silent (no frame, no pong) for this long, e.g. 60s
+    #[arg(long, env = "SWITCHYARD_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration, global = true)]
     pub idle_timeout: Duration,
-    /// On shutdown, how long sessions get to finish their close handshake.
+    /// On SIGTERM, how long clients get to answer the close handshake
+    #[arg(long, env = "SWITCHYARD_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
     pub shutdown_grace: Duration,
-    /// Lease of this node's sessions in a durable registry; renewed every lease/3.
+    /// Node lease in the durable registry (NATS KV): a node silent this long is dead and its
+    /// sessions get synthetic disconnects
+    #[arg(long, env = "SWITCHYARD_LEASE", default_value = "15s", value_parser = humantime::parse_duration, global = true)]
     pub lease: Duration,
-    /// Most sockets this node holds (past it: 503 before the upgrade).
+    /// Most WebSocket connections this node holds (past it: 503 before the upgrade)
+    #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS", default_value_t = 100_000, global = true)]
     pub max_connections: usize,
-    /// Most sockets one client IP may hold (past it: 429 before the upgrade).
+    /// Most connections one client IP may hold (past it: 429 before the upgrade)
+    #[arg(
+        long,
+        env = "SWITCHYARD_MAX_CONNECTIONS_PER_IP",
+        default_value_t = 10_000,
+        global = true
+    )]
     pub max_connections_per_ip: usize,
-    /// Most sockets one authenticated subject may hold (past it: 429 before the upgrade).
+    /// Most connections one authenticated subject may hold (past it: 429 before the upgrade)
+    #[arg(
+        long,
+        env = "SWITCHYARD_MAX_CONNECTIONS_PER_USER",
+        default_value_t = 1_000,
+        global = true
+    )]
     pub max_connections_per_user: usize,
-    /// New connections per second one client IP may open (burst the same); 0 = no limit.
+    /// New connections per second one client IP may open, burst the same (past it: 429); 0 = off
+    #[arg(long, env = "SWITCHYARD_CONNECT_RATE_PER_IP", default_value_t = 0, global = true)]
     pub connect_rate_per_ip: u32,
-    /// Client addresses refused at accept (checked first).
+    /// Refuse clients from these CIDRs at accept (comma-separated; checked before --allow-cidr)
+    #[arg(
+        long = "deny-cidr",
+        env = "SWITCHYARD_DENY_CIDRS",
+        value_delimiter = ',',
+        global = true
+    )]
     pub deny_cidrs: Vec<ipnet::IpNet>,
-    /// When non-empty, only these client addresses are accepted.
+    /// Only accept clients from these CIDRs (comma-separated; default: any)
+    #[arg(
+        long = "allow-cidr",
+        env = "SWITCHYARD_ALLOW_CIDRS",
+        value_delimiter = ',',
+        global = true
+    )]
     pub allow_cidrs: Vec<ipnet::IpNet>,
-    /// TLS handshake and HTTP request headers must complete within this (slowloris).
+    /// The TLS handshake, and then the HTTP request head, must each complete within this (slowloris)
+    #[arg(long, env = "SWITCHYARD_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
     pub handshake_timeout: Duration,
-    /// Largest request head in bytes (431 past it; at least 8 KiB).
+    /// Largest HTTP request head in bytes (431 past it; 8192..=1048576)
+    #[arg(long, env = "SWITCHYARD_MAX_HEADER_BYTES", default_value_t = 16 << 10, global = true)]
     pub max_header_bytes: usize,
-    /// Most request headers (431 past it).
+    /// Most HTTP request headers (431 past it)
+    #[arg(long, env = "SWITCHYARD_MAX_HEADERS", default_value_t = 64, global = true)]
     pub max_headers: usize,
-    /// Frame-flood budgets per connection (close 1008 past them).
+    #[command(flatten)]
     pub frame_limits: crate::guard::FrameLimits,
-    /// wss://: certificate and key files, reloaded when they change or on SIGHUP.
+    #[arg(skip)]
     pub tls: Option<crate::tls::TlsFiles>,
     /// On SIGTERM, how long sessions keep running (readyz already 503) before they are closed
-    /// with 1012.
+    /// with 1012
+    #[arg(long, env = "SWITCHYARD_DRAIN_GRACE", default_value = "0s", value_parser = humantime::parse_duration, global = true)]
     pub drain_grace: Duration,
-    /// When set, every inbound record carries `sy-sig`, an HMAC-SHA256 by this key.
+    #[arg(skip)]
     pub identity_hmac_key: Option<std::sync::Arc<Vec<u8>>>,
-    /// Framed routes: deepest JSON nesting a client frame may have (the frame's own object is
-    /// level 1); deeper frames are answered `bad_request` and not published.
+    /// Framed routes: deepest JSON nesting of a client frame (its own object is level 1); deeper
+    /// frames are answered bad_request and not published
+    #[arg(long, env = "SWITCHYARD_MAX_JSON_DEPTH", default_value_t = switchyard_protocol::framed::DEFAULT_MAX_DEPTH, global = true)]
     pub max_json_depth: usize,
+}
+
+/// What [`EdgeConfig::validate`] read from disk, taken by [`crate::Edge::start`] so that nothing
+/// is loaded twice (and a file removed after validation cannot fail the start).
+#[derive(Clone, Default)]
+pub struct Loaded {
+    /// The verifier of each route with `[route.auth]`, by path.
+    pub verifiers: HashMap<String, Arc<crate::auth::Verifier>>,
+    /// The wss:// certificate, when `tls` is set.
+    pub tls: Option<Arc<crate::tls::TlsReloader>>,
+}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded")
+            .field("verifiers", &self.verifiers.keys().collect::<Vec<_>>())
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
 }
 
 /// Deepest `max_json_depth` accepted: Python's `json` module, for one, fails near 1,000.
 pub const MAX_JSON_DEPTH: usize = 512;
 
 impl EdgeConfig {
+    /// The defaults of every flag above (the environment is not read), for `node_id`.
     pub fn new(node_id: impl Into<String>) -> Self {
         Self {
             node_id: node_id.into(),
-            naming: Naming::default(),
-            routes: default_routes(),
-            max_message_size: 1 << 20,
-            ping_interval: Duration::from_secs(20),
-            idle_timeout: Duration::from_secs(60),
-            shutdown_grace: Duration::from_secs(10),
-            lease: Duration::from_secs(15),
-            max_connections: 100_000,
-            max_connections_per_ip: 10_000,
-            max_connections_per_user: 1_000,
-            connect_rate_per_ip: 0,
-            deny_cidrs: Vec::new(),
-            allow_cidrs: Vec::new(),
-            handshake_timeout: Duration::from_secs(10),
-            max_header_bytes: 16 << 10,
-            max_headers: 64,
-            frame_limits: crate::guard::FrameLimits::default(),
-            tls: None,
-            drain_grace: Duration::ZERO,
-            identity_hmac_key: None,
-            max_json_depth: switchyard_protocol::framed::DEFAULT_MAX_DEPTH,
+            ..switchyard_bus::flag_defaults()
         }
     }
 
@@ -221,8 +266,10 @@ impl EdgeConfig {
             && (self.allow_cidrs.is_empty() || self.allow_cidrs.iter().any(|n| n.contains(&ip)))
     }
 
-    /// Checks everything that can be checked without I/O. The error is one line.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks everything before any port is bound, and loads what the checks read from disk
+    /// (route verifiers, the TLS pair) for [`crate::Edge::start`]. The error is one line.
+    pub fn validate(&self) -> Result<Loaded, String> {
+        let mut loaded = Loaded::default();
         if !valid_channel(&self.node_id) || self.node_id.contains('.') {
             return Err(format!(
                 "invalid node id {:?}: use [A-Za-z0-9_-], no dots",
@@ -266,7 +313,7 @@ impl EdgeConfig {
             return Err("frame flood budgets must be at least 1 per second".into());
         }
         if let Some(t) = &self.tls {
-            crate::tls::load(t).map_err(|e| format!("TLS: {e}"))?;
+            loaded.tls = Some(crate::tls::TlsReloader::new(t.clone()).map_err(|e| format!("TLS: {e}"))?);
         }
         if self.identity_hmac_key.as_ref().is_some_and(|k| k.len() < 32) {
             return Err("identity HMAC key shorter than 32 bytes".into());
@@ -318,7 +365,8 @@ impl EdgeConfig {
                 }
             }
             if let Some(a) = &r.auth {
-                crate::auth::Verifier::load(a).map_err(|e| format!("{at}: auth: {e}"))?;
+                let v = crate::auth::Verifier::load(a).map_err(|e| format!("{at}: auth: {e}"))?;
+                loaded.verifiers.insert(r.path.clone(), Arc::new(v));
             }
             if let Some(rl) = &r.rate_limit {
                 if rl.messages_per_second == 0 || rl.burst == Some(0) {
@@ -336,7 +384,7 @@ impl EdgeConfig {
                 }
             }
         }
-        Ok(())
+        Ok(loaded)
     }
 }
 

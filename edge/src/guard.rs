@@ -17,20 +17,29 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Per-connection frame budgets (frames per second; the burst equals the rate).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
 pub struct FrameLimits {
-    /// Every frame: data, continuation and control.
+    /// Frames per second per socket, any kind incl. continuation (past it: close 1008)
+    #[arg(
+        long = "max-frames-per-second",
+        env = "SWITCHYARD_MAX_FRAMES_PER_SECOND",
+        default_value_t = 20_000,
+        global = true
+    )]
     pub frames_per_second: u32,
-    /// Control frames only (ping, pong, close).
+    /// Control frames (ping, pong, close) per second per socket (past it: close 1008)
+    #[arg(
+        long = "max-control-frames-per-second",
+        env = "SWITCHYARD_MAX_CONTROL_FRAMES_PER_SECOND",
+        default_value_t = 100,
+        global = true
+    )]
     pub control_per_second: u32,
 }
 
 impl Default for FrameLimits {
     fn default() -> Self {
-        Self {
-            frames_per_second: 20_000,
-            control_per_second: 100,
-        }
+        switchyard_bus::flag_defaults()
     }
 }
 

@@ -40,5 +40,5 @@ pub mod tls;
 pub mod upgrade;
 
 pub use config::{EdgeConfig, Mode, RouteConfig, SlowPolicy};
-pub use node::Edge;
+pub use node::{Drained, Edge};
 pub use state::EdgeState;

@@ -2,18 +2,38 @@
 //! [`Edge::drain`] (drain grace, close 1012, wait for every session's disconnect, leave).
 
 use crate::channels::ChannelHub;
-use crate::config::EdgeConfig;
+use crate::config::{EdgeConfig, Loaded};
 use crate::state::{EdgeState, Route};
 use axum::Router;
 use dashmap::DashMap;
 use governor::{Quota, RateLimiter};
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use switchyard_bus::{Bus, BusError, SubscribeOptions};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// How often the wss:// certificate files are checked for a change.
+const TLS_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Why an edge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The bus refused the node's delivery subscription or its first lease renewal.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// The client listener failed before serving.
+    #[error("client listener: {0}")]
+    Listener(#[source] std::io::Error),
+    /// `Edge::start` was given a config whose `Loaded` does not match it (a route with auth
+    /// but no verifier, TLS files but no certificate): validate it first.
+    #[error("{0}: not validated (EdgeConfig::validate loads its keys and certificates)")]
+    NotValidated(String),
+}
 
 /// A running edge node.
 pub struct Edge {
@@ -62,18 +82,23 @@ async fn renew(
 
 impl Edge {
     /// Subscribes to the node delivery subject, then serves `listener` until `shutdown`.
+    /// `loaded` is what [`EdgeConfig::validate`] returned for `cfg`.
     pub async fn start(
         cfg: EdgeConfig,
+        loaded: Loaded,
         bus: Arc<dyn Bus>,
         listener: TcpListener,
         shutdown: CancellationToken,
-    ) -> Result<Edge, BusError> {
-        let routes = cfg
-            .routes
-            .iter()
-            .map(|r| Ok((r.path.clone(), Arc::new(Route::new(r.clone(), &cfg)?))))
-            .collect::<Result<_, String>>()
-            .map_err(BusError::Other)?;
+    ) -> Result<Edge, StartError> {
+        let mut routes = HashMap::new();
+        for r in &cfg.routes {
+            let verifier = loaded.verifiers.get(&r.path).cloned();
+            if r.auth.is_some() && verifier.is_none() {
+                // Never serve an authenticated route anonymously.
+                return Err(StartError::NotValidated(r.path.clone()));
+            }
+            routes.insert(r.path.clone(), Arc::new(Route::new(r.clone(), &cfg, verifier)));
+        }
         let node_topic = cfg.naming.node(&cfg.node_id);
         let state = Arc::new(EdgeState {
             channels: ChannelHub::new(bus.clone(), cfg.naming.clone()),
@@ -89,16 +114,16 @@ impl Edge {
             ip_rate: std::num::NonZeroU32::new(cfg.connect_rate_per_ip)
                 .map(|n| RateLimiter::keyed(Quota::per_second(n).allow_burst(n))),
             close_all: CancellationToken::new(),
+            disconnects_refused: Default::default(),
             cfg,
         });
-        let tls = match &state.cfg.tls {
-            Some(files) => {
-                let t = crate::tls::TlsReloader::new(files.clone()).map_err(BusError::Other)?;
-                tokio::spawn(t.clone().watch(std::time::Duration::from_secs(2), shutdown.clone()));
-                Some(t)
-            }
-            None => None,
-        };
+        if state.cfg.tls.is_some() != loaded.tls.is_some() {
+            return Err(StartError::NotValidated("tls".into()));
+        }
+        let tls = loaded.tls;
+        if let Some(t) = &tls {
+            tokio::spawn(t.clone().watch(TLS_POLL, shutdown.clone()));
+        }
         let sub = bus.subscribe(&node_topic, SubscribeOptions::default()).await?;
         let delivery = tokio::spawn(crate::delivery::run(state.clone(), sub));
         let heartbeat = match bus.registry() {
@@ -110,7 +135,7 @@ impl Edge {
             }
             None => None,
         };
-        let addr = listener.local_addr().map_err(|e| BusError::Other(e.to_string()))?;
+        let addr = listener.local_addr().map_err(StartError::Listener)?;
         let app = Router::new()
             .fallback(crate::upgrade::upgrade)
             .with_state(state.clone());
@@ -148,7 +173,10 @@ impl Edge {
     /// Waits for the listener to stop (after `shutdown`); lets sessions run for the drain
     /// grace (or until none is left); closes the rest with 1012; then waits for every session
     /// to finish its close handshake and publish its disconnect, up to the shutdown grace (+1 s).
-    pub async fn drained(self) {
+    /// Bounded whatever the bus does: a session still publishing after that is reported, not
+    /// waited for. Returns what could not be finished.
+    pub async fn drain(self) -> Drained {
+        let refused_before = self.state.disconnects_refused.load(Ordering::Relaxed);
         self.state.tracker.close();
         let grace = self.state.cfg.drain_grace;
         if !grace.is_zero() {
@@ -167,12 +195,21 @@ impl Edge {
         for s in self.state.sessions.iter() {
             s.queue.wake();
         }
-        let _ = self.server.await;
         let grace = self.state.cfg.shutdown_grace + std::time::Duration::from_secs(1);
-        if tokio::time::timeout(grace, self.state.tracker.wait()).await.is_err() {
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut server = self.server;
+        if tokio::time::timeout_at(deadline, &mut server).await.is_err() {
+            server.abort();
+        }
+        let mut report = Drained::default();
+        if tokio::time::timeout_at(deadline, self.state.tracker.wait())
+            .await
+            .is_err()
+        {
+            report.sessions_left = self.state.tracker.len();
             tracing::warn!(
-                left = self.state.sessions.len(),
-                "sessions still open after the shutdown grace"
+                left = report.sessions_left,
+                "sessions still open after the shutdown grace: their disconnects may not be published"
             );
         }
         self.delivery.abort();
@@ -180,16 +217,38 @@ impl Edge {
             h.abort();
             // Only a node whose sessions all ended (and published their disconnects) leaves;
             // otherwise the lease lapses and a router ends what is left.
-            if !self.state.sessions.is_empty() {
+            if report.sessions_left > 0 {
                 tracing::warn!(
-                    left = self.state.sessions.len(),
+                    left = report.sessions_left,
                     "not removing the node lease: sessions still open"
                 );
             } else if let Some(reg) = self.state.bus.registry() {
-                if let Err(e) = reg.leave(&self.state.cfg.node_id).await {
-                    tracing::warn!(error = %e, "could not remove the node lease");
+                match tokio::time::timeout(LEAVE_BOUND, reg.leave(&self.state.cfg.node_id)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "could not remove the node lease"),
+                    Err(_) => tracing::warn!(bound = ?LEAVE_BOUND, "could not remove the node lease in time"),
                 }
             }
         }
+        report.disconnects_refused = self.state.disconnects_refused.load(Ordering::Relaxed) - refused_before;
+        report
+    }
+}
+
+/// How long a leaving node waits for its lease record to be removed (the lease lapses anyway).
+const LEAVE_BOUND: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What a drain could not finish: sessions whose task was still running at the deadline, and
+/// disconnect records the bus refused during the drain.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    pub sessions_left: usize,
+    pub disconnects_refused: u64,
+}
+
+impl Drained {
+    /// Nothing was left unfinished.
+    pub fn is_clean(&self) -> bool {
+        self.sessions_left == 0 && self.disconnects_refused == 0
     }
 }

@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 /// A configured route plus what is derived from it once: its inbound topic and metric handles.
 pub struct Route {
     pub cfg: RouteConfig,
-    pub verifier: Option<crate::auth::Verifier>,
+    pub verifier: Option<Arc<crate::auth::Verifier>>,
 
     pub inbound: String,
     pub max_message_size: usize,
@@ -37,10 +37,10 @@ pub struct Route {
 }
 
 impl Route {
-    pub(crate) fn new(cfg: RouteConfig, edge: &EdgeConfig) -> Result<Self, String> {
+    /// `verifier` is the route's, as validation loaded it (see [`crate::config::Loaded`]).
+    pub(crate) fn new(cfg: RouteConfig, edge: &EdgeConfig, verifier: Option<Arc<crate::auth::Verifier>>) -> Self {
         let r = cfg.path.clone();
-        let verifier = cfg.auth.as_ref().map(crate::auth::Verifier::load).transpose()?;
-        Ok(Self {
+        Self {
             verifier,
             inbound: edge.naming.inbound(&cfg.topic),
             max_message_size: cfg.max_message_size.unwrap_or(edge.max_message_size),
@@ -60,7 +60,7 @@ impl Route {
                 Quota::per_second(per).allow_burst(burst)
             }),
             cfg,
-        })
+        }
     }
 
     pub fn path(&self) -> &str {
@@ -108,4 +108,6 @@ pub struct EdgeState {
     pub ip_rate: Option<DefaultKeyedRateLimiter<std::net::IpAddr>>,
     /// Cancelled after the drain grace: every session closes with 1012.
     pub close_all: CancellationToken,
+    /// Disconnect records the bus refused (their backends were not told the session ended).
+    pub disconnects_refused: std::sync::atomic::AtomicU64,
 }

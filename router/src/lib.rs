@@ -101,6 +101,16 @@ impl Router {
     pub async fn stopped(self) {
         let _ = self.task.await;
     }
+
+    /// [`Router::stopped`], until `deadline`; then the loop is aborted where it is. True if it
+    /// ended by itself.
+    pub async fn stopped_by(mut self, deadline: tokio::time::Instant) -> bool {
+        if tokio::time::timeout_at(deadline, &mut self.task).await.is_ok() {
+            return true;
+        }
+        self.task.abort();
+        false
+    }
 }
 
 struct Routing {

@@ -30,7 +30,7 @@ pub struct Running {
     pub bus: std::sync::Arc<dyn switchyard_bus::Bus>,
     pub shutdown: tokio_util::sync::CancellationToken,
     pub edge: std::sync::Arc<switchyard_edge::EdgeState>,
-    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub task: tokio::task::JoinHandle<Result<(), switchyard::ShutdownIncomplete>>,
 }
 
 pub async fn start(settings: Settings) -> Running {
@@ -260,6 +260,24 @@ impl Proc {
     }
     pub fn admin(&self, path: &str) -> String {
         format!("http://{}{}", self.admin, path)
+    }
+    /// The last log lines the process wrote (stderr), oldest first.
+    pub fn log_tail(&self) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+    /// Sends SIGTERM (a graceful shutdown).
+    pub fn term(&self) {
+        let pid = self.child.id().expect("running").to_string();
+        assert!(std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
     }
     pub fn kill9(&mut self) {
         let pid = self.child.id().expect("running").to_string();

@@ -136,13 +136,9 @@ fn switchyard(a: &Args) -> anyhow::Result<u64> {
     let (bus, topic, _edge, sessions, _clients) = rt.block_on(async {
         let bus = switchyard_bus::connect("memory://", &BusOptions::default()).await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let edge = Edge::start(
-            EdgeConfig::new("callgrind"),
-            bus.clone(),
-            listener,
-            CancellationToken::new(),
-        )
-        .await?;
+        let cfg = EdgeConfig::new("callgrind");
+        let loaded = cfg.validate().map_err(anyhow::Error::msg)?;
+        let edge = Edge::start(cfg, loaded, bus.clone(), listener, CancellationToken::new()).await?;
         let route = edge
             .state
             .routes

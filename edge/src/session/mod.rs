@@ -250,7 +250,8 @@ where
         .increment(1);
     tracing::debug!(code = ended.code, reason = %ended.reason, "session closed");
     if let Err(e) = Box::pin(lifecycle(&st, &sess, Kind::Disconnect, Some(&ended))).await {
-        tracing::warn!(session = %sess.id, error = %e, "bus refused disconnect event");
+        st.disconnects_refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(session = %sess.id, error = %e, "bus refused disconnect event: its backend is not told the session ended");
     }
 }
 
