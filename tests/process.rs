@@ -35,7 +35,9 @@ fn bad_config_is_one_line_and_exit_64_before_binding() {
     // validating, the message would be about the port, not the config.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    // (flags, environment, what the error line must say)
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (vec!["--bus", "redis://x"], vec![], "unknown scheme"),
         (vec!["--bus", "localhost:4222"], vec![], "invalid bus URL"),
         (vec![], vec![("SWITCHYARD_BUS", "ftp://x")], "unknown scheme"),

@@ -79,6 +79,8 @@ impl Slot {
 
     /// Also takes a slot of the subject's per-user cap (counted per route: the same `sub` from
     /// another route's issuer or API-key file is another user).
+    // The refusal is the response itself (built only when a request is refused).
+    #[allow(clippy::result_large_err)]
     pub(crate) fn add_user(&mut self, route: &str, subject: &str) -> Result<(), Response> {
         let key = format!("{route}\u{0}{subject}");
         let mut n = self.st.per_user.entry(key.clone()).or_insert(0);

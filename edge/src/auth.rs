@@ -121,7 +121,7 @@ impl Verifier {
             }
             algorithms.push(alg);
         }
-        let hmac = algorithms.iter().any(|a| *a == Algorithm::HS256);
+        let hmac = algorithms.contains(&Algorithm::HS256);
         let asym: Vec<Algorithm> = algorithms.iter().copied().filter(|a| *a != Algorithm::HS256).collect();
         if hmac && !asym.is_empty() {
             return Err("HS256 and asymmetric algorithms in one allowlist invite key confusion: use one family".into());

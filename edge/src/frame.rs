@@ -55,7 +55,7 @@ pub fn close(code: u16, reason: &str) -> Bytes {
     }
     encode(
         OpCode::Control(Control::Close),
-        &[&code.to_be_bytes(), reason[..end].as_bytes()],
+        &[&code.to_be_bytes(), &reason.as_bytes()[..end]],
     )
 }
 

@@ -13,7 +13,6 @@ pub const TOO_BIG: u16 = 1009;
 /// The node lost its lease in the session registry (its sessions were ended): reconnect.
 pub const SERVICE_RESTART: u16 = 1012;
 /// An internal error on the node.
-
 pub const INTERNAL: u16 = 1011;
 /// The bus could not take a frame (buffer full or bus unavailable); retry later.
 pub const TRY_AGAIN_LATER: u16 = 1013;

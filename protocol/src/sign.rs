@@ -140,7 +140,7 @@ mod tests {
             text.push_str(if n == "sy-session" { "s" } else { "" });
             text.push('\n');
         }
-        text.push_str("p");
+        text.push('p');
         let mut m = Hmac::<Sha256>::new_from_slice(&[b'k'; 32]).unwrap();
         m.update(text.as_bytes());
         let want: String = m.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
