@@ -117,6 +117,7 @@ impl Settings {
     /// what validation loaded (`self.loaded`); settings built by hand are validated here.
     pub async fn build(self) -> Result<App, StartError> {
         let prometheus = switchyard_edge::metrics::install();
+        switchyard_router::metrics::describe();
         let runs_edge = matches!(self.command, Command::Standalone | Command::Edge);
         let runs_router = matches!(self.command, Command::Standalone | Command::Router);
         let runs_demo = self.command == Command::Demo || (self.command == Command::Standalone && self.demo);

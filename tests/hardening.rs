@@ -162,3 +162,50 @@ async fn start_failures_map_to_exit_codes_64_69_and_1() {
     assert_eq!(e.exit_code(), 1, "{e}");
     assert!(e.to_string().contains("not validated"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_exported_metric_is_described() {
+    let app = start_default().await;
+    // Some traffic through every part: a raw echo, a framed send (router), a channel, a refusal.
+    let (mut raw, _) = connect(&app.url("/ws/echo")).await;
+    raw.send(Message::text("m")).await.unwrap();
+    next_data(&mut raw).await;
+    let (mut framed, _) = framed_subscriber(&app.url("/ws"), &common::unique("c")).await;
+    framed.send(Message::text(r#"{"op":"send","data":1}"#)).await.unwrap();
+    assert_eq!(next_json(&mut framed).await, json!({"echo": 1}));
+    let refused = reqwest::get(format!("http://{}/nope", app.client)).await.unwrap();
+    assert_eq!(refused.status(), 404);
+    let text = reqwest::get(app.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let described: std::collections::HashSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# HELP "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let mut series = std::collections::BTreeSet::new();
+    for l in text.lines().filter(|l| l.starts_with("switchyard_")) {
+        let name = l.split(['{', ' ']).next().unwrap();
+        let base = ["_sum", "_count", "_bucket"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|b| described.contains(b)))
+            .unwrap_or(name);
+        series.insert(base);
+    }
+    for must in [
+        "switchyard_bus_published_total",
+        "switchyard_router_forwarded_total",
+        "switchyard_frames_in_total",
+    ] {
+        assert!(series.contains(must), "{must} exported: {series:?}");
+    }
+    let undescribed: Vec<_> = series.iter().filter(|s| !described.contains(*s)).collect();
+    assert!(
+        undescribed.is_empty(),
+        "exported without a description: {undescribed:?}"
+    );
+    app.stop().await;
+}

@@ -18,6 +18,7 @@
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod memory;
+pub mod metrics;
 #[cfg(feature = "nats")]
 pub mod nats;
 
@@ -394,12 +395,12 @@ impl Bus for Instrumented {
         let class = self.naming.classify(topic).label();
         match &res {
             Ok(_) => {
-                metrics::counter!("switchyard_bus_published_total", "bus" => self.scheme(), "topic" => class)
-                    .increment(1);
-                metrics::histogram!("switchyard_bus_publish_seconds", "bus" => self.scheme()).record(started.elapsed());
+                ::metrics::counter!(crate::metrics::PUBLISHED, "bus" => self.scheme(), "topic" => class).increment(1);
+                ::metrics::histogram!(crate::metrics::PUBLISH_SECONDS, "bus" => self.scheme())
+                    .record(started.elapsed());
             }
             Err(e) => {
-                metrics::counter!("switchyard_bus_publish_errors_total", "bus" => self.scheme(), "topic" => class, "reason" => e.reason()).increment(1);
+                ::metrics::counter!(crate::metrics::PUBLISH_ERRORS, "bus" => self.scheme(), "topic" => class, "reason" => e.reason()).increment(1);
                 tracing::debug!(topic, error = %e, "bus publish failed");
             }
         }
@@ -408,7 +409,7 @@ impl Bus for Instrumented {
     async fn subscribe(&self, pattern: &str, opts: SubscribeOptions) -> Result<Subscription, BusError> {
         let res = self.inner.subscribe(pattern, opts).await;
         if let Err(e) = &res {
-            metrics::counter!("switchyard_bus_subscribe_errors_total", "bus" => self.scheme(), "reason" => e.reason())
+            ::metrics::counter!(crate::metrics::SUBSCRIBE_ERRORS, "bus" => self.scheme(), "reason" => e.reason())
                 .increment(1);
             tracing::warn!(pattern, error = %e, "bus subscribe failed");
         }

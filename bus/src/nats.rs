@@ -79,7 +79,7 @@ impl NatsBus {
                     async_nats::Event::Connected => tracing::info!("nats: connected"),
                     async_nats::Event::Disconnected => tracing::warn!("nats: disconnected"),
                     async_nats::Event::SlowConsumer(sid) => {
-                        metrics::counter!("switchyard_bus_slow_consumer_total", "bus" => "nats").increment(1);
+                        ::metrics::counter!(crate::metrics::SLOW_CONSUMER, "bus" => "nats").increment(1);
                         tracing::warn!(sid, "nats: slow consumer, messages dropped by the client");
                     }
                     other => tracing::info!(event = %other, "nats event"),

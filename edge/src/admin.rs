@@ -67,7 +67,11 @@ async fn readyz(State(s): State<AdminState>) -> Response {
 }
 
 async fn metrics_text(State(s): State<AdminState>) -> Response {
-    metrics::gauge!(crate::metrics::BUS_READY, "bus" => s.bus.scheme()).set(if s.bus.is_ready() { 1.0 } else { 0.0 });
+    metrics::gauge!(switchyard_bus::metrics::READY, "bus" => s.bus.scheme()).set(if s.bus.is_ready() {
+        1.0
+    } else {
+        0.0
+    });
     ([("content-type", "text/plain; version=0.0.4")], s.prometheus.render()).into_response()
 }
 

@@ -1,7 +1,10 @@
-//! Every metric Switchyard exports, declared in one place. Labels are bounded: route path (from
-//! config), bus scheme, topic class, reason. Never a session or user id.
+//! Every metric the edge reports, declared and described in one place, and the process's
+//! Prometheus recorder. The bus's metrics are declared in `switchyard_bus::metrics` and the
+//! router's in `switchyard_router::metrics`; [`install`] describes the bus's too (the binary
+//! adds the router's). Labels are bounded: route path (from config), bus scheme, topic class,
+//! reason. Never a session or user id.
 
-use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics::{describe_counter, describe_gauge, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 
@@ -17,14 +20,6 @@ pub const CLOSES: &str = "switchyard_closes_total";
 pub const CHANNELS_ACTIVE: &str = "switchyard_channels_active";
 pub const CHANNEL_MESSAGES: &str = "switchyard_channel_messages_total";
 pub const DELIVERIES: &str = "switchyard_deliveries_total";
-pub const ROUTER_FORWARDED: &str = "switchyard_router_forwarded_total";
-pub const ROUTER_DROPPED: &str = "switchyard_router_dropped_total";
-pub const ROUTER_SESSIONS: &str = "switchyard_router_sessions";
-pub const BUS_PUBLISHED: &str = "switchyard_bus_published_total";
-pub const BUS_PUBLISH_ERRORS: &str = "switchyard_bus_publish_errors_total";
-pub const BUS_PUBLISH_SECONDS: &str = "switchyard_bus_publish_seconds";
-pub const BUS_SUBSCRIBE_ERRORS: &str = "switchyard_bus_subscribe_errors_total";
-pub const BUS_READY: &str = "switchyard_bus_ready";
 pub const TLS_RELOADS: &str = "switchyard_tls_reloads_total";
 pub const RATE_LIMITED: &str = "switchyard_rate_limited_total";
 pub const FORBIDDEN: &str = "switchyard_forbidden_total";
@@ -40,6 +35,7 @@ pub fn install() -> PrometheusHandle {
                 .install_recorder()
                 .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle());
             describe();
+            switchyard_bus::metrics::describe();
             let h = handle.clone();
             // The exporter keeps histogram buckets until rendered; trim them periodically.
             std::thread::Builder::new()
@@ -77,24 +73,6 @@ fn describe() {
         "Channel messages received from the bus for local fan-out"
     );
     describe_counter!(DELIVERIES, "Records received on this node's delivery subject, by kind");
-    describe_counter!(ROUTER_FORWARDED, "Outbound records the router forwarded to a node");
-    describe_counter!(
-        ROUTER_DROPPED,
-        "Outbound records the router could not forward, by reason"
-    );
-    describe_gauge!(ROUTER_SESSIONS, "Sessions in this router's registry");
-    describe_counter!(BUS_PUBLISHED, "Records the bus accepted, by bus and topic class");
-    describe_counter!(
-        BUS_PUBLISH_ERRORS,
-        "Records the bus refused, by bus, topic class and reason"
-    );
-    describe_histogram!(
-        BUS_PUBLISH_SECONDS,
-        Unit::Seconds,
-        "Time for the bus to accept a record"
-    );
-    describe_counter!(BUS_SUBSCRIBE_ERRORS, "Failed bus subscriptions, by reason");
-    describe_gauge!(BUS_READY, "1 while the bus can take records, else 0");
     describe_counter!(TLS_RELOADS, "TLS certificate reloads, by result (ok, error)");
     describe_counter!(
         RATE_LIMITED,

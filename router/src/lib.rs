@@ -11,9 +11,11 @@
 //! edge stops renewing, one router wins the claim and publishes a synthetic disconnect
 //! (`sy-synthetic: true`) for each of its sessions, so backends learn they ended.
 //!
+//! - [`metrics`]: the metrics it reports, declared and described in one place.
 //! - [`registry`]: session → node, plus a bounded memory of recently closed sessions.
 //! - [`Router`]: the consume → look up → forward loop and the lease sweep.
 
+pub mod metrics;
 pub mod registry;
 
 use bytes::Bytes;
@@ -31,11 +33,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// Metric names the router reports (declared, with descriptions, by the edge's metrics module).
-const FORWARDED: &str = "switchyard_router_forwarded_total";
-const DROPPED: &str = "switchyard_router_dropped_total";
-const SESSIONS: &str = "switchyard_router_sessions";
-const EXPIRED: &str = "switchyard_router_expired_sessions_total";
+use crate::metrics::{DROPPED, EXPIRED, FORWARDED, SESSIONS};
 
 /// Router settings.
 #[derive(Debug, Clone)]
@@ -130,7 +128,7 @@ impl Routing {
         mut events: Option<mpsc::Receiver<RegistryEvent>>,
         shutdown: CancellationToken,
     ) {
-        let gauge = metrics::gauge!(SESSIONS);
+        let gauge = ::metrics::gauge!(SESSIONS);
         let tick = (self.cfg.lease / 15)
             .min(self.cfg.unknown_grace / 4)
             .max(Duration::from_millis(50));
@@ -187,7 +185,7 @@ impl Routing {
             if p.since.elapsed() < grace {
                 return true;
             }
-            metrics::counter!(DROPPED, "reason" => "unknown_session").increment(p.records.len() as u64);
+            ::metrics::counter!(DROPPED, "reason" => "unknown_session").increment(p.records.len() as u64);
             tracing::debug!(%session, records = p.records.len(), "outbound records for an unknown session");
             false
         });
@@ -281,7 +279,7 @@ impl Routing {
                 payload: Bytes::new(),
             };
             // Counted when decided, so whoever sees the disconnect also sees it counted.
-            metrics::counter!(EXPIRED).increment(1);
+            ::metrics::counter!(EXPIRED).increment(1);
             if !entry.inbound.is_empty() {
                 if let Err(err) = self.bus.publish(&entry.inbound, rec.clone()).await {
                     tracing::warn!(%session, error = %err, "could not publish a synthetic disconnect");
@@ -299,7 +297,7 @@ impl Routing {
     /// why it could not be forwarded.
     async fn route(&mut self, m: Message) {
         if self.route_or_park(m).await {
-            metrics::counter!(FORWARDED).increment(1);
+            ::metrics::counter!(FORWARDED).increment(1);
         }
     }
 
@@ -379,5 +377,5 @@ async fn recv_opt(rx: &mut Option<mpsc::Receiver<RegistryEvent>>) -> Option<Regi
 }
 
 fn drop_count(reason: &'static str) {
-    metrics::counter!(DROPPED, "reason" => reason).increment(1);
+    ::metrics::counter!(DROPPED, "reason" => reason).increment(1);
 }
