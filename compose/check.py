@@ -58,8 +58,15 @@ for node in ["edge1", "edge2", "router", "demo"]:
 for f in (here / "grafana/provisioning").rglob("*.yml"):
     yaml.safe_load(f.read_text())
 dash = json.loads((here / "grafana/dashboards/switchyard.json").read_text())
-declared = set(re.findall(r'"(switchyard_[a-z_]+)"', (root / "edge/src/metrics.rs").read_text()))
-declared |= {"switchyard_router_expired_sessions_total", "switchyard_bus_slow_consumer_total"}
+# Each crate declares its metrics in one module.
+declared = set()
+for f in ["edge/src/metrics.rs", "bus/src/metrics.rs", "router/src/metrics.rs"]:
+    declared |= set(re.findall(r'"(switchyard_[a-z_]+)"', (root / f).read_text()))
+
+# The broker compose runs is the one the tests run (scripts/kafka).
+kafka_version = re.search(r"^KAFKA_VERSION=(\S+)", (root / "scripts/kafka").read_text(), re.M).group(1)
+if services["kafka"]["image"] != f"apache/kafka:{kafka_version}":
+    errors.append(f"kafka image {services['kafka']['image']} is not the tested apache/kafka:{kafka_version}")
 for p in dash["panels"]:
     for t in p["targets"]:
         for m in re.findall(r"switchyard_[a-z_]+", t["expr"]):

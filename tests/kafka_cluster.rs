@@ -1,5 +1,5 @@
-//! Switchyard on a real Kafka-protocol broker (tansu, started by `scripts/test`, found through
-//! KAFKA_BROKERS / TANSU_BIN): edges, routers and backends as processes, a Python backend with
+//! Switchyard on Apache Kafka (started by `scripts/test` with `scripts/kafka`, found through
+//! KAFKA_BROKERS): edges, routers and backends as processes, a Python backend with
 //! confluent-kafka, replay, and a broker restart mid-stream. Every test uses its own prefix.
 
 mod common;
@@ -24,20 +24,12 @@ fn kafka_url() -> String {
 async fn thousand_sessions_keep_per_session_order_end_to_end() {
     raise_fd_limit();
     let (url, p) = (kafka_url(), unique("k"));
-    // tansu (sqlite) is the bottleneck on 2 cores (one core busy in tansu alone): give its
-    // acknowledgements time, and keep IN_FLIGHT sessions at once. A session's time grows with
+    // The default --ack-timeout (10 s). IN_FLIGHT sessions at once: a session's time grows with
     // IN_FLIGHT while the total does not, and each reply must come within WAIT.
-    let slow = ["--ack-timeout", "60s"];
-    let edges = [
-        spawn("edge", &url, &p, &slow).await,
-        spawn("edge", &url, &p, &slow).await,
-    ];
-    let _routers = [
-        spawn("router", &url, &p, &slow).await,
-        spawn("router", &url, &p, &slow).await,
-    ];
-    let _demo = spawn("demo", &url, &p, &slow).await;
-    const IN_FLIGHT: usize = 50;
+    let edges = [spawn("edge", &url, &p, &[]).await, spawn("edge", &url, &p, &[]).await];
+    let _routers = [spawn("router", &url, &p, &[]).await, spawn("router", &url, &p, &[]).await];
+    let _demo = spawn("demo", &url, &p, &[]).await;
+    const IN_FLIGHT: usize = 100;
     let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let mut tasks = Vec::new();
     for c in 0..1000 {
@@ -271,54 +263,37 @@ async fn replay_to_topic_marks_records_as_replayed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_mid_stream_loses_no_acknowledged_frame_and_counts_the_rest() {
-    let bin = std::env::var("TANSU_BIN").expect("TANSU_BIN");
-    let dir = std::env::temp_dir().join(unique("tansu"));
+    // A broker of the test's own (scripts/kafka), killed with SIGKILL and started again on the
+    // same ports and log dir.
+    let dir = std::env::temp_dir().join(unique("kafka"));
     std::fs::create_dir_all(&dir).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+    let port = kafka_script(&["start", dir.to_str().unwrap()])
+        .trim()
+        .rsplit(':')
+        .next()
         .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("tcp://127.0.0.1:{port}");
-    let start = || {
-        tokio::process::Command::new(&bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &listen,
-                "--advertised-listener-url",
-                &listen,
-                "--storage-engine",
-                "sqlite://tansu.db",
-            ])
-            .current_dir(&dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("tansu")
-    };
-    let up = || async {
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("tansu did not start");
-    };
-    let mut broker = start();
-    up().await;
+        .to_owned();
+    let _stop = StopKafka(dir.clone());
     let url = format!("kafka://127.0.0.1:{port}");
     let p = unique("k");
     let gw = spawn("standalone", &url, &p, &[]).await;
     let until = Instant::now() + Duration::from_secs(8);
     let senders: Vec<_> = (0..5).map(|_| tokio::spawn(sender(gw.ws("/ws"), until))).collect();
     tokio::time::sleep(Duration::from_millis(2000)).await; // let traffic flow first
-    broker.kill().await.unwrap();
+    let pid = std::fs::read_to_string(dir.join("kafka.pid")).unwrap();
+    assert!(std::process::Command::new("kill")
+        .args(["-9", pid.trim()])
+        .status()
+        .unwrap()
+        .success());
     tokio::time::sleep(Duration::from_millis(1000)).await; // outage length, not synchronisation
-    let _broker2 = start();
-    up().await;
+    // `restart` waits until the broker answers again (and the old one is gone).
+    let restart = {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || kafka_script(&["restart", dir.to_str().unwrap()]))
+    };
+
+    restart.await.unwrap();
     let mut results = Vec::new();
     for s in senders {
         results.push(s.await.unwrap());
@@ -347,4 +322,27 @@ async fn broker_restart_mid_stream_loses_no_acknowledged_frame_and_counts_the_re
     eprintln!("kafka restart: {acked_n} acked (all stored), {told_n} refused and told ({told_but_stored} stored anyway), metric bus_refused={refused}");
     assert!(acked_n > 0);
     assert_eq!(refused as usize, told_n, "every refusal counted exactly");
+}
+
+/// Runs `scripts/kafka ARGS` (the test command's broker script) and returns its stdout.
+fn kafka_script(args: &[&str]) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka");
+    let out = std::process::Command::new(script).args(args).output().expect("run scripts/kafka");
+    assert!(
+        out.status.success(),
+        "scripts/kafka {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Stops the test's own broker when the test ends, however it ends.
+struct StopKafka(std::path::PathBuf);
+
+impl Drop for StopKafka {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka"))
+            .args(["stop", self.0.to_str().unwrap_or_default()])
+            .output();
+    }
 }

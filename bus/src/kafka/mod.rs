@@ -37,6 +37,11 @@ use std::time::Duration;
 use switchyard_protocol::{Naming, TopicClass};
 use tokio::sync::mpsc;
 
+/// How long a new topic may take to appear with its partitions in the broker's metadata.
+const METADATA_PROPAGATION: Duration = Duration::from_secs(10);
+/// Pause between metadata requests while waiting for a new topic's partitions.
+const METADATA_RETRY: Duration = Duration::from_millis(50);
+
 type Senders = Arc<Mutex<HashMap<String, Vec<(u64, mpsc::Sender<Message>)>>>>;
 
 pub struct KafkaBus {
@@ -190,23 +195,30 @@ impl KafkaBus {
         Ok(())
     }
 
-    /// Partition count of an existing topic.
+    /// Partitions of an existing topic. A topic just created may not be in the metadata the
+    /// broker serves yet (Apache Kafka answers with no partitions for a moment): asked again
+    /// until [`METADATA_PROPAGATION`] has passed.
     async fn partitions_of(&self, topic: &str) -> Result<Vec<i32>, BusError> {
         let c = self.fanout.clone();
         let t = topic.to_owned();
         tokio::task::spawn_blocking(move || {
-            let md = c
-                .fetch_metadata(Some(&t), Duration::from_secs(10))
-                .map_err(unavailable)?;
-            let parts: Vec<i32> = md
-                .topics()
-                .iter()
-                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-                .collect();
-            if parts.is_empty() {
-                Err(unavailable(format!("topic {t} has no partitions")))
-            } else {
-                Ok(parts)
+            let deadline = std::time::Instant::now() + METADATA_PROPAGATION;
+            loop {
+                let md = c
+                    .fetch_metadata(Some(&t), Duration::from_secs(10))
+                    .map_err(unavailable)?;
+                let parts: Vec<i32> = md
+                    .topics()
+                    .iter()
+                    .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                    .collect();
+                if !parts.is_empty() {
+                    return Ok(parts);
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err(unavailable(format!("topic {t} has no partitions")));
+                }
+                std::thread::sleep(METADATA_RETRY);
             }
         })
         .await
