@@ -77,9 +77,12 @@ async fn respond(
     }
 }
 
+/// How often the demo ticker publishes a price on `demo.ticker`.
+const TICK_EVERY: Duration = Duration::from_millis(500);
+
 async fn ticker(bus: Arc<dyn Bus>, naming: Naming) {
     let topic = naming.channel("demo.ticker");
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut tick = tokio::time::interval(TICK_EVERY);
     let mut price = 100.0f64;
     for n in 0u64.. {
         tick.tick().await;

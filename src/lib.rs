@@ -95,6 +95,13 @@ pub struct ShutdownIncomplete(pub Vec<String>);
 /// (the session deadline) + 1 s (the node lease) + this, whatever the bus is doing.
 pub const LATE_SHUTDOWN_BOUND: Duration = Duration::from_secs(3);
 
+/// Accept backlog of the client listener (see [`bind`]).
+const ACCEPT_BACKLOG: u32 = 4096;
+
+/// How long a router holds a backend record for a session it has not heard of yet (the
+/// session feed and the outbound topic are separate streams).
+const UNKNOWN_SESSION_GRACE: Duration = Duration::from_secs(2);
+
 /// A built, running process: listeners bound, bus connected, components started.
 pub struct App {
     /// Where clients connect (when this process runs an edge).
@@ -128,7 +135,7 @@ impl Settings {
         };
 
         let client = if runs_edge {
-            Some(bind(self.listen, 4096).map_err(|source| StartError::Listen {
+            Some(bind(self.listen, ACCEPT_BACKLOG).map_err(|source| StartError::Listen {
                 addr: self.listen,
                 what: "",
                 source,
@@ -161,7 +168,7 @@ impl Settings {
             let cfg = switchyard_router::RouterConfig {
                 naming: self.naming.clone(),
                 lease: self.edge.lease,
-                unknown_grace: std::time::Duration::from_secs(2),
+                unknown_grace: UNKNOWN_SESSION_GRACE,
             };
 
             Some(

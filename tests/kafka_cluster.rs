@@ -27,7 +27,10 @@ async fn thousand_sessions_keep_per_session_order_end_to_end() {
     // The default --ack-timeout (10 s). IN_FLIGHT sessions at once: a session's time grows with
     // IN_FLIGHT while the total does not, and each reply must come within WAIT.
     let edges = [spawn("edge", &url, &p, &[]).await, spawn("edge", &url, &p, &[]).await];
-    let _routers = [spawn("router", &url, &p, &[]).await, spawn("router", &url, &p, &[]).await];
+    let _routers = [
+        spawn("router", &url, &p, &[]).await,
+        spawn("router", &url, &p, &[]).await,
+    ];
     let _demo = spawn("demo", &url, &p, &[]).await;
     const IN_FLIGHT: usize = 100;
     let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
@@ -287,7 +290,7 @@ async fn broker_restart_mid_stream_loses_no_acknowledged_frame_and_counts_the_re
         .unwrap()
         .success());
     tokio::time::sleep(Duration::from_millis(1000)).await; // outage length, not synchronisation
-    // `restart` waits until the broker answers again (and the old one is gone).
+                                                           // `restart` waits until the broker answers again (and the old one is gone).
     let restart = {
         let dir = dir.clone();
         tokio::task::spawn_blocking(move || kafka_script(&["restart", dir.to_str().unwrap()]))
@@ -327,7 +330,10 @@ async fn broker_restart_mid_stream_loses_no_acknowledged_frame_and_counts_the_re
 /// Runs `scripts/kafka ARGS` (the test command's broker script) and returns its stdout.
 fn kafka_script(args: &[&str]) -> String {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka");
-    let out = std::process::Command::new(script).args(args).output().expect("run scripts/kafka");
+    let out = std::process::Command::new(script)
+        .args(args)
+        .output()
+        .expect("run scripts/kafka");
     assert!(
         out.status.success(),
         "scripts/kafka {args:?} failed: {}",

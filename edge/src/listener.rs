@@ -17,6 +17,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+/// After a failed accept (EMFILE and friends), how long to wait before the next.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// How long a refused connection's request is read (and dropped) after the response, so the
+/// client sees the response rather than a reset.
+const REFUSAL_LINGER: Duration = Duration::from_millis(200);
+
 /// Accepts until `stop`; each connection is served on its own task.
 pub async fn serve(
     listener: TcpListener,
@@ -34,7 +40,7 @@ pub async fn serve(
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             },
@@ -95,7 +101,7 @@ async fn refuse_raw(mut tcp: tokio::net::TcpStream, status: axum::http::StatusCo
         return;
     }
     let mut sink = [0u8; 4096];
-    let _ = tokio::time::timeout(Duration::from_millis(200), async {
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
         while let Ok(n) = tcp.read(&mut sink).await {
             if n == 0 {
                 break;

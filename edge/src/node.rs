@@ -150,7 +150,7 @@ impl Edge {
             // Forget addresses whose bucket is full again, so the map stays bounded.
             let st = state.clone();
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+                let mut tick = tokio::time::interval(IP_RATE_SWEEP);
                 loop {
                     tokio::select! {
                         _ = st.shutdown.cancelled() => return,
@@ -195,7 +195,7 @@ impl Edge {
         for s in self.state.sessions.iter() {
             s.queue.wake();
         }
-        let grace = self.state.cfg.shutdown_grace + std::time::Duration::from_secs(1);
+        let grace = self.state.cfg.shutdown_grace + SESSION_END_SLACK;
         let deadline = tokio::time::Instant::now() + grace;
         let mut server = self.server;
         if tokio::time::timeout_at(deadline, &mut server).await.is_err() {
@@ -234,6 +234,12 @@ impl Edge {
         report
     }
 }
+
+/// How often the per-IP connection rate limiter forgets addresses whose bucket is full again.
+const IP_RATE_SWEEP: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Past the shutdown grace, how long a session has to publish its disconnect and end.
+const SESSION_END_SLACK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How long a leaving node waits for its lease record to be removed (the lease lapses anyway).
 const LEAVE_BOUND: std::time::Duration = std::time::Duration::from_secs(1);

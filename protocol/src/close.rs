@@ -2,6 +2,9 @@
 
 /// Normal closure (client or backend asked for it).
 pub const NORMAL: u16 = 1000;
+/// The connection ended without a close frame (never sent on the wire; reported in
+/// disconnect records, e.g. for the sessions of a node whose lease lapsed).
+pub const ABNORMAL: u16 = 1006;
 /// The node is shutting down, or the socket was idle past the idle timeout.
 pub const GOING_AWAY: u16 = 1001;
 /// A text frame carried invalid UTF-8.

@@ -35,6 +35,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{DROPPED, EXPIRED, FORWARDED, SESSIONS};
 
+/// Recently closed sessions the registry remembers (so a late record is "closed", not
+/// "unknown").
+const CLOSED_REMEMBERED: usize = 100_000;
+/// The shortest interval between lease and parked-record sweeps.
+const MIN_SWEEP: Duration = Duration::from_millis(50);
+
 /// Router settings.
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
@@ -68,7 +74,7 @@ impl Router {
     /// Subscribes to the lifecycle feed and the outbound topic (both live when this returns),
     /// loads the durable registry if the bus has one, then routes until `shutdown`.
     pub async fn start(bus: Arc<dyn Bus>, cfg: RouterConfig, shutdown: CancellationToken) -> Result<Router, BusError> {
-        let registry = Arc::new(Registry::new(100_000));
+        let registry = Arc::new(Registry::new(CLOSED_REMEMBERED));
         // From the beginning: on Kafka the compacted feed is the registry, rebuilt on start.
         let from_start = SubscribeOptions {
             start: StartFrom::Earliest,
@@ -129,9 +135,9 @@ impl Routing {
         shutdown: CancellationToken,
     ) {
         let gauge = ::metrics::gauge!(SESSIONS);
-        let tick = (self.cfg.lease / 15)
-            .min(self.cfg.unknown_grace / 4)
-            .max(Duration::from_millis(50));
+        // Often enough to notice a lapsed lease within a fifteenth of it and a parked record's
+        // grace within a quarter, never more than every MIN_SWEEP.
+        let tick = (self.cfg.lease / 15).min(self.cfg.unknown_grace / 4).max(MIN_SWEEP);
         let mut sweep = tokio::time::interval(tick);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -269,7 +275,7 @@ impl Routing {
             let mut e = Envelope::new(session.clone(), Kind::Disconnect, Bytes::new());
             e.node = Some(node.to_owned());
             e.route = Some(entry.route.to_string());
-            e.code = Some(1006);
+            e.code = Some(switchyard_protocol::close::ABNORMAL);
             e.reason = Some("node lease expired".into());
             e.synthetic = true;
             e.timestamp_ms = now_ms();
