@@ -1,12 +1,9 @@
 //! An edge node's life: [`Edge::start`] (routes, node delivery, the lease, the listener) and
 //! [`Edge::drain`] (drain grace, close 1012, wait for every session's disconnect, leave).
 
-use crate::channels::ChannelHub;
 use crate::config::{EdgeConfig, Loaded};
 use crate::state::{EdgeState, Route};
 use axum::Router;
-use dashmap::DashMap;
-use governor::{Quota, RateLimiter};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -15,7 +12,6 @@ use switchyard_bus::{Bus, BusError, SubscribeOptions};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// How often the wss:// certificate files are checked for a change.
 const TLS_POLL: std::time::Duration = std::time::Duration::from_secs(2);
@@ -99,24 +95,8 @@ impl Edge {
             }
             routes.insert(r.path.clone(), Arc::new(Route::new(r.clone(), &cfg, verifier)));
         }
-        let node_topic = cfg.naming.node(&cfg.node_id);
-        let state = Arc::new(EdgeState {
-            channels: ChannelHub::new(bus.clone(), cfg.naming.clone()),
-            bus: bus.clone(),
-            routes,
-            sessions: DashMap::new(),
-            node_topic: node_topic.clone(),
-            shutdown: shutdown.clone(),
-            tracker: TaskTracker::new(),
-            open: Default::default(),
-            per_ip: DashMap::new(),
-            per_user: DashMap::new(),
-            ip_rate: std::num::NonZeroU32::new(cfg.connect_rate_per_ip)
-                .map(|n| RateLimiter::keyed(Quota::per_second(n).allow_burst(n))),
-            close_all: CancellationToken::new(),
-            disconnects_refused: Default::default(),
-            cfg,
-        });
+        let state = Arc::new(EdgeState::new(cfg, routes, bus.clone(), shutdown.clone()));
+        let node_topic = state.node_topic.clone();
         if state.cfg.tls.is_some() != loaded.tls.is_some() {
             return Err(StartError::NotValidated("tls".into()));
         }

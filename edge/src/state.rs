@@ -7,7 +7,7 @@ use crate::config::{EdgeConfig, Mode, RouteConfig};
 use crate::metrics as m;
 use crate::session::Session;
 use dashmap::DashMap;
-use governor::{DefaultKeyedRateLimiter, Quota};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use metrics::{Counter, Gauge};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -83,6 +83,34 @@ impl Route {
             && granted
                 .as_ref()
                 .is_none_or(|g| g.iter().any(|p| channel_matches(p, channel)))
+    }
+}
+
+impl EdgeState {
+    /// The state of a node that has not started serving yet: no sessions, nothing open.
+    pub fn new(
+        cfg: EdgeConfig,
+        routes: HashMap<String, Arc<Route>>,
+        bus: Arc<dyn Bus>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            channels: ChannelHub::new(bus.clone(), cfg.naming.clone()),
+            bus,
+            routes,
+            sessions: DashMap::new(),
+            node_topic: cfg.naming.node(&cfg.node_id),
+            shutdown,
+            tracker: TaskTracker::new(),
+            open: Default::default(),
+            per_ip: DashMap::new(),
+            per_user: DashMap::new(),
+            ip_rate: std::num::NonZeroU32::new(cfg.connect_rate_per_ip)
+                .map(|n| RateLimiter::keyed(Quota::per_second(n).allow_burst(n))),
+            close_all: CancellationToken::new(),
+            disconnects_refused: Default::default(),
+            cfg,
+        }
     }
 }
 

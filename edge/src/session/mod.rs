@@ -22,6 +22,8 @@
 mod conn;
 mod ops;
 mod publish;
+#[cfg(test)]
+mod tests;
 
 pub use ops::subscribe;
 
