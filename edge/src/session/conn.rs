@@ -48,13 +48,8 @@ pub(super) struct Conn<R, W> {
     batch: VecDeque<Out>,
     /// Written but not yet flushed (TLS).
     unflushed: bool,
-    /// The batch being written ends with our close frame.
-    close_in_batch: bool,
-    /// Nothing more will be written: our close frame is on the wire, or the socket failed.
-    write_done: bool,
-    write_failed: bool,
-    /// The close frame we sent.
-    sent: Option<Ended>,
+    /// What the writer still owes the socket.
+    write: Write,
     /// One timer for every deadline below; moved only when the earliest one comes closer or
     /// when it fires (reading a frame moves `last_read`, not the timer).
     timer: Pin<Box<Sleep>>,
@@ -62,12 +57,55 @@ pub(super) struct Conn<R, W> {
     last_read: Instant,
     /// When the credential expires: the socket is closed with 4001 then.
     expiry: Option<Instant>,
-    /// Once we have closed (drain, flood, expiry, a close frame sent): until when the client
-    /// may answer.
-    closing: Option<Instant>,
-    /// Why we closed, when we did.
-    ended: Option<Ended>,
+    /// Whether the session is closing, until when the client may answer, and why.
+    ending: Ending,
     job: Option<Job>,
+}
+
+/// The writer's state.
+enum Write {
+    /// Writing what the queue hands over.
+    Open,
+    /// The batch being written ends with our close frame (this one).
+    Closing(Ended),
+    /// Nothing more will be written: our close frame is on the wire (`failed` false), or the
+    /// socket failed; `sent` is the close frame we had sent or were sending.
+    Done { sent: Option<Ended>, failed: bool },
+}
+
+/// The session's state as far as ending goes.
+enum Ending {
+    /// Running.
+    Open,
+    /// Closing: we closed (drain, flood, expiry, rate) or were closed from outside (a backend
+    /// close, a 4008, seen once its close frame is in the writer's batch or the writer is
+    /// stuck). The client may answer until `until`; `why` is why we closed, when it was us.
+    Closing { until: Instant, why: Option<Ended> },
+}
+
+impl Ending {
+    fn is_open(&self) -> bool {
+        matches!(self, Ending::Open)
+    }
+    fn until(&self) -> Option<Instant> {
+        match self {
+            Ending::Open => None,
+            Ending::Closing { until, .. } => Some(*until),
+        }
+    }
+    fn why(&self) -> Option<&Ended> {
+        match self {
+            Ending::Closing { why: Some(w), .. } => Some(w),
+            _ => None,
+        }
+    }
+    /// Why we closed, if we did (taken: the session ends with it).
+    fn take_why(&mut self) -> Option<Ended> {
+        match self {
+            Ending::Closing { why, .. } => why.take(),
+            Ending::Open => None,
+        }
+    }
 }
 
 impl<R, W> Conn<R, W>
@@ -103,16 +141,12 @@ where
             sink,
             batch: VecDeque::new(),
             unflushed: false,
-            close_in_batch: false,
-            write_done: false,
-            write_failed: false,
-            sent: None,
+            write: Write::Open,
             timer: Box::pin(tokio::time::sleep_until(next_ping)),
             next_ping,
             last_read: now,
             expiry,
-            closing: None,
-            ended: None,
+            ending: Ending::Open,
             job: Some(job),
         }
     }
@@ -121,12 +155,12 @@ where
     /// gives up after [`CLOSE_FLUSH`]. Boxed: the timer is needed once, not in every socket's
     /// resident task.
     pub(super) async fn flush_close(mut self) {
-        if self.write_done {
+        if self.write_done() {
             return;
         }
         let flush = std::future::poll_fn(|cx| {
             self.poll_writer(cx);
-            if self.write_done {
+            if self.write_done() {
                 Poll::Ready(())
             } else {
                 Poll::Pending
@@ -139,8 +173,10 @@ where
     /// answer.
     fn close_with(&mut self, code: u16, reason: &str, wait: Duration) {
         self.sess.queue.close(code, reason);
-        self.ended = Some(Ended::new(code, reason));
-        self.closing = Some(Instant::now() + wait);
+        self.ending = Ending::Closing {
+            until: Instant::now() + wait,
+            why: Some(Ended::new(code, reason)),
+        };
     }
 
     /// How long a client may take to answer our close (not the drain's full grace).
@@ -148,22 +184,30 @@ where
         self.st.cfg.shutdown_grace.min(Duration::from_secs(5))
     }
 
-    /// Drives the writer; sets `write_done` (and `write_failed`) when it has finished.
+    /// Nothing more will be written (our close frame is out, or the socket failed).
+    fn write_done(&self) -> bool {
+        matches!(self.write, Write::Done { .. })
+    }
+
+    /// Drives the writer; moves it to [`Write::Done`] when it has finished.
     fn poll_writer(&mut self, cx: &mut Context<'_>) {
-        if self.write_done {
+        if self.write_done() {
             return;
         }
-        match self.poll_write_out(cx) {
-            Poll::Pending => {}
-            Poll::Ready(res) => {
-                self.write_done = true;
-                // Nothing more will be written: refuse further pushes.
-                self.sess.queue.close(close::GOING_AWAY, "writer stopped");
-                if let Err(e) = res {
-                    tracing::debug!(session = %self.sess.id, error = %e, "socket write ended");
-                    self.write_failed = true;
-                }
+        if let Poll::Ready(res) = self.poll_write_out(cx) {
+            let sent = match std::mem::replace(&mut self.write, Write::Open) {
+                Write::Closing(e) => Some(e),
+                _ => None,
+            };
+            if let Err(e) = &res {
+                tracing::debug!(session = %self.sess.id, error = %e, "socket write ended");
             }
+            self.write = Write::Done {
+                sent,
+                failed: res.is_err(),
+            };
+            // Nothing more will be written: refuse further pushes.
+            self.sess.queue.close(close::GOING_AWAY, "writer stopped");
         }
     }
 
@@ -202,7 +246,7 @@ where
                 ready!(Pin::new(&mut self.sink).poll_flush(cx))?;
                 self.unflushed = false;
             }
-            if self.close_in_batch {
+            if matches!(self.write, Write::Closing(_)) {
                 return Poll::Ready(Ok(()));
             }
             ready!(self.sess.queue.poll_take_all(cx, &mut self.batch));
@@ -221,16 +265,18 @@ where
                 }
                 Out::Raw(_) => {}
                 Out::Close(code, reason) => {
-                    self.sent = Some(Ended::new(*code, reason));
+                    self.write = Write::Closing(Ended::new(*code, reason));
                     *out = Out::Raw(frame::close(*code, reason));
-                    self.close_in_batch = true;
                 }
             }
         }
-        if self.close_in_batch && self.closing.is_none() {
+        if matches!(self.write, Write::Closing(_)) && self.ending.is_open() {
             // We closed (backend request, slow consumer, ...): the client has a moment to
             // answer; what it still sends is read and published.
-            self.closing = Some(Instant::now() + self.close_wait());
+            self.ending = Ending::Closing {
+                until: Instant::now() + self.close_wait(),
+                why: None,
+            };
         }
         // Counted before the write: once a client can see a frame, it is counted.
         count(&self.sess, &self.sess.route, n, bytes);
@@ -240,12 +286,12 @@ where
     /// pings are due (the rest is looked at once it is done).
     fn next_deadline(&self) -> Instant {
         let far = self.last_read + Duration::from_secs(86_400);
-        let ping = if self.write_done { far } else { self.next_ping };
+        let ping = if self.write_done() { far } else { self.next_ping };
         if self.job.is_some() {
             return ping;
         }
-        let mut d = ping.min(self.closing.unwrap_or(self.last_read + self.st.cfg.idle_timeout));
-        if self.closing.is_none() {
+        let mut d = ping.min(self.ending.until().unwrap_or(self.last_read + self.st.cfg.idle_timeout));
+        if self.ending.is_open() {
             if let Some(e) = self.expiry {
                 d = d.min(e);
             }
@@ -255,14 +301,14 @@ where
 
     /// Acts on the deadlines that have passed.
     fn on_time(&mut self, now: Instant) -> Option<Ended> {
-        if !self.write_done && now >= self.next_ping {
+        if !self.write_done() && now >= self.next_ping {
             self.sess.queue.push_raw(frame::ping());
             self.next_ping = now + self.st.cfg.ping_interval;
         }
         if self.job.is_some() {
             return None;
         }
-        if self.closing.is_some() {
+        if !self.ending.is_open() {
             return self.close_timed_out(now);
         }
         if self.expiry.is_some_and(|e| now >= e) {
@@ -283,28 +329,32 @@ where
         // Here too, not only on the timer: a client that always has a frame buffered would
         // otherwise keep publishing past our close for as long as it likes.
         // (The clock is read only when a deadline is running: this runs before every frame.)
-        if self.closing.is_some() {
+        if !self.ending.is_open() {
             if let Some(e) = self.close_timed_out(Instant::now()) {
                 return Some(e);
             }
         } else if self.sess.queue.is_closing() {
             // Closed from outside (a 4008 overflow, a backend close) while our writer is stuck
             // behind a full socket: the close frame may never go out, so start the clock here.
-            self.closing = Some(Instant::now() + self.close_wait());
+            self.ending = Ending::Closing {
+                until: Instant::now() + self.close_wait(),
+                why: None,
+            };
         }
-        if self.closing.is_none() && self.st.close_all.is_cancelled() {
+        if self.ending.is_open() && self.st.close_all.is_cancelled() {
             // Draining (SIGTERM): the client should reconnect, to another node.
             self.close_with(close::SERVICE_RESTART, "server restarting", self.st.cfg.shutdown_grace);
         }
-        if self.closing.is_none() && self.expiry.is_some_and(|e| Instant::now() >= e) {
+        if self.ending.is_open() && self.expiry.is_some_and(|e| Instant::now() >= e) {
             self.close_with(close::TOKEN_EXPIRED, "token expired", self.close_wait());
         }
-        if self.write_failed {
+        if let Write::Done { sent, failed: true } = &mut self.write {
+            let sent = sent.take();
             return Some(
-                self.ended
-                    .take()
-                    .or_else(|| self.sent.take())
-                    .unwrap_or_else(|| Ended::new(1006, "write failed")),
+                self.ending
+                    .take_why()
+                    .or(sent)
+                    .unwrap_or_else(|| Ended::new(close::ABNORMAL, "write failed")),
             );
         }
         None
@@ -312,9 +362,9 @@ where
 
     /// How the session ends once the client has had its time to answer our close.
     fn close_timed_out(&mut self, now: Instant) -> Option<Ended> {
-        self.closing.is_some_and(|d| now >= d).then(|| {
-            self.ended
-                .take()
+        self.ending.until().is_some_and(|d| now >= d).then(|| {
+            self.ending
+                .take_why()
                 .unwrap_or_else(|| Ended::new(close::GOING_AWAY, "close timeout"))
         })
     }
@@ -354,7 +404,13 @@ where
     /// One result from the decoder.
     fn on_read(&mut self, next: Option<Result<Msg, DecodeError>>) -> Option<Ended> {
         let msg = match next {
-            None => return Some(self.ended.take().unwrap_or_else(|| Ended::new(1006, "connection lost"))),
+            None => {
+                return Some(
+                    self.ending
+                        .take_why()
+                        .unwrap_or_else(|| Ended::new(close::ABNORMAL, "connection lost")),
+                )
+            }
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "client frame refused");
                 let (code, reason) = e.close();
@@ -375,7 +431,7 @@ where
             Msg::Pong => return None,
             Msg::Close(f) => {
                 let (code, reason) = f.unwrap_or((1005, String::new()));
-                return Some(self.ended.take().unwrap_or(Ended { code, reason }));
+                return Some(self.ending.take_why().unwrap_or(Ended { code, reason }));
             }
         };
         let sess = &self.sess;
@@ -383,8 +439,8 @@ where
         sess.route.frames_in.increment(1);
         sess.route.bytes_in.increment(payload.len() as u64);
         if self
-            .ended
-            .as_ref()
+            .ending
+            .why()
             .is_some_and(|e| e.code == close::POLICY || e.code == close::TOKEN_EXPIRED)
         {
             // Closed for policy (flood, rate) or an expired token: nothing more this client
@@ -473,7 +529,7 @@ where
                         continue;
                     }
                     Poll::Pending => {
-                        if this.closing.is_none() && this.tripped.reason().is_some() {
+                        if this.ending.is_open() && this.tripped.reason().is_some() {
                             this.on_tripped();
                             continue;
                         }
