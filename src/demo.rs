@@ -10,6 +10,7 @@
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
+use switchyard_bus::pipeline::Pipeline;
 use switchyard_bus::{Bus, BusError, Record, SubscribeOptions, Subscription};
 use switchyard_protocol::envelope::now_ms;
 use switchyard_protocol::{Envelope, Kind, Naming};
@@ -50,7 +51,22 @@ async fn respond(
     answer: impl Fn(&Bytes) -> Bytes,
 ) {
     let out = naming.outbound();
-    while let Some(m) = sub.recv().await {
+    // Replies in flight at once, in order per session (the pipeline keys them by session).
+    let mut replies: Pipeline<()> = Pipeline::new(bus.clone(), DEMO_IN_FLIGHT);
+    loop {
+        let (full, busy) = (replies.is_full(), !replies.is_empty());
+        let m = tokio::select! {
+            (_, res) = replies.next_done(), if busy => {
+                if let Err(e) = res {
+                    tracing::warn!(error = %e, "demo backend could not reply");
+                }
+                continue;
+            }
+            m = sub.recv(), if !full => match m {
+                Some(m) => m,
+                None => break,
+            },
+        };
         let r = &m.record;
         let Ok(env) = Envelope::from_record(r.key.as_deref(), &r.headers, r.payload.clone()) else {
             continue;
@@ -71,11 +87,12 @@ async fn respond(
             headers: reply.headers(),
             payload: reply.payload,
         };
-        if let Err(e) = bus.publish(&to, rec).await {
-            tracing::warn!(error = %e, "demo backend could not reply");
-        }
+        replies.push(to, rec, ());
     }
 }
+
+/// Replies a demo backend keeps in flight.
+const DEMO_IN_FLIGHT: usize = 1024;
 
 /// How often the demo ticker publishes a price on `demo.ticker`.
 const TICK_EVERY: Duration = Duration::from_millis(500);

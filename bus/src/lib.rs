@@ -3,6 +3,7 @@
 //! - `memory://` ([`memory`]): embedded, single process, always compiled in; the default.
 //! - `nats://` (`nats` module, cargo feature `nats`): core NATS subjects + JetStream KV.
 //! - `kafka://` (`kafka` module, cargo feature `kafka`): rdkafka.
+//! - [`pipeline`]: many publishes in flight, in order per key (for consumers that forward).
 //!
 //! A disabled scheme is a typed error ([`BusError::SchemeDisabled`]), not a panic. Counting and
 //! logging happen once, in [`Instrumented`], never in the backends.
@@ -21,6 +22,7 @@ pub mod memory;
 pub mod metrics;
 #[cfg(feature = "nats")]
 pub mod nats;
+pub mod pipeline;
 
 use async_trait::async_trait;
 use bytes::Bytes;

@@ -23,6 +23,7 @@ use registry::{Lookup, Registry};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use switchyard_bus::pipeline::Pipeline;
 use switchyard_bus::{
     Bus, BusError, Message, Record, RegistryEvent, SessionRegistry, StartFrom, SubscribeOptions, Subscription,
 };
@@ -89,6 +90,7 @@ impl Router {
             Some(d) => Some(d.watch().await?),
             None => None,
         };
+        let bus_for_pipeline = bus.clone();
         let r = Routing {
             bus,
             cfg,
@@ -96,6 +98,7 @@ impl Router {
             durable,
             nodes: HashMap::new(),
             parked: HashMap::new(),
+            pipeline: Pipeline::new(bus_for_pipeline, MAX_IN_FLIGHT),
         };
         let task = tokio::spawn(r.run(sessions, outbound, events, shutdown));
         Ok(Router { registry, task })
@@ -124,7 +127,12 @@ struct Routing {
     durable: Option<Arc<dyn SessionRegistry>>,
     nodes: HashMap<String, NodeLease>,
     parked: HashMap<String, Parked>,
+    /// Forwards in flight, tagged with their session.
+    pipeline: Pipeline<String>,
 }
+
+/// Sessions whose forwards may be in flight at once (each session's records stay in order).
+const MAX_IN_FLIGHT: usize = 1024;
 
 impl Routing {
     async fn run(
@@ -142,34 +150,57 @@ impl Routing {
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Lifecycle first: a connect published before a backend saw the session is applied
-            // before that backend's reply is routed.
-            tokio::select! {
+            // before that backend's reply is routed. Outbound records are taken only while the
+            // pipeline has room (it pushes back on the consumer, not on memory).
+            let full = self.pipeline.is_full();
+            let busy = !self.pipeline.is_empty();
+            let step = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => Step::Stop,
                 m = sessions.recv() => match m {
-                    Some(m) => { self.apply_and_release(&m).await; gauge.set(self.registry.len() as f64); }
-                    None => { tracing::error!("session feed closed by the bus"); return; }
+                    Some(m) => Step::Feed(m),
+                    None => { tracing::error!("session feed closed by the bus"); Step::Stop }
                 },
                 e = recv_opt(&mut events) => match e {
-                    Some(e) => { self.apply_durable(e); gauge.set(self.registry.len() as f64); }
-                    None => { tracing::error!("registry watch ended"); events = None; }
+                    Some(e) => Step::Durable(e),
+                    None => { tracing::error!("registry watch ended"); events = None; continue; }
                 },
-                m = outbound.recv() => match m {
-                    Some(m) => {
-                        while let Some(m) = sessions.try_recv() {
-                            self.apply_and_release(&m).await;
-                        }
-                        self.route(m).await;
+                (session, res) = self.pipeline.next_done(), if busy => Step::Forwarded(session, res),
+                m = outbound.recv(), if !full => match m {
+                    Some(m) => Step::Outbound(m),
+                    None => { tracing::error!("outbound subscription closed by the bus"); Step::Stop }
+                },
+                _ = sweep.tick() => Step::Sweep,
+            };
+            match step {
+                Step::Stop => break,
+                Step::Feed(m) => {
+                    self.apply_and_release(&m).await;
+                    gauge.set(self.registry.len() as f64);
+                }
+                Step::Durable(e) => {
+                    self.apply_durable(e);
+                    gauge.set(self.registry.len() as f64);
+                }
+                Step::Forwarded(session, res) => forwarded(&session, res),
+                Step::Outbound(m) => {
+                    while let Some(m) = sessions.try_recv() {
+                        self.apply_and_release(&m).await;
                     }
-                    None => { tracing::error!("outbound subscription closed by the bus"); return; }
-                },
-                _ = sweep.tick() => {
+                    self.route(m).await;
+                }
+                Step::Sweep => {
                     self.expire_parked();
                     if self.durable.is_some() {
                         self.sweep().await;
                     }
                 }
             }
+        }
+        // Let what is in flight finish (the process bounds how long).
+        while !self.pipeline.is_empty() {
+            let (session, res) = self.pipeline.next_done().await;
+            forwarded(&session, res);
         }
     }
 
@@ -299,22 +330,25 @@ impl Routing {
         let _ = durable.leave(node).await;
     }
 
-    /// Forwards one outbound record, parks it while its session is not known yet, or counts
-    /// why it could not be forwarded.
+    /// Forwards one outbound record (through the pipeline: in order per session, many
+    /// sessions at once), parks it while its session is not known yet, or counts why it could
+    /// not be forwarded.
     async fn route(&mut self, m: Message) {
-        if self.route_or_park(m).await {
-            ::metrics::counter!(FORWARDED).increment(1);
+        if let Some((session, topic, rec)) = self.route_or_park(m).await {
+            self.pipeline.push(topic, rec, session);
         }
     }
 
-    async fn route_or_park(&mut self, m: Message) -> bool {
+    /// Where a record goes: (session, node topic, record), or `None` when it was parked or
+    /// dropped (and counted).
+    async fn route_or_park(&mut self, m: Message) -> Option<(String, String, Record)> {
         let r = &m.record;
         let env = match Envelope::from_record(r.key.as_deref(), &r.headers, Bytes::new()) {
             Ok(e) => e,
             Err(e) => {
                 drop_count("invalid");
                 tracing::debug!(error = %e, "undecodable outbound record");
-                return false;
+                return None;
             }
         };
         if !matches!(env.kind, Kind::Deliver | Kind::Control) {
@@ -323,12 +357,12 @@ impl Routing {
                 kind = env.kind.as_str(),
                 "outbound record of a kind the router does not route"
             );
-            return false;
+            return None;
         }
         if let Some(p) = self.parked.get_mut(&env.session) {
             // Behind earlier records of the same session: order is kept.
             p.records.push_back(m);
-            return false;
+            return None;
         }
         let mut lookup = self.registry.lookup(&env.session);
         if lookup == Lookup::Unknown {
@@ -345,7 +379,7 @@ impl Routing {
             Lookup::Closed => {
                 drop_count("closed_session");
                 tracing::debug!(session = %env.session, "outbound record for a closed session");
-                return false;
+                return None;
             }
             Lookup::Unknown => {
                 let mut records = std::collections::VecDeque::new();
@@ -357,20 +391,34 @@ impl Routing {
                         records,
                     },
                 );
-                return false;
+                return None;
             }
         };
         let mut rec: Record = (**r).clone();
         if rec.key.is_none() {
             rec.key = Some(env.key());
         }
-        match self.bus.publish(&self.cfg.naming.node(&node), rec).await {
-            Ok(_) => true,
-            Err(e) => {
-                drop_count("bus_refused");
-                tracing::debug!(session = %env.session, error = %e, "could not forward to node");
-                false
-            }
+        Some((env.session, self.cfg.naming.node(&node), rec))
+    }
+}
+
+/// What the routing loop does next.
+enum Step {
+    Stop,
+    Feed(Message),
+    Durable(RegistryEvent),
+    Outbound(Message),
+    Forwarded(String, Result<Option<u64>, BusError>),
+    Sweep,
+}
+
+/// Counts a finished forward.
+fn forwarded(session: &str, res: Result<Option<u64>, BusError>) {
+    match res {
+        Ok(_) => ::metrics::counter!(FORWARDED).increment(1),
+        Err(e) => {
+            drop_count("bus_refused");
+            tracing::debug!(%session, error = %e, "could not forward to node");
         }
     }
 }
