@@ -352,3 +352,112 @@ impl Drop for StopKafka {
             .output();
     }
 }
+
+/// Runs a Python snippet with confluent-kafka (the test command installs it); returns stdout.
+fn python(code: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(code)
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "python: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Creates a compacted topic that the broker cleans within moments (a new segment every 100 ms,
+/// cleaned at any dirty ratio, tombstones kept 100 ms).
+const CREATE_EAGER_COMPACTED: &str = r#"
+import sys
+from confluent_kafka.admin import AdminClient, NewTopic
+a = AdminClient({"bootstrap.servers": sys.argv[1]})
+t = NewTopic(sys.argv[2], num_partitions=int(sys.argv[3]), replication_factor=1, config={
+    "cleanup.policy": "compact", "segment.ms": "100", "min.cleanable.dirty.ratio": "0.01",
+    "delete.retention.ms": "100", "min.compaction.lag.ms": "0"})
+a.create_topics([t])[sys.argv[2]].result(30)
+"#;
+
+/// Prints every key the topic holds (one per line; `TOMBSTONE ` before a null-valued one),
+/// reading each partition from its start to its end.
+const KEYS_IN_TOPIC: &str = r#"
+import sys, uuid
+from confluent_kafka import Consumer
+c = Consumer({"bootstrap.servers": sys.argv[1], "group.id": "keys-" + uuid.uuid4().hex,
+              "auto.offset.reset": "earliest", "enable.partition.eof": True,
+              "enable.auto.commit": False})
+c.subscribe([sys.argv[2]])
+parts, eof = None, set()
+while parts is None or len(eof) < parts:
+    m = c.poll(1.0)
+    if m is None:
+        continue
+    if parts is None:
+        parts = len(c.list_topics(sys.argv[2]).topics[sys.argv[2]].partitions)
+    if m.error():
+        if m.error().code() == -191:  # _PARTITION_EOF
+            eof.add(m.partition())
+        continue
+    print(("TOMBSTONE " if m.value() is None else "") + m.key().decode())
+c.close()
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_feed_keeps_only_live_sessions_after_compaction() {
+    let (url, p) = (kafka_url(), unique("k"));
+    let feed = format!("{p}.sessions");
+    python(CREATE_EAGER_COMPACTED, &[&brokers(), &feed, "4"]);
+    let edge = spawn("edge", &url, &p, &["--partitions", "4"]).await;
+    let mut live = std::collections::BTreeSet::new();
+    let mut gone = std::collections::BTreeSet::new();
+    let mut open = Vec::new(); // the live sessions' sockets, open until the test ends
+    for i in 0..12 {
+        let (mut ws, id) = connect(&edge.ws("/ws/echo")).await;
+        if i % 3 == 0 {
+            live.insert(id);
+            open.push(ws);
+        } else {
+            close_normal(&mut ws).await;
+            assert_eq!(close_code(&mut ws).await, Some(1000));
+            gone.insert(id);
+        }
+    }
+    // Compaction never cleans the active segment: keep connecting (live sessions) until the
+    // closed sessions' records, tombstones included, are gone from the feed.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let held = loop {
+        let keys = python(KEYS_IN_TOPIC, &[&brokers(), &feed]);
+        let held: std::collections::BTreeSet<String> = keys.lines().map(str::to_owned).collect();
+        if held.iter().all(|k| live.contains(k)) && live.iter().all(|k| held.contains(k)) {
+            break held;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "closed sessions still in the feed: {:?}",
+            held.iter().filter(|k| !live.contains(*k)).collect::<Vec<_>>()
+        );
+        let (ws, id) = connect(&edge.ws("/ws/echo")).await;
+        open.push(ws);
+        live.insert(id);
+    };
+    assert!(gone.iter().all(|g| !held.contains(g)));
+    // A router started now reads the feed from its start: exactly the live sessions.
+    let router = spawn("router", &url, &p, &["--partitions", "4"]).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let n = sample(&router.admin.to_string(), "switchyard_router_sessions").await as usize;
+        if n == live.len() {
+            break;
+        }
+        assert!(
+            n < live.len() && Instant::now() < deadline,
+            "router registry {n}, live {}",
+            live.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "feed after compaction: {} live sessions, {} closed ones gone",
+        live.len(),
+        gone.len()
+    );
+}

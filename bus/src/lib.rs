@@ -151,6 +151,13 @@ pub trait Bus: Send + Sync + 'static {
     fn is_ready(&self) -> bool;
     /// Waits until everything published so far has been handed to the bus.
     async fn flush(&self) -> Result<(), BusError>;
+    /// Lets a compacted topic forget `key`: Kafka publishes a tombstone (the key with a null
+    /// value, no headers), which compaction keeps in place of the key's earlier records and
+    /// removes after the topic's `delete.retention.ms`. Buses that keep nothing per key (memory,
+    /// NATS core subjects) have nothing to forget.
+    async fn tombstone(&self, _topic: &str, _key: Bytes) -> Result<(), BusError> {
+        Ok(())
+    }
     /// The durable session registry this bus provides, if any (NATS: JetStream KV). Without
     /// one, routers build their registry from the `<prefix>.sessions` feed alone.
     fn registry(&self) -> Option<Arc<dyn SessionRegistry>> {
@@ -422,6 +429,15 @@ impl Bus for Instrumented {
     }
     async fn flush(&self) -> Result<(), BusError> {
         self.inner.flush().await
+    }
+    async fn tombstone(&self, topic: &str, key: Bytes) -> Result<(), BusError> {
+        let res = self.inner.tombstone(topic, key).await;
+        if let Err(e) = &res {
+            let class = self.naming.classify(topic).label();
+            ::metrics::counter!(crate::metrics::PUBLISH_ERRORS, "bus" => self.scheme(), "topic" => class, "reason" => e.reason()).increment(1);
+            tracing::debug!(topic, error = %e, "bus tombstone failed");
+        }
+        res
     }
     fn registry(&self) -> Option<Arc<dyn SessionRegistry>> {
         self.inner.registry()

@@ -231,6 +231,14 @@ impl Routing {
     /// Returns the session a connect record announced.
     fn apply(&self, m: &Message) -> Option<String> {
         let r = &m.record;
+        if r.headers.is_empty() && r.payload.is_empty() {
+            // A tombstone (Kafka): the session ended; compaction may already have removed its
+            // disconnect record, so this is how a lagging router learns it.
+            if let Some(session) = r.key.as_deref().and_then(|k| std::str::from_utf8(k).ok()) {
+                self.registry.remove(session);
+            }
+            return None;
+        }
         match Envelope::from_record(r.key.as_deref(), &r.headers, r.payload.clone()) {
             Ok(e) => match (e.kind, e.node) {
                 (Kind::Connect, Some(node)) => {
@@ -322,7 +330,11 @@ impl Routing {
                     tracing::warn!(%session, error = %err, "could not publish a synthetic disconnect");
                 }
             }
-            let _ = self.bus.publish(&self.cfg.naming.sessions(), rec).await;
+            let key = rec.key.clone().unwrap_or_default();
+            if self.bus.publish(&self.cfg.naming.sessions(), rec).await.is_ok() {
+                // As an edge does after a disconnect: compaction may forget the session.
+                let _ = self.bus.tombstone(&self.cfg.naming.sessions(), key).await;
+            }
             let _ = durable.unregister(&session).await;
             self.registry.remove(&session);
         }

@@ -20,6 +20,7 @@ pub use log::{LogRecord, Progress, SessionLog};
 
 use crate::{check_name, Bus, BusError, BusOptions, Message, Record, StartFrom, SubscribeOptions, Subscription};
 use async_trait::async_trait;
+use bytes::Bytes;
 use client::{base, consumer_base, pattern_regex, to_record};
 use futures::StreamExt;
 use parking_lot::Mutex;
@@ -386,6 +387,16 @@ impl Bus for KafkaBus {
                 },
                 other => other,
             }),
+        }
+    }
+
+    async fn tombstone(&self, topic: &str, key: Bytes) -> Result<(), BusError> {
+        check_name(topic, false)?;
+        self.ensure_topic(topic).await?;
+        let fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).key(&key[..]);
+        match self.producer.send(fr, self.ack_timeout).await {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(map_err(e)),
         }
     }
 

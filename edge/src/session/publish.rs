@@ -92,8 +92,14 @@ pub(super) async fn lifecycle(
         st.bus.publish(&sessions, rec.clone()).await?;
         st.bus.publish(inbound, rec).await?;
     } else {
+        let key = rec.key.clone().unwrap_or_default();
         let a = st.bus.publish(inbound, rec.clone()).await;
-        let b = st.bus.publish(&sessions, rec).await;
+        // The feed keeps live sessions only: after the disconnect, a tombstone lets compaction
+        // drop the session's records (Kafka; other buses keep nothing per key).
+        let b = match st.bus.publish(&sessions, rec).await {
+            Ok(_) => st.bus.tombstone(&sessions, key).await,
+            Err(e) => Err(e),
+        };
         if let Some(d) = &durable {
             d.unregister(&sess.id).await?;
         }
