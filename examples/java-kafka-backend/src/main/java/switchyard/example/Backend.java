@@ -51,8 +51,7 @@ public final class Backend {
     Map<String, String> a = flags(argv, "Backend", Map.of(
         "--brokers", "127.0.0.1:9092", "--prefix", "sy", "--topic", "echo",
         "--group", "java-backend", "--hmac-key-file", ""), null);
-    SySig sig = a.get("--hmac-key-file").isEmpty()
-        ? null : new SySig(SySig.readKeyFile(Path.of(a.get("--hmac-key-file"))));
+    SySig sig = a.get("--hmac-key-file").isEmpty() ? null : verifier(a.get("--hmac-key-file"));
     String inbound = a.get("--prefix") + ".in." + a.get("--topic");
     String outbound = a.get("--prefix") + ".out";
 
@@ -161,6 +160,17 @@ public final class Backend {
       consumer.close(Duration.ofSeconds(10));
       System.err.printf("java kafka backend stopped: answered %d frames, refused %d records%n",
           answered, refused);
+    }
+  }
+
+  /** The signature checker for the key in {@code file}; a key that cannot be read exits 64. */
+  private static SySig verifier(String file) {
+    try {
+      return new SySig(SySig.readKeyFile(Path.of(file)));
+    } catch (java.io.IOException e) {
+      System.err.println("Backend: --hmac-key-file: " + e);
+      System.exit(64);
+      return null;
     }
   }
 
