@@ -11,7 +11,7 @@ use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
 use switchyard_bus::pipeline::Pipeline;
-use switchyard_bus::{Bus, BusError, Record, SubscribeOptions, Subscription};
+use switchyard_bus::{Ack, Bus, BusError, Record, SubscribeOptions, Subscription};
 use switchyard_protocol::envelope::now_ms;
 use switchyard_protocol::{Envelope, Kind, Naming};
 use tokio::task::JoinHandle;
@@ -20,11 +20,9 @@ use tokio_util::sync::CancellationToken;
 /// Subscribes (live when this returns) and runs the demo backends until `shutdown`.
 pub async fn start(bus: Arc<dyn Bus>, naming: Naming, shutdown: CancellationToken) -> Result<JoinHandle<()>, BusError> {
     let echo = bus
-        .subscribe(&naming.inbound("echo"), SubscribeOptions::group("demo-echo"))
+        .subscribe(&naming.inbound("echo"), acknowledged("demo-echo"))
         .await?;
-    let app = bus
-        .subscribe(&naming.inbound("app"), SubscribeOptions::group("demo-app"))
-        .await?;
+    let app = bus.subscribe(&naming.inbound("app"), acknowledged("demo-app")).await?;
     Ok(tokio::spawn(async move {
         tokio::select! {
             _ = shutdown.cancelled() => {}
@@ -52,13 +50,17 @@ async fn respond(
 ) {
     let out = naming.outbound();
     // Replies in flight at once, in order per session (the pipeline keys them by session).
-    let mut replies: Pipeline<()> = Pipeline::new(bus.clone(), DEMO_IN_FLIGHT);
+    let mut replies: Pipeline<Option<Ack>> = Pipeline::new(bus.clone(), DEMO_IN_FLIGHT);
     loop {
         let (full, busy) = (replies.is_full(), !replies.is_empty());
         let m = tokio::select! {
-            (_, res) = replies.next_done(), if busy => {
+            (ack, res) = replies.next_done(), if busy => {
                 if let Err(e) = res {
                     tracing::warn!(error = %e, "demo backend could not reply");
+                }
+                // Handled either way (a refused reply is logged, not retried).
+                if let Some(a) = ack {
+                    a.done();
                 }
                 continue;
             }
@@ -68,12 +70,15 @@ async fn respond(
             },
         };
         let r = &m.record;
-        let Ok(env) = Envelope::from_record(r.key.as_deref(), &r.headers, r.payload.clone()) else {
-            continue;
+        let env = match Envelope::from_record(r.key.as_deref(), &r.headers, r.payload.clone()) {
+            Ok(env) if env.kind == Kind::Frame => env,
+            _ => {
+                if let Some(a) = &m.ack {
+                    a.done();
+                }
+                continue;
+            }
         };
-        if env.kind != Kind::Frame {
-            continue;
-        }
         let to = match (&env.reply, direct) {
             (Some(r), true) => r.clone(),
             _ => out.clone(),
@@ -87,7 +92,15 @@ async fn respond(
             headers: reply.headers(),
             payload: reply.payload,
         };
-        replies.push(to, rec, ());
+        replies.push(to, rec, m.ack.clone());
+    }
+}
+
+/// A group subscription whose positions are committed once each record is answered.
+fn acknowledged(group: &str) -> SubscribeOptions {
+    SubscribeOptions {
+        acknowledged: true,
+        ..SubscribeOptions::group(group)
     }
 }
 

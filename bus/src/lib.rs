@@ -47,6 +47,32 @@ pub struct Message {
     /// Position in the topic, when the bus has one (memory: a per-topic counter; Kafka: offset).
     pub offset: Option<u64>,
     pub record: Arc<Record>,
+    /// With [`SubscribeOptions::acknowledged`] on a bus that commits positions (Kafka groups):
+    /// call [`Ack::done`] once the message is handled; only then may its position be
+    /// committed. `None` elsewhere.
+    pub ack: Option<Ack>,
+}
+
+/// A group message's handle for telling the bus it has been handled (see [`Message::ack`]).
+/// Dropped without [`Ack::done`], the message's position is never committed: after a crash or
+/// a rebalance the group reads it again.
+#[derive(Clone)]
+pub struct Ack(Arc<dyn Fn() + Send + Sync>);
+
+impl Ack {
+    pub fn new(done: impl Fn() + Send + Sync + 'static) -> Self {
+        Self(Arc::new(done))
+    }
+    /// The message is handled (forwarded, or dropped and counted).
+    pub fn done(&self) {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Ack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ack")
+    }
 }
 
 /// Where a new subscription starts.
@@ -66,6 +92,10 @@ pub struct SubscribeOptions {
     /// Members of one group share the messages instead of each getting all of them.
     pub group: Option<String>,
     pub start: StartFrom,
+    /// With a group: the subscriber acknowledges each message ([`Message::ack`]) once handled,
+    /// and only positions below every unacknowledged message are committed (Kafka). Without
+    /// it, positions are committed as messages are received.
+    pub acknowledged: bool,
 }
 
 impl SubscribeOptions {

@@ -154,6 +154,7 @@ impl MemoryBus {
     fn deliver(&self, topic: &str, record: Record, offset: u64) -> (Message, Vec<mpsc::Sender<Message>>) {
         let g = self.inner.read();
         let msg = Message {
+            ack: None,
             topic: Arc::from(topic),
             offset: Some(offset),
             record: Arc::new(record),

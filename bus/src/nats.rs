@@ -203,6 +203,7 @@ fn from_nats(m: async_nats::Message, topic: Arc<str>) -> Message {
         }
     }
     Message {
+        ack: None,
         topic,
         offset: None,
         record: Arc::new(Record {

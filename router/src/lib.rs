@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use switchyard_bus::pipeline::Pipeline;
 use switchyard_bus::{
-    Bus, BusError, Message, Record, RegistryEvent, SessionRegistry, StartFrom, SubscribeOptions, Subscription,
+    Ack, Bus, BusError, Message, Record, RegistryEvent, SessionRegistry, StartFrom, SubscribeOptions, Subscription,
 };
 
 use switchyard_protocol::envelope::now_ms;
@@ -83,7 +83,15 @@ impl Router {
         };
         let sessions = bus.subscribe(&cfg.naming.sessions(), from_start).await?;
         let outbound = bus
-            .subscribe(&cfg.naming.outbound(), SubscribeOptions::group("switchyard-router"))
+            .subscribe(
+                &cfg.naming.outbound(),
+                // A record's position is committed once it is forwarded (or dropped and
+                // counted), so a router killed mid-stream loses none to the group.
+                SubscribeOptions {
+                    acknowledged: true,
+                    ..SubscribeOptions::group("switchyard-router")
+                },
+            )
             .await?;
         let durable = bus.registry();
         let events = match &durable {
@@ -128,7 +136,7 @@ struct Routing {
     nodes: HashMap<String, NodeLease>,
     parked: HashMap<String, Parked>,
     /// Forwards in flight, tagged with their session.
-    pipeline: Pipeline<String>,
+    pipeline: Pipeline<(String, Option<Ack>)>,
 }
 
 /// Sessions whose forwards may be in flight at once (each session's records stay in order).
@@ -165,7 +173,7 @@ impl Routing {
                     Some(e) => Step::Durable(e),
                     None => { tracing::error!("registry watch ended"); events = None; continue; }
                 },
-                (session, res) = self.pipeline.next_done(), if busy => Step::Forwarded(session, res),
+                (tag, res) = self.pipeline.next_done(), if busy => Step::Forwarded(tag, res),
                 m = outbound.recv(), if !full => match m {
                     Some(m) => Step::Outbound(m),
                     None => { tracing::error!("outbound subscription closed by the bus"); Step::Stop }
@@ -182,7 +190,7 @@ impl Routing {
                     self.apply_durable(e);
                     gauge.set(self.registry.len() as f64);
                 }
-                Step::Forwarded(session, res) => forwarded(&session, res),
+                Step::Forwarded(tag, res) => forwarded(tag, res),
                 Step::Outbound(m) => {
                     while let Some(m) = sessions.try_recv() {
                         self.apply_and_release(&m).await;
@@ -199,8 +207,8 @@ impl Routing {
         }
         // Let what is in flight finish (the process bounds how long).
         while !self.pipeline.is_empty() {
-            let (session, res) = self.pipeline.next_done().await;
-            forwarded(&session, res);
+            let (tag, res) = self.pipeline.next_done().await;
+            forwarded(tag, res);
         }
     }
 
@@ -223,6 +231,7 @@ impl Routing {
                 return true;
             }
             ::metrics::counter!(DROPPED, "reason" => "unknown_session").increment(p.records.len() as u64);
+            p.records.iter().for_each(handled);
             tracing::debug!(%session, records = p.records.len(), "outbound records for an unknown session");
             false
         });
@@ -346,25 +355,28 @@ impl Routing {
     /// sessions at once), parks it while its session is not known yet, or counts why it could
     /// not be forwarded.
     async fn route(&mut self, m: Message) {
+        let ack = m.ack.clone();
         if let Some((session, topic, rec)) = self.route_or_park(m).await {
-            self.pipeline.push(topic, rec, session);
+            self.pipeline.push(topic, rec, (session, ack));
         }
     }
 
-    /// Where a record goes: (session, node topic, record), or `None` when it was parked or
-    /// dropped (and counted).
+    /// Where a record goes: (session, node topic, record), or `None` when it was parked (it
+    /// is handled once forwarded or expired) or dropped (handled and counted here).
     async fn route_or_park(&mut self, m: Message) -> Option<(String, String, Record)> {
         let r = &m.record;
         let env = match Envelope::from_record(r.key.as_deref(), &r.headers, Bytes::new()) {
             Ok(e) => e,
             Err(e) => {
                 drop_count("invalid");
+                handled(&m);
                 tracing::debug!(error = %e, "undecodable outbound record");
                 return None;
             }
         };
         if !matches!(env.kind, Kind::Deliver | Kind::Control) {
             drop_count("invalid");
+            handled(&m);
             tracing::debug!(
                 kind = env.kind.as_str(),
                 "outbound record of a kind the router does not route"
@@ -390,6 +402,7 @@ impl Routing {
             Lookup::Open(node) => node,
             Lookup::Closed => {
                 drop_count("closed_session");
+                handled(&m);
                 tracing::debug!(session = %env.session, "outbound record for a closed session");
                 return None;
             }
@@ -420,12 +433,15 @@ enum Step {
     Feed(Message),
     Durable(RegistryEvent),
     Outbound(Message),
-    Forwarded(String, Result<Option<u64>, BusError>),
+    Forwarded((String, Option<Ack>), Result<Option<u64>, BusError>),
     Sweep,
 }
 
-/// Counts a finished forward.
-fn forwarded(session: &str, res: Result<Option<u64>, BusError>) {
+/// Counts a finished forward and tells the bus the record is handled.
+fn forwarded((session, ack): (String, Option<Ack>), res: Result<Option<u64>, BusError>) {
+    if let Some(a) = ack {
+        a.done();
+    }
     match res {
         Ok(_) => ::metrics::counter!(FORWARDED).increment(1),
         Err(e) => {
@@ -439,6 +455,13 @@ async fn recv_opt(rx: &mut Option<mpsc::Receiver<RegistryEvent>>) -> Option<Regi
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Tells the bus an outbound record is handled (dropped and counted, or forwarded).
+fn handled(m: &Message) {
+    if let Some(a) = &m.ack {
+        a.done();
     }
 }
 

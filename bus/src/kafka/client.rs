@@ -48,6 +48,7 @@ pub(super) fn to_record(m: &rdkafka::message::BorrowedMessage<'_>) -> Message {
         }
     }
     Message {
+        ack: None,
         topic: Arc::from(m.topic()),
         offset: u64::try_from(m.offset()).ok(),
         record: Arc::new(Record {

@@ -18,7 +18,7 @@ mod log;
 
 pub use log::{LogRecord, Progress, SessionLog};
 
-use crate::{check_name, Bus, BusError, BusOptions, Message, Record, StartFrom, SubscribeOptions, Subscription};
+use crate::{check_name, Ack, Bus, BusError, BusOptions, Message, Record, StartFrom, SubscribeOptions, Subscription};
 use async_trait::async_trait;
 use bytes::Bytes;
 use client::{base, consumer_base, pattern_regex, to_record};
@@ -252,7 +252,16 @@ impl KafkaBus {
         .map_err(unavailable)?
     }
 
-    async fn group_subscription(&self, pattern: &str, group: &str, reset: &str) -> Result<Subscription, BusError> {
+    /// A consumer group member. With `acknowledged`, offsets are stored only as the
+    /// subscriber acknowledges messages (each partition up to its oldest unacknowledged
+    /// message) and committed from there; otherwise as messages are received.
+    async fn group_subscription(
+        &self,
+        pattern: &str,
+        group: &str,
+        reset: &str,
+        acknowledged: bool,
+    ) -> Result<Subscription, BusError> {
         let topic_or_regex = if pattern.contains(['*', '>']) {
             pattern_regex(pattern)
         } else {
@@ -267,8 +276,14 @@ impl KafkaBus {
                 // nothing (at the cost of reading history once, on a group's very first start).
                 .set("auto.offset.reset", reset)
                 .set("enable.auto.commit", "true")
+                .set("enable.auto.offset.store", if acknowledged { "false" } else { "true" })
                 .set("auto.commit.interval.ms", "1000")
                 .set("enable.partition.eof", "false")
+                // A member that dies (SIGKILL) holds its partitions until its session times
+                // out: 10 s, not librdkafka's 45 s (measured: a router killed mid-stream left
+                // its sessions' replies waiting longer than clients do).
+                .set("session.timeout.ms", "10000")
+                .set("heartbeat.interval.ms", "3000")
                 .set("topic.metadata.refresh.interval.ms", "2000")
                 .create()
                 .map_err(unavailable)?;
@@ -276,12 +291,35 @@ impl KafkaBus {
         let consumer = Arc::new(consumer);
         let (tx, rx) = mpsc::channel(self.buffer);
         let c = consumer.clone();
+        let progress: Arc<Mutex<HashMap<(Arc<str>, i32), PartitionProgress>>> = Arc::default();
         let task = tokio::spawn(async move {
             let mut stream = c.stream();
             while let Some(m) = stream.next().await {
                 match m {
                     Ok(m) => {
-                        if tx.send(to_record(&m)).await.is_err() {
+                        let mut msg = to_record(&m);
+                        if acknowledged {
+                            use rdkafka::Message as _;
+                            let (topic, partition, offset) = (msg.topic.clone(), m.partition(), m.offset());
+                            progress
+                                .lock()
+                                .entry((topic.clone(), partition))
+                                .or_default()
+                                .delivered(offset);
+                            let (progress, consumer) = (progress.clone(), c.clone());
+                            msg.ack = Some(Ack::new(move || {
+                                let handled = progress
+                                    .lock()
+                                    .get_mut(&(topic.clone(), partition))
+                                    .and_then(|p| p.handled(offset));
+                                if let Some(upto) = handled {
+                                    // Fails for a partition this member no longer owns: its new
+                                    // owner reads from the last commit (at least once).
+                                    let _ = consumer.store_offset(&topic, partition, upto);
+                                }
+                            }));
+                        }
+                        if tx.send(msg).await.is_err() {
                             return;
                         }
                     }
@@ -304,6 +342,41 @@ impl KafkaBus {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(Subscription::new(rx, (AbortOnDrop(task), consumer)))
+    }
+}
+
+/// What a group member has received and handled of one partition.
+#[derive(Default)]
+struct PartitionProgress {
+    /// Received, not yet handled.
+    pending: std::collections::BTreeSet<i64>,
+    highest: Option<i64>,
+    stored: Option<i64>,
+}
+
+impl PartitionProgress {
+    fn delivered(&mut self, offset: i64) {
+        // Nothing before the first offset received is this member's to store.
+        self.stored = self.stored.or(Some(offset - 1));
+        self.pending.insert(offset);
+        self.highest = self.highest.max(Some(offset));
+    }
+
+    /// Marks `offset` handled; returns the offset up to which everything received is handled,
+    /// when that moved forward.
+    fn handled(&mut self, offset: i64) -> Option<i64> {
+        self.pending.remove(&offset);
+        let upto = match self.pending.first() {
+            Some(&oldest) => Some(oldest - 1),
+            None => self.highest,
+        };
+        match upto {
+            Some(u) if upto > self.stored => {
+                self.stored = upto;
+                Some(u)
+            }
+            _ => None,
+        }
     }
 }
 
@@ -403,12 +476,12 @@ impl Bus for KafkaBus {
     async fn subscribe(&self, pattern: &str, opts: SubscribeOptions) -> Result<Subscription, BusError> {
         check_name(pattern, true)?;
         if let Some(g) = &opts.group {
-            return self.group_subscription(pattern, g, "earliest").await;
+            return self.group_subscription(pattern, g, "earliest", opts.acknowledged).await;
         }
         if pattern.contains(['*', '>']) {
             // Plain wildcard subscriptions get a private group, starting at the end.
             let g = format!("p-{}", process_unique(self.next_id.fetch_add(1, Ordering::Relaxed)));
-            return self.group_subscription(pattern, &g, "latest").await;
+            return self.group_subscription(pattern, &g, "latest", false).await;
         }
         self.ensure_topic(pattern).await?;
         let (tx, rx) = mpsc::channel(self.buffer);
@@ -460,4 +533,23 @@ impl Bus for KafkaBus {
 /// A name unique to this process and call: `<pid>-<n>` (private consumer group names).
 fn process_unique(n: u64) -> String {
     format!("{}-{n}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PartitionProgress;
+
+    #[test]
+    fn commits_only_below_the_oldest_unhandled_offset() {
+        let mut p = PartitionProgress::default();
+        for o in 10..15 {
+            p.delivered(o);
+        }
+        assert_eq!(p.handled(12), None, "10 and 11 are not handled yet");
+        assert_eq!(p.handled(10), Some(10));
+        assert_eq!(p.handled(11), Some(12), "12 was handled before: up to 12");
+        assert_eq!(p.handled(14), None);
+        assert_eq!(p.handled(13), Some(14));
+        assert_eq!(p.handled(13), None, "a second ack moves nothing");
+    }
 }
