@@ -291,7 +291,7 @@ impl KafkaBus {
         let consumer = Arc::new(consumer);
         let (tx, rx) = mpsc::channel(self.buffer);
         let c = consumer.clone();
-        let progress: Arc<Mutex<HashMap<(Arc<str>, i32), PartitionProgress>>> = Arc::default();
+        let progress: Progresses = Arc::default();
         let task = tokio::spawn(async move {
             let mut stream = c.stream();
             while let Some(m) = stream.next().await {
@@ -344,6 +344,9 @@ impl KafkaBus {
         Ok(Subscription::new(rx, (AbortOnDrop(task), consumer)))
     }
 }
+
+/// A group member's progress per (topic, partition).
+type Progresses = Arc<Mutex<HashMap<(Arc<str>, i32), PartitionProgress>>>;
 
 /// What a group member has received and handled of one partition.
 #[derive(Default)]
