@@ -24,6 +24,9 @@
 //! - `publish`: the publisher only: warm-up probes every `--probe-interval` s until `--go-file`
 //!   exists, then `--hot-steps` × `--step-secs` on the fixed schedule, `--step-gap` s before each
 //!   step.
+//! - `sample`: no load: RSS and CPU time of the processes named on standard input (`NAME PID`
+//!   lines) and the machine's busy time, every `--sample-secs`, one JSON line each, until standard
+//!   input closes (the `/proc` sampler of the scale-out run; see `sampler.rs`).
 //!
 //! `subscribe` and `publish` stamp times as nanoseconds since the Unix epoch (the other scenarios
 //! use the process's own clock origin), so latency stays receive − scheduled across processes.
@@ -35,6 +38,7 @@
 mod nats;
 mod payload;
 mod procfs;
+mod sampler;
 mod scenario;
 mod systems;
 mod ws;
@@ -56,6 +60,7 @@ enum Scenario {
     Slow,
     Subscribe,
     Publish,
+    Sample,
 }
 
 impl Scenario {
@@ -69,6 +74,7 @@ impl Scenario {
             Scenario::Slow => "slow",
             Scenario::Subscribe => "subscribe",
             Scenario::Publish => "publish",
+            Scenario::Sample => "sample",
         }
     }
     /// Issue 5's connection counts.
@@ -77,7 +83,7 @@ impl Scenario {
             Scenario::Idle | Scenario::Unicast | Scenario::Handshake | Scenario::Subscribe => 16_000,
             Scenario::Dash | Scenario::Slow => 10_000,
             Scenario::Hot => 2_000,
-            Scenario::Publish => 0,
+            Scenario::Publish | Scenario::Sample => 0,
         }
     }
     fn default_duration(self) -> f64 {
@@ -85,7 +91,7 @@ impl Scenario {
             Scenario::Idle => 60.0,
             Scenario::Dash | Scenario::Unicast => 30.0,
             Scenario::Slow => 40.0,
-            Scenario::Hot | Scenario::Handshake | Scenario::Subscribe | Scenario::Publish => 0.0,
+            Scenario::Hot | Scenario::Handshake | Scenario::Subscribe | Scenario::Publish | Scenario::Sample => 0.0,
         }
     }
 }
@@ -94,8 +100,9 @@ impl Scenario {
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
+    /// The system under test. Required by every scenario except `sample`.
     #[arg(long, value_enum)]
-    system: System,
+    system: Option<System>,
     #[arg(long, value_enum)]
     scenario: Scenario,
     /// Client WebSocket URL (subscribers; unicast sessions; handshakes). Loopback only.
@@ -202,10 +209,26 @@ struct Args {
     /// file included).
     #[arg(long, default_value_t = 1200.0)]
     deadline: f64,
+    /// sample: seconds between two readings.
+    #[arg(long, default_value_t = 1.0)]
+    sample_secs: f64,
+}
+
+impl Args {
+    /// The system under test (`main` checks that it was given).
+    fn system(&self) -> System {
+        self.system.expect("--system is checked in main")
+    }
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.scenario == Scenario::Sample {
+        return sampler::run(&args);
+    }
+    if args.system.is_none() {
+        anyhow::bail!("--system is required by --scenario {}", args.scenario.name());
+    }
     for ip in &args.sources {
         systems::check_loopback(*ip)?;
     }

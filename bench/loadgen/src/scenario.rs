@@ -179,7 +179,7 @@ struct Dial {
 impl Dial {
     fn new(args: &Args) -> Result<Arc<Self>> {
         Ok(Arc::new(Self {
-            system: args.system,
+            system: args.system(),
             url: args.url.clone(),
             dst: systems::target_addr(&args.url)?,
             sources: args.sources.clone(),
@@ -373,7 +373,7 @@ fn latency(h: &Histogram<u64>) -> Value {
 
 fn base(args: &Args, n: usize) -> Map<String, Value> {
     let mut m = Map::new();
-    m.insert("system".into(), args.system.name().into());
+    m.insert("system".into(), args.system().name().into());
     m.insert("scenario".into(), args.scenario.name().into());
     m.insert("tag".into(), args.tag.clone().into());
     m.insert("connections".into(), n.into());
@@ -453,6 +453,7 @@ pub(crate) async fn run(args: &Args) -> Result<Value> {
         Scenario::Handshake => handshake(args, n).await,
         Scenario::Subscribe => split::subscribe(args, n).await,
         Scenario::Publish => split::publish(args).await,
+        Scenario::Sample => unreachable!("main runs the sampler, outside the runtime"),
     }
 }
 
@@ -532,7 +533,7 @@ async fn dash(args: &Args, n: usize, duration: f64) -> Result<Value> {
     let (handles, ramp, dial) = start_subscribers(args, n, &sh, slow_fraction).await?;
     let ready = sh.ready.load(Relaxed);
     let pub_errors = Arc::new(AtomicU64::new(0));
-    let mut publ = Publisher::connect(args.system, endpoint, &args.channel, pub_errors.clone())
+    let mut publ = Publisher::connect(args.system(), endpoint, &args.channel, pub_errors.clone())
         .await
         .context("publisher")?;
     let warmed = warm_up(&mut publ, &sh, ready, args.payload).await?;
@@ -634,7 +635,7 @@ async fn hot(args: &Args, n: usize) -> Result<Value> {
     let (handles, ramp, dial) = start_subscribers(args, n, &sh, 0.0).await?;
     let ready = sh.ready.load(Relaxed);
     let pub_errors = Arc::new(AtomicU64::new(0));
-    let mut publ = Publisher::connect(args.system, endpoint, &args.channel, pub_errors.clone())
+    let mut publ = Publisher::connect(args.system(), endpoint, &args.channel, pub_errors.clone())
         .await
         .context("publisher")?;
     let warmed = warm_up(&mut publ, &sh, ready, args.payload).await?;

@@ -200,7 +200,7 @@ pub(super) async fn publish(args: &Args) -> Result<Value> {
     let deadline = t + Duration::from_secs_f64(args.deadline.max(1.0));
     let sh = Shared::new_wall(counts.len());
     let errors = Arc::new(AtomicU64::new(0));
-    let mut publ = Publisher::connect(args.system, endpoint, &args.channel, errors.clone())
+    let mut publ = Publisher::connect(args.system(), endpoint, &args.channel, errors.clone())
         .await
         .context("publisher")?;
 
