@@ -21,9 +21,20 @@
 //!    lost, duplicates, latency percentiles and the histogram's recorded values (`hist`:
 //!    `[[µs, count], ...]`) so the driver can merge percentiles over processes.
 
-use super::*;
-use anyhow::bail;
+use super::clients::{collect, ramp_json, start_subscribers};
+use super::measure::{base, histogram, kernel_json, latency, server_json, ClientOut, SelfCpu, Shared};
+use super::schedule::{drain, schedule};
+use crate::payload;
+use crate::procfs;
+use crate::systems::Publisher;
+use crate::Args;
+use anyhow::{bail, Context, Result};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Recorded values of a histogram as `[[value_µs, count], ...]` (value = the highest value
 /// equivalent to the bucket), enough to merge histograms of several processes and take
