@@ -1,4 +1,5 @@
-//! `loadgen`: the Switchyard benchmark load generator (issue 5).
+//! `loadgen`: the load generator of Switchyard's benchmarks: the peer comparison and the
+//! scale-out run in BENCHMARKS.md.
 //!
 //! One invocation = one run of one scenario against one system; the result is one JSON line
 //! (stdout, or appended to `--out`). `scripts/bench` drives it for every system × scenario.
@@ -6,7 +7,8 @@
 //! Run with:
 //! `target/release/loadgen --system switchyard --scenario dash --url ws://127.0.0.1:8080/ws --publish ws://127.0.0.1:8080/ws --server-pid $(pgrep -n switchyard)`
 //!
-//! Scenarios (every count and duration is a flag; defaults are issue 5's):
+//! Scenarios (every count and duration is a flag; the defaults are the counts of the full run
+//! in BENCHMARKS.md):
 //! - `idle`: N subscribed connections held for `--duration`; server RSS per connection and
 //!   kernel memory per connection.
 //! - `dash`: N subscribers on one channel, `--rate` msg/s of `--payload` bytes.
@@ -49,7 +51,8 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use systems::System;
 
-/// The scenarios of issue 5.
+/// The scenarios of the peer comparison in BENCHMARKS.md, the two halves of the scale-out run
+/// (`subscribe`, `publish`) and its `/proc` sampler (`sample`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
     Idle,
@@ -77,7 +80,7 @@ impl Scenario {
             Scenario::Sample => "sample",
         }
     }
-    /// Issue 5's connection counts.
+    /// The connection counts of the full run in BENCHMARKS.md.
     fn default_connections(self) -> usize {
         match self {
             Scenario::Idle | Scenario::Unicast | Scenario::Handshake | Scenario::Subscribe => 16_000,
@@ -96,7 +99,7 @@ impl Scenario {
     }
 }
 
-/// Load generator for the issue-5 benchmark (one scenario, one system, one JSON line).
+/// Load generator of the Switchyard benchmarks (one scenario, one system, one JSON line).
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {

@@ -1,4 +1,5 @@
-//! `grip-backend`: the tiny GRIP backend behind Pushpin in the issue-5 benchmark.
+//! `grip-backend`: the tiny GRIP backend behind Pushpin in the benchmark comparison in
+//! BENCHMARKS.md.
 //!
 //! Pushpin (route `* 127.0.0.1:PORT,over_http`) turns every client WebSocket into
 //! WebSocket-over-HTTP requests to this server. The backend:

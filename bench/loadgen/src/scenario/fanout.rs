@@ -214,7 +214,8 @@ pub(super) async fn hot(args: &Args, n: usize) -> Result<Value> {
             });
         }
         seq += count;
-        // The rule: the highest step passed before the first failing one.
+        // The pass rule: the result is the highest step that passes (zero loss, p99 at most
+        // --p99-limit-ms) before the first step that fails it.
         if pass && limit.is_none() {
             best = Some((rate, rate * ready as f64));
         }
