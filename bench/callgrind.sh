@@ -17,6 +17,7 @@ cd "$(dirname "$0")/.."
 N=${N:-1000}
 M=${M:-200}
 BATCHES=${BATCHES:-"32 1"}
+# Open files: N subscriber sockets and their server ends, with room for N up to 9,000 or so.
 ulimit -n 20000
 cargo build --release --quiet -p fanout-callgrind
 out=$(mktemp -d)

@@ -11,6 +11,14 @@ use std::fs;
 /// Linux `USER_HZ`: the unit of utime/stime in `/proc/PID/stat`. It is 100 on every Linux ABI
 /// this runs on (the kernel converts to it regardless of `CONFIG_HZ`).
 const USER_HZ: u64 = 100;
+/// Bytes per page: the unit of the `mem` count in `/proc/net/sockstat`.
+const PAGE_SIZE: u64 = 4096;
+/// Index of the parent PID in [`stat_fields`].
+const STAT_PPID: usize = 1;
+/// Index of utime (user CPU time, ticks) in [`stat_fields`].
+const STAT_UTIME: usize = 11;
+/// Index of stime (system CPU time, ticks) in [`stat_fields`].
+const STAT_STIME: usize = 12;
 
 /// `pid` and every live descendant of it.
 pub(crate) fn tree(pid: u32) -> Vec<u32> {
@@ -21,7 +29,7 @@ pub(crate) fn tree(pid: u32) -> Vec<u32> {
                 continue;
             };
             if let Some(st) = stat_fields(p) {
-                if let Some(ppid) = st.get(1).and_then(|s| s.parse::<u32>().ok()) {
+                if let Some(ppid) = st.get(STAT_PPID).and_then(|s| s.parse::<u32>().ok()) {
                     children.entry(ppid).or_default().push(p);
                 }
             }
@@ -49,8 +57,8 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
 /// (utime + stime, stime) of one process (all its threads), in microseconds.
 fn cpu_times_us(pid: u32) -> Option<(u64, u64)> {
     let f = stat_fields(pid)?;
-    let u: u64 = f.get(11)?.parse().ok()?;
-    let s: u64 = f.get(12)?.parse().ok()?;
+    let u: u64 = f.get(STAT_UTIME)?.parse().ok()?;
+    let s: u64 = f.get(STAT_STIME)?.parse().ok()?;
     Some(((u + s) * 1_000_000 / USER_HZ, s * 1_000_000 / USER_HZ))
 }
 
@@ -182,7 +190,7 @@ pub(crate) fn kernel() -> KernelSample {
             let toks: Vec<&str> = l.split_whitespace().collect();
             for w in toks.windows(2) {
                 match w[0] {
-                    "mem" => tcp_mem = w[1].parse::<u64>().unwrap_or(0) * 4096,
+                    "mem" => tcp_mem = w[1].parse::<u64>().unwrap_or(0) * PAGE_SIZE,
                     "inuse" => tcp_inuse = w[1].parse().unwrap_or(0),
                     _ => {}
                 }

@@ -23,6 +23,10 @@ use axum::Router;
 use clap::Parser;
 use std::net::SocketAddr;
 
+/// Bytes reserved in a reply beyond the request's size, for the extra events (`OPEN`, the
+/// subscribe control message and the `subscribed` ack) and their headers.
+const REPLY_SLACK: usize = 128;
+
 #[derive(Parser)]
 #[command(version, about = "GRIP WebSocket-over-HTTP backend for the Pushpin benchmark peer")]
 struct Args {
@@ -101,7 +105,7 @@ async fn handle(uri: Uri, body: Bytes) -> Response {
         Ok(e) => e,
         Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
     };
-    let mut out = Vec::with_capacity(body.len() + 128);
+    let mut out = Vec::with_capacity(body.len() + REPLY_SLACK);
     for ev in events {
         match ev.kind {
             "OPEN" => {

@@ -2,7 +2,7 @@
 //! addresses, a permit per handshake in flight, retries), the subscriber task, waiting for the
 //! ramp, and collecting every client's tally at the end.
 
-use super::measure::{ClientOut, Receiver, Shared};
+use super::measure::{round3, ClientOut, Receiver, Shared};
 use crate::systems::{Conn, Read, System};
 use crate::{systems, Args};
 use anyhow::{anyhow, Result};
@@ -13,6 +13,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
+
+/// Longest one connect + upgrade + subscribe attempt may take before it counts as failed.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Back-off before a retry, per failed attempt so far (ms).
+const RETRY_BACKOFF_MS: u64 = 100;
+/// Range of the per-client back-off jitter (ms), so that clients failing together do not retry
+/// together.
+const RETRY_JITTER_MS: u64 = 100;
+/// A prime that scatters consecutive client numbers over the jitter range.
+const JITTER_SCATTER: u64 = 7919;
+/// How often the ramp's ready + failed count is checked.
+const RAMP_POLL: Duration = Duration::from_millis(20);
 
 /// Where and how clients connect.
 pub(super) struct Dial {
@@ -63,9 +75,9 @@ impl Dial {
                     let ws = crate::ws::Ws::open(&self.url, self.dst, self.source(i), rcvbuf).await?;
                     prepare(Conn::new(ws, self.system)).await
                 };
-                tokio::time::timeout(Duration::from_secs(30), fut)
+                tokio::time::timeout(ATTEMPT_TIMEOUT, fut)
                     .await
-                    .map_err(|_| anyhow!("connect + subscribe took over 30 s"))
+                    .map_err(|_| anyhow!("connect + subscribe took over {} s", ATTEMPT_TIMEOUT.as_secs()))
                     .and_then(|r| r)
             };
             match res {
@@ -74,8 +86,8 @@ impl Dial {
                 Err(_) => {
                     attempt += 1;
                     self.retried.fetch_add(1, Relaxed);
-                    let jitter = (i as u64 * 7919) % 100;
-                    tokio::time::sleep(Duration::from_millis(100 * attempt as u64 + jitter)).await;
+                    let jitter = (i as u64 * JITTER_SCATTER) % RETRY_JITTER_MS;
+                    tokio::time::sleep(Duration::from_millis(RETRY_BACKOFF_MS * attempt as u64 + jitter)).await;
                 }
             }
         }
@@ -142,7 +154,7 @@ async fn subscriber(i: usize, slow: bool, dial: Arc<Dial>, sh: Arc<Shared>) -> C
 pub(super) async fn wait_ramp(sh: &Shared, n: usize, timeout: f64) -> f64 {
     let t = Instant::now();
     while sh.ready.load(Relaxed) + sh.failed.load(Relaxed) < n && t.elapsed().as_secs_f64() < timeout {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(RAMP_POLL).await;
     }
     t.elapsed().as_secs_f64()
 }
@@ -177,7 +189,7 @@ pub(super) fn ramp_json(sh: &Shared, dial: &Dial, n: usize, secs: f64) -> Value 
         "retried": dial.retried.load(Relaxed),
         "ready": sh.ready.load(Relaxed),
         "failed": sh.failed.load(Relaxed),
-        "secs": (secs * 1000.0).round() / 1000.0,
+        "secs": round3(secs),
         "connects_per_s": (sh.ready.load(Relaxed) as f64 / secs.max(1e-9)).round(),
         "first_error": sh.first_error(),
         "requested": n,

@@ -3,7 +3,7 @@
 //! publish rates: the highest step that passes, and the highest that sustains).
 
 use super::clients::{collect, is_slow, ramp_json, start_subscribers};
-use super::measure::{base, kernel_json, latency, server_json, ClientOut, SelfCpu, Shared};
+use super::measure::{base, kernel_json, latency, round3, server_json, ClientOut, SelfCpu, Shared};
 use super::schedule::{drain, schedule, warm_up};
 use crate::procfs;
 use crate::systems::Publisher;
@@ -13,6 +13,10 @@ use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// CPU utilisation (share of one core) from which a process counts as saturated at the first
+/// failing `hot` step.
+const SATURATED: f64 = 0.9;
 
 pub(super) async fn idle(args: &Args, n: usize, duration: f64) -> Result<Value> {
     let sh = Shared::new(1);
@@ -174,7 +178,7 @@ pub(super) async fn hot(args: &Args, n: usize) -> Result<Value> {
         // Utilisations over the publishing window (the drain below would dilute them).
         let (lg_util, other) = (me.util(), me.other_util(args.server_pid));
         let srv_util = procfs::server(args.server_pid).cpu_us.saturating_sub(srv_a.cpu_us) as f64 / me.wall_us();
-        let srv_util = (srv_util * 1000.0).round() / 1000.0;
+        let srv_util = round3(srv_util);
         let expected = count * ready as u64;
         drain(&sh.step_unique[k], expected, args.drain).await;
         let srv_b = procfs::server(args.server_pid);
@@ -203,11 +207,11 @@ pub(super) async fn hot(args: &Args, n: usize) -> Result<Value> {
         }));
         if !pass && limit.is_none() {
             // Who ran out of CPU at the first failing step (both pinned to one core each).
-            limit = Some(if lg_util >= 0.9 && srv_util >= 0.9 {
+            limit = Some(if lg_util >= SATURATED && srv_util >= SATURATED {
                 "both saturated"
-            } else if lg_util >= 0.9 {
+            } else if lg_util >= SATURATED {
                 "loadgen"
-            } else if srv_util >= 0.9 {
+            } else if srv_util >= SATURATED {
                 "server"
             } else {
                 "neither saturated"

@@ -13,6 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
+/// Longest one upgrade may take before it counts as an error.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub(super) async fn handshake(args: &Args, n: usize) -> Result<Value> {
     let dial = Dial::new(args)?;
     let next = Arc::new(AtomicUsize::new(0));
@@ -41,11 +44,11 @@ pub(super) async fn handshake(args: &Args, n: usize) -> Result<Value> {
                     }
                     let t = Instant::now();
                     let r = tokio::time::timeout(
-                        Duration::from_secs(30),
+                        UPGRADE_TIMEOUT,
                         systems::upgrade_raw(&dial.url, dial.dst, dial.source(i), None),
                     )
                     .await
-                    .map_err(|_| anyhow!("upgrade took over 30 s"))
+                    .map_err(|_| anyhow!("upgrade took over {} s", UPGRADE_TIMEOUT.as_secs()))
                     .and_then(|r| r);
                     match r {
                         Ok((ws, _)) => {

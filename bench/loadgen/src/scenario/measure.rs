@@ -14,9 +14,11 @@ use tokio_util::sync::CancellationToken;
 
 /// Highest latency the histograms hold (µs): one hour.
 const HIST_MAX_US: u64 = 3_600_000_000;
+/// Significant decimal digits the histograms keep (values within 0.1 % of what was recorded).
+const HIST_SIGFIGS: u8 = 3;
 
 pub(super) fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, HIST_MAX_US, 3).expect("valid histogram bounds")
+    Histogram::new_with_bounds(1, HIST_MAX_US, HIST_SIGFIGS).expect("valid histogram bounds")
 }
 
 /// State every client task shares with the driver.
@@ -144,6 +146,11 @@ pub(super) struct ClientOut {
     pub(super) tally: Tally,
 }
 
+/// `x` rounded to three decimals: the resolution of the seconds and utilisations reported.
+pub(super) fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
 pub(super) fn latency(h: &Histogram<u64>) -> Value {
     json!({
         "count": h.len(),
@@ -221,13 +228,13 @@ impl SelfCpu {
     }
     pub(super) fn util(&self) -> f64 {
         let us = procfs::self_cpu_us().saturating_sub(self.0) as f64;
-        ((us / self.wall_us()) * 1000.0).round() / 1000.0
+        round3(us / self.wall_us())
     }
     /// Machine busy time not used by this process or the server tree, per wall time.
     pub(super) fn other_util(&self, server: Option<u32>) -> f64 {
         let machine = procfs::machine_busy_us().saturating_sub(self.2) as f64;
         let me = procfs::self_cpu_us().saturating_sub(self.0) as f64;
         let srv = procfs::server(server).cpu_us.saturating_sub(self.3) as f64;
-        (((machine - me - srv).max(0.0) / self.wall_us()) * 1000.0).round() / 1000.0
+        round3((machine - me - srv).max(0.0) / self.wall_us())
     }
 }

@@ -8,24 +8,37 @@ use anyhow::Result;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-/// Publishes warm-up probes until `expect` clients have seen one (20 s at most).
+/// Longest the warm-up probes go on for.
+const WARM_UP_LIMIT: Duration = Duration::from_secs(20);
+/// Time between two warm-up probes (ms).
+const WARM_UP_PROBE_MS: u64 = 100;
+/// Time between two checks of the warm count while waiting for the next probe (ms).
+const WARM_UP_POLL_MS: u64 = 10;
+/// Time from setting a schedule up to its first message, so that the first is not due already.
+const SCHEDULE_LEAD: Duration = Duration::from_millis(2);
+/// Most messages one publish call carries when several are due at once.
+const MAX_BATCH: usize = 256;
+/// How often the drain checks the delivery count.
+const DRAIN_POLL: Duration = Duration::from_millis(10);
+
+/// Publishes warm-up probes until `expect` clients have seen one ([`WARM_UP_LIMIT`] at most).
 pub(super) async fn warm_up(publ: &mut Publisher, sh: &Shared, expect: usize, size: usize) -> Result<bool> {
     let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(20) {
+    while t.elapsed() < WARM_UP_LIMIT {
         publ.publish(&[payload::build(0, sh.ns(Instant::now()), 0, size)])
             .await?;
-        for _ in 0..10 {
+        for _ in 0..WARM_UP_PROBE_MS / WARM_UP_POLL_MS {
             if sh.warm.load(Relaxed) >= expect {
                 return Ok(true);
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(WARM_UP_POLL_MS)).await;
         }
     }
     Ok(sh.warm.load(Relaxed) >= expect)
 }
 
 /// Publishes `n` messages `seq0..seq0+n` at `rate` msg/s on a fixed schedule. Messages already
-/// due are sent together (at most 256 per call); each carries its own scheduled time.
+/// due are sent together (at most [`MAX_BATCH`] per call); each carries its own scheduled time.
 pub(super) async fn schedule(
     publ: &mut Publisher,
     sh: &Shared,
@@ -35,12 +48,12 @@ pub(super) async fn schedule(
     step: usize,
     size: usize,
 ) -> Result<()> {
-    let start = Instant::now() + Duration::from_millis(2);
+    let start = Instant::now() + SCHEDULE_LEAD;
     let start_ns = sh.ns(start);
     let gap_ns = 1e9 / rate;
     let at = |j: u64| (j as f64 * gap_ns) as u64;
     let mut i = 0u64;
-    let mut batch = Vec::with_capacity(256);
+    let mut batch = Vec::with_capacity(MAX_BATCH);
     while i < n {
         let now = Instant::now();
         let due = if now < start {
@@ -49,7 +62,7 @@ pub(super) async fn schedule(
             (((now - start).as_nanos() as f64 / gap_ns) as u64 + 1).min(n)
         };
         if due > i {
-            let upto = due.min(i + 256);
+            let upto = due.min(i + MAX_BATCH as u64);
             batch.clear();
             for j in i..upto {
                 batch.push(payload::build(seq0 + j, start_ns + at(j), step, size));
@@ -68,6 +81,6 @@ pub(super) async fn schedule(
 pub(super) async fn drain(counter: &AtomicU64, target: u64, secs: f64) {
     let t = Instant::now();
     while counter.load(Relaxed) < target && t.elapsed().as_secs_f64() < secs {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(DRAIN_POLL).await;
     }
 }

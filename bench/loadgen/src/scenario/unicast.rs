@@ -28,6 +28,14 @@ use tokio_util::sync::CancellationToken;
 /// and the thread wakes a few thousand times a second, not once per probe.
 const PACE_QUANTUM: Duration = Duration::from_micros(200);
 
+/// Time from the end of the ramp to the first probe, fixed part. Every client must be waiting
+/// for its first probe before it is due: waking 16,000 tasks takes the load generator a few
+/// hundred ms (measured: with 100 ms alone, the first second's probes queued behind the
+/// wake-ups and made the p99).
+const START_LEAD: Duration = Duration::from_millis(100);
+/// Time from the end of the ramp to the first probe, per session (see [`START_LEAD`]).
+const START_LEAD_PER_SESSION: Duration = Duration::from_micros(60);
+
 struct Pacer {
     /// Probes released to each client so far.
     released: Vec<AtomicU64>,
@@ -168,10 +176,7 @@ pub(super) async fn unicast(args: &Args, n: usize, duration: f64) -> Result<Valu
     let srv_ready = procfs::server(args.server_pid);
     let me = SelfCpu::start_with(args.server_pid);
     let srv_a = procfs::server(args.server_pid);
-    // Every client must be waiting for its first probe before the first is due: waking 16,000
-    // tasks takes the load generator a few hundred ms (measured: with 100 ms, the first
-    // second's probes queued behind the wake-ups and made the p99).
-    let start = Instant::now() + Duration::from_millis(100) + Duration::from_micros(60) * n as u32;
+    let start = Instant::now() + START_LEAD + START_LEAD_PER_SESSION * n as u32;
     tx.send_replace(Some(start));
     let paced = {
         let (pacer, stop) = (pacer.clone(), sh.stop.clone());
