@@ -112,18 +112,11 @@ async fn subscriber(i: usize, slow: bool, dial: Arc<Dial>, sh: Arc<Shared>) -> C
             Ok(c)
         })
         .await;
-    let mut rx = Receiver::new(!slow);
     let mut conn = match conn {
         Ok(c) => c,
-        Err(e) => {
-            sh.fail(e.context(format!("client {i}")));
-            return ClientOut {
-                ready: false,
-                healthy: !slow,
-                tally: rx.tally,
-            };
-        }
+        Err(e) => return sh.connect_failed(i, e, !slow),
     };
+    let mut rx = Receiver::new(!slow);
     sh.ready.fetch_add(1, Relaxed);
     loop {
         tokio::select! {
@@ -135,9 +128,7 @@ async fn subscriber(i: usize, slow: bool, dial: Arc<Dial>, sh: Arc<Shared>) -> C
             }
             r = conn.read(|s| rx.record(&sh, s)) => {
                 if let Read::Closed = r {
-                    if !sh.stop.is_cancelled() {
-                        sh.disconnected.fetch_add(1, Relaxed);
-                    }
+                    sh.closed();
                     break;
                 }
             }

@@ -3,15 +3,15 @@
 //! publish rates: the highest step that passes, and the highest that sustains).
 
 use super::clients::{collect, is_slow, ramp_json, start_subscribers};
-use super::measure::{base, kernel_json, latency, round3, server_json, ClientOut, SelfCpu, Shared};
-use super::schedule::{drain, schedule, warm_up};
+use super::measure::{
+    base, deliveries, kernel_json, latency, ready_memory, round3, server_json, ClientOut, SelfCpu, Shared,
+};
+use super::schedule::{drain, schedule, warmed_publisher};
 use crate::procfs;
-use crate::systems::Publisher;
 use crate::{Args, Scenario};
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 /// CPU utilisation (share of one core) from which a process counts as saturated at the first
@@ -56,11 +56,7 @@ pub(super) async fn dash(args: &Args, n: usize, duration: f64) -> Result<Value> 
     let (srv0, k0) = (procfs::server(args.server_pid), procfs::kernel());
     let (handles, ramp, dial) = start_subscribers(args, n, &sh, slow_fraction).await?;
     let ready = sh.ready.load(Relaxed);
-    let pub_errors = Arc::new(AtomicU64::new(0));
-    let mut publ = Publisher::connect(args.system(), endpoint, &args.channel, pub_errors.clone())
-        .await
-        .context("publisher")?;
-    let warmed = warm_up(&mut publ, &sh, ready, args.payload).await?;
+    let (mut publ, pub_errors, warmed) = warmed_publisher(args, endpoint, &sh, ready).await?;
     let srv_ready = procfs::server(args.server_pid);
     let k_ready = procfs::kernel();
 
@@ -88,8 +84,7 @@ pub(super) async fn dash(args: &Args, n: usize, duration: f64) -> Result<Value> 
     let outs = collect(handles).await;
 
     let healthy: Vec<&ClientOut> = outs.iter().filter(|c| c.ready && c.healthy).collect();
-    let unique: u64 = healthy.iter().map(|c| c.tally.unique).sum();
-    let dup: u64 = healthy.iter().map(|c| c.tally.dup).sum();
+    let (unique, dup) = deliveries(&healthy);
     let expected = count * healthy.len() as u64;
     let lost = expected.saturating_sub(unique);
     let h = sh.hists[0].lock().unwrap().clone();
@@ -117,9 +112,7 @@ pub(super) async fn dash(args: &Args, n: usize, duration: f64) -> Result<Value> 
     let mut server = server_json(srv_a, srv_b, None, unique);
     // Memory at rest vs with N connected, and growth during the measured phase (slow clients'
     // backlog shows up here).
-    server["rss_at_rest"] = json!(srv0.rss);
-    server["rss_ready"] = json!(srv_ready.rss);
-    server["rss_per_conn"] = json!((srv_ready.rss as f64 - srv0.rss as f64) / ready.max(1) as f64);
+    ready_memory(&mut server, srv0, srv_ready, ready);
     server["rss_growth"] = json!(srv_b.rss as f64 - srv_a.rss as f64);
     m.insert("server".into(), server);
     m.insert("kernel".into(), kernel_json(k0, k_ready, ready));
@@ -158,11 +151,7 @@ pub(super) async fn hot(args: &Args, n: usize) -> Result<Value> {
     let sh = Shared::new(steps.len());
     let (handles, ramp, dial) = start_subscribers(args, n, &sh, 0.0).await?;
     let ready = sh.ready.load(Relaxed);
-    let pub_errors = Arc::new(AtomicU64::new(0));
-    let mut publ = Publisher::connect(args.system(), endpoint, &args.channel, pub_errors.clone())
-        .await
-        .context("publisher")?;
-    let warmed = warm_up(&mut publ, &sh, ready, args.payload).await?;
+    let (mut publ, pub_errors, warmed) = warmed_publisher(args, endpoint, &sh, ready).await?;
 
     let mut seq = 1u64;
     let mut step_out = Vec::new();

@@ -93,6 +93,23 @@ impl Shared {
         }
     }
 
+    /// Client `i` could not connect: counts the failure and returns its (empty) result.
+    pub(super) fn connect_failed(&self, i: usize, e: anyhow::Error, healthy: bool) -> ClientOut {
+        self.fail(e.context(format!("client {i}")));
+        ClientOut {
+            ready: false,
+            healthy,
+            tally: Tally::default(),
+        }
+    }
+
+    /// A ready client's connection ended: a disconnect, unless the run is ending.
+    pub(super) fn closed(&self) {
+        if !self.stop.is_cancelled() {
+            self.disconnected.fetch_add(1, Relaxed);
+        }
+    }
+
     pub(super) fn first_error(&self) -> Option<String> {
         self.first_error.lock().unwrap().clone()
     }
@@ -146,6 +163,14 @@ pub(super) struct ClientOut {
     pub(super) tally: Tally,
 }
 
+/// Distinct and repeated deliveries, summed over `clients`.
+pub(super) fn deliveries(clients: &[&ClientOut]) -> (u64, u64) {
+    (
+        clients.iter().map(|c| c.tally.unique).sum(),
+        clients.iter().map(|c| c.tally.dup).sum(),
+    )
+}
+
 /// `x` rounded to three decimals: the resolution of the seconds and utilisations reported.
 pub(super) fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
@@ -193,6 +218,14 @@ pub(super) fn server_json(
         v["rss_anon_per_conn"] = json!((after.rss_anon as f64 - before.rss_anon as f64) / n as f64);
     }
     v
+}
+
+/// Adds the server's RSS at rest, with the `ready` clients connected, and the growth per
+/// client (`rss_at_rest`, `rss_ready`, `rss_per_conn`) to a [`server_json`] object.
+pub(super) fn ready_memory(server: &mut Value, at_rest: ServerSample, with_ready: ServerSample, ready: usize) {
+    server["rss_at_rest"] = json!(at_rest.rss);
+    server["rss_ready"] = json!(with_ready.rss);
+    server["rss_per_conn"] = json!((with_ready.rss as f64 - at_rest.rss as f64) / ready.max(1) as f64);
 }
 
 pub(super) fn kernel_json(before: KernelSample, after: KernelSample, n: usize) -> Value {

@@ -4,8 +4,10 @@
 use super::measure::Shared;
 use crate::payload;
 use crate::systems::Publisher;
-use anyhow::Result;
+use crate::Args;
+use anyhow::{Context, Result};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Longest the warm-up probes go on for.
@@ -21,8 +23,25 @@ const MAX_BATCH: usize = 256;
 /// How often the drain checks the delivery count.
 const DRAIN_POLL: Duration = Duration::from_millis(10);
 
+/// Connects the publisher to `endpoint` and runs the warm-up barrier for the `ready`
+/// subscribers; returns it, the count of refusals the server reports back to it, and whether
+/// every subscriber saw a probe in time.
+pub(super) async fn warmed_publisher(
+    args: &Args,
+    endpoint: &str,
+    sh: &Shared,
+    ready: usize,
+) -> Result<(Publisher, Arc<AtomicU64>, bool)> {
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut publ = Publisher::connect(args.system(), endpoint, &args.channel, errors.clone())
+        .await
+        .context("publisher")?;
+    let warmed = warm_up(&mut publ, sh, ready, args.payload).await?;
+    Ok((publ, errors, warmed))
+}
+
 /// Publishes warm-up probes until `expect` clients have seen one ([`WARM_UP_LIMIT`] at most).
-pub(super) async fn warm_up(publ: &mut Publisher, sh: &Shared, expect: usize, size: usize) -> Result<bool> {
+async fn warm_up(publ: &mut Publisher, sh: &Shared, expect: usize, size: usize) -> Result<bool> {
     let t = Instant::now();
     while t.elapsed() < WARM_UP_LIMIT {
         publ.publish(&[payload::build(0, sh.ns(Instant::now()), 0, size)])

@@ -22,7 +22,9 @@
 //!    `[[µs, count], ...]`) so the driver can merge percentiles over processes.
 
 use super::clients::{collect, ramp_json, start_subscribers};
-use super::measure::{base, histogram, kernel_json, latency, round3, server_json, ClientOut, SelfCpu, Shared};
+use super::measure::{
+    base, deliveries, histogram, kernel_json, latency, ready_memory, round3, server_json, ClientOut, SelfCpu, Shared,
+};
 use super::schedule::{drain, schedule};
 use crate::payload;
 use crate::procfs;
@@ -150,8 +152,7 @@ pub(super) async fn subscribe(args: &Args, n: usize) -> Result<Value> {
 
     let ready_outs: Vec<&ClientOut> = outs.iter().filter(|c| c.ready).collect();
     let clients = ready_outs.len() as u64;
-    let unique: u64 = ready_outs.iter().map(|c| c.tally.unique).sum();
-    let dup: u64 = ready_outs.iter().map(|c| c.tally.dup).sum();
+    let (unique, dup) = deliveries(&ready_outs);
     let expected = per_client * clients;
     let mut all = histogram();
     let mut steps = Vec::new();
@@ -188,9 +189,7 @@ pub(super) async fn subscribe(args: &Args, n: usize) -> Result<Value> {
     m.insert("latency".into(), latency(&all));
     m.insert("steps".into(), Value::Array(steps));
     let mut server = server_json(srv0, srv_end, None, unique);
-    server["rss_at_rest"] = json!(srv0.rss);
-    server["rss_ready"] = json!(srv_ready.rss);
-    server["rss_per_conn"] = json!((srv_ready.rss as f64 - srv0.rss as f64) / ready.max(1) as f64);
+    ready_memory(&mut server, srv0, srv_ready, ready);
     server["ramp_cpu_us"] = json!(srv_ready.cpu_us.saturating_sub(srv0.cpu_us));
     m.insert("server".into(), server);
     m.insert("kernel".into(), kernel_json(k0, k_ready, ready));

@@ -2,14 +2,16 @@
 //! back to the same socket; the probes are released on time by a pacer thread.
 
 use super::clients::{collect, ramp_json, wait_ramp, Dial};
-use super::measure::{base, kernel_json, latency, server_json, ClientOut, Receiver, SelfCpu, Shared};
+use super::measure::{
+    base, deliveries, kernel_json, latency, ready_memory, server_json, ClientOut, Receiver, SelfCpu, Shared,
+};
 use super::schedule::drain;
 use crate::payload;
 use crate::procfs;
 use crate::systems::Read;
 use crate::Args;
 use anyhow::Result;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -92,18 +94,11 @@ async fn echo_client(
             Ok(c)
         })
         .await;
-    let mut rx = Receiver::new(true);
     let mut conn = match conn {
         Ok(c) => c,
-        Err(e) => {
-            sh.fail(e.context(format!("client {i}")));
-            return ClientOut {
-                ready: false,
-                healthy: true,
-                tally: rx.tally,
-            };
-        }
+        Err(e) => return sh.connect_failed(i, e, true),
     };
+    let mut rx = Receiver::new(true);
     sh.ready.fetch_add(1, Relaxed);
     let start = tokio::select! {
         _ = sh.stop.cancelled() => None,
@@ -136,9 +131,7 @@ async fn echo_client(
             }
             r = conn.read(|s| rx.record(&sh, s)) => {
                 if let Read::Closed = r {
-                    if !sh.stop.is_cancelled() {
-                        sh.disconnected.fetch_add(1, Relaxed);
-                    }
+                    sh.closed();
                     break;
                 }
             }
@@ -194,8 +187,7 @@ pub(super) async fn unicast(args: &Args, n: usize, duration: f64) -> Result<Valu
     let _ = tokio::task::spawn_blocking(move || paced.join()).await;
     let outs = collect(handles).await;
     let ready_outs: Vec<&ClientOut> = outs.iter().filter(|c| c.ready).collect();
-    let unique: u64 = ready_outs.iter().map(|c| c.tally.unique).sum();
-    let dup: u64 = ready_outs.iter().map(|c| c.tally.dup).sum();
+    let (unique, dup) = deliveries(&ready_outs);
     let expected = count * ready_outs.len() as u64;
     let lost = expected.saturating_sub(unique);
     let h = sh.hists[0].lock().unwrap().clone();
@@ -213,9 +205,7 @@ pub(super) async fn unicast(args: &Args, n: usize, duration: f64) -> Result<Valu
     m.insert("disconnects".into(), sh.disconnected.load(Relaxed).into());
     m.insert("latency".into(), latency(&h));
     let mut server = server_json(srv_a, srv_b, None, unique);
-    server["rss_at_rest"] = json!(srv0.rss);
-    server["rss_ready"] = json!(srv_ready.rss);
-    server["rss_per_conn"] = json!((srv_ready.rss as f64 - srv0.rss as f64) / ready.max(1) as f64);
+    ready_memory(&mut server, srv0, srv_ready, ready);
     m.insert("server".into(), server);
     m.insert("kernel".into(), kernel_json(k0, procfs::kernel(), ready));
     m.insert("loadgen_cpu_util".into(), util.into());
