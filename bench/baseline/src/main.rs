@@ -1,4 +1,4 @@
-//! `switchyard-baseline`: the naive peer of the issue-5 benchmark.
+//! `switchyard-baseline`: the naive peer of the benchmark comparison in BENCHMARKS.md.
 //!
 //! What a competent developer writes in an afternoon with axum 0.8 + tokio-tungstenite +
 //! `tokio::sync::broadcast`, with library defaults and no tuning: one task per socket that

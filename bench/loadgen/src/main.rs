@@ -1,4 +1,5 @@
-//! `loadgen`: the Switchyard benchmark load generator (issue 5).
+//! `loadgen`: the load generator of Switchyard's benchmarks: the peer comparison and the
+//! scale-out run in BENCHMARKS.md.
 //!
 //! One invocation = one run of one scenario against one system; the result is one JSON line
 //! (stdout, or appended to `--out`). `scripts/bench` drives it for every system × scenario.
@@ -6,7 +7,8 @@
 //! Run with:
 //! `target/release/loadgen --system switchyard --scenario dash --url ws://127.0.0.1:8080/ws --publish ws://127.0.0.1:8080/ws --server-pid $(pgrep -n switchyard)`
 //!
-//! Scenarios (every count and duration is a flag; defaults are issue 5's):
+//! Scenarios (every count and duration is a flag; the defaults are the counts of the full run
+//! in BENCHMARKS.md):
 //! - `idle`: N subscribed connections held for `--duration`; server RSS per connection and
 //!   kernel memory per connection.
 //! - `dash`: N subscribers on one channel, `--rate` msg/s of `--payload` bytes.
@@ -24,6 +26,9 @@
 //! - `publish`: the publisher only: warm-up probes every `--probe-interval` s until `--go-file`
 //!   exists, then `--hot-steps` × `--step-secs` on the fixed schedule, `--step-gap` s before each
 //!   step.
+//! - `sample`: no load: RSS and CPU time of the processes named on standard input (`NAME PID`
+//!   lines) and the machine's busy time, every `--sample-secs`, one JSON line each, until standard
+//!   input closes (the `/proc` sampler of the scale-out run; see `sampler.rs`).
 //!
 //! `subscribe` and `publish` stamp times as nanoseconds since the Unix epoch (the other scenarios
 //! use the process's own clock origin), so latency stays receive − scheduled across processes.
@@ -35,6 +40,7 @@
 mod nats;
 mod payload;
 mod procfs;
+mod sampler;
 mod scenario;
 mod systems;
 mod ws;
@@ -45,7 +51,8 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use systems::System;
 
-/// The scenarios of issue 5.
+/// The scenarios of the peer comparison in BENCHMARKS.md, the two halves of the scale-out run
+/// (`subscribe`, `publish`) and its `/proc` sampler (`sample`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
     Idle,
@@ -56,6 +63,7 @@ enum Scenario {
     Slow,
     Subscribe,
     Publish,
+    Sample,
 }
 
 impl Scenario {
@@ -69,15 +77,16 @@ impl Scenario {
             Scenario::Slow => "slow",
             Scenario::Subscribe => "subscribe",
             Scenario::Publish => "publish",
+            Scenario::Sample => "sample",
         }
     }
-    /// Issue 5's connection counts.
+    /// The connection counts of the full run in BENCHMARKS.md.
     fn default_connections(self) -> usize {
         match self {
             Scenario::Idle | Scenario::Unicast | Scenario::Handshake | Scenario::Subscribe => 16_000,
             Scenario::Dash | Scenario::Slow => 10_000,
             Scenario::Hot => 2_000,
-            Scenario::Publish => 0,
+            Scenario::Publish | Scenario::Sample => 0,
         }
     }
     fn default_duration(self) -> f64 {
@@ -85,17 +94,18 @@ impl Scenario {
             Scenario::Idle => 60.0,
             Scenario::Dash | Scenario::Unicast => 30.0,
             Scenario::Slow => 40.0,
-            Scenario::Hot | Scenario::Handshake | Scenario::Subscribe | Scenario::Publish => 0.0,
+            Scenario::Hot | Scenario::Handshake | Scenario::Subscribe | Scenario::Publish | Scenario::Sample => 0.0,
         }
     }
 }
 
-/// Load generator for the issue-5 benchmark (one scenario, one system, one JSON line).
+/// Load generator of the Switchyard benchmarks (one scenario, one system, one JSON line).
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
+    /// The system under test. Required by every scenario except `sample`.
     #[arg(long, value_enum)]
-    system: System,
+    system: Option<System>,
     #[arg(long, value_enum)]
     scenario: Scenario,
     /// Client WebSocket URL (subscribers; unicast sessions; handshakes). Loopback only.
@@ -202,10 +212,26 @@ struct Args {
     /// file included).
     #[arg(long, default_value_t = 1200.0)]
     deadline: f64,
+    /// sample: seconds between two readings.
+    #[arg(long, default_value_t = 1.0)]
+    sample_secs: f64,
+}
+
+impl Args {
+    /// The system under test (`main` checks that it was given).
+    fn system(&self) -> System {
+        self.system.expect("--system is checked in main")
+    }
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.scenario == Scenario::Sample {
+        return sampler::run(&args);
+    }
+    if args.system.is_none() {
+        anyhow::bail!("--system is required by --scenario {}", args.scenario.name());
+    }
     for ip in &args.sources {
         systems::check_loopback(*ip)?;
     }

@@ -1,5 +1,6 @@
-//! Readings from `/proc`: RSS and CPU time of a server's whole process tree, this process's own
-//! CPU time, and kernel memory (slab, TCP buffer pages).
+//! Readings from `/proc`: RSS and CPU time of one process ([`process`], also what the `sample`
+//! mode reports) and of a server's whole process tree, this process's own CPU time, the
+//! machine's busy time and load average, and kernel memory (slab, TCP buffer pages).
 //!
 //! A "server" is a PID plus all its descendants, so multi-process peers (Pushpin's runner spawns
 //! condure, pushpin-proxy and pushpin-handler) are measured whole.
@@ -10,6 +11,14 @@ use std::fs;
 /// Linux `USER_HZ`: the unit of utime/stime in `/proc/PID/stat`. It is 100 on every Linux ABI
 /// this runs on (the kernel converts to it regardless of `CONFIG_HZ`).
 const USER_HZ: u64 = 100;
+/// Bytes per page: the unit of the `mem` count in `/proc/net/sockstat`.
+const PAGE_SIZE: u64 = 4096;
+/// Index of the parent PID in [`stat_fields`].
+const STAT_PPID: usize = 1;
+/// Index of utime (user CPU time, ticks) in [`stat_fields`].
+const STAT_UTIME: usize = 11;
+/// Index of stime (system CPU time, ticks) in [`stat_fields`].
+const STAT_STIME: usize = 12;
 
 /// `pid` and every live descendant of it.
 pub(crate) fn tree(pid: u32) -> Vec<u32> {
@@ -20,7 +29,7 @@ pub(crate) fn tree(pid: u32) -> Vec<u32> {
                 continue;
             };
             if let Some(st) = stat_fields(p) {
-                if let Some(ppid) = st.get(1).and_then(|s| s.parse::<u32>().ok()) {
+                if let Some(ppid) = st.get(STAT_PPID).and_then(|s| s.parse::<u32>().ok()) {
                     children.entry(ppid).or_default().push(p);
                 }
             }
@@ -45,26 +54,46 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
     Some(rest.split_whitespace().map(str::to_owned).collect())
 }
 
-/// utime + stime of one process (all its threads), in microseconds.
-fn cpu_us_of(pid: u32) -> u64 {
-    stat_fields(pid)
-        .and_then(|f| {
-            let u: u64 = f.get(11)?.parse().ok()?;
-            let s: u64 = f.get(12)?.parse().ok()?;
-            Some((u + s) * 1_000_000 / USER_HZ)
-        })
-        .unwrap_or(0)
+/// (utime + stime, stime) of one process (all its threads), in microseconds.
+fn cpu_times_us(pid: u32) -> Option<(u64, u64)> {
+    let f = stat_fields(pid)?;
+    let u: u64 = f.get(STAT_UTIME)?.parse().ok()?;
+    let s: u64 = f.get(STAT_STIME)?.parse().ok()?;
+    Some(((u + s) * 1_000_000 / USER_HZ, s * 1_000_000 / USER_HZ))
 }
 
-/// A field of `/proc/PID/status` in kB (`VmRSS`, `RssAnon`, ...).
-fn status_kb(pid: u32, field: &str) -> u64 {
-    let Ok(s) = fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return 0;
-    };
-    s.lines()
+/// A field of a `/proc/PID/status` text in kB (`VmRSS`, `RssAnon`, ...); 0 when absent.
+fn status_kb(status: &str, field: &str) -> u64 {
+    status
+        .lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// One reading of one process (all its threads).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ProcSample {
+    /// `VmRSS`, bytes.
+    pub rss: u64,
+    /// `RssAnon`, bytes.
+    pub rss_anon: u64,
+    /// utime + stime, µs.
+    pub cpu_us: u64,
+    /// stime alone (CPU time spent in the kernel), µs.
+    pub sys_us: u64,
+}
+
+/// Reads one process; `None` once it is gone. A zombie has no `VmRSS`: RSS 0, its CPU time kept.
+pub(crate) fn process(pid: u32) -> Option<ProcSample> {
+    let (cpu_us, sys_us) = cpu_times_us(pid)?;
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    Some(ProcSample {
+        rss: status_kb(&status, "VmRSS") * 1024,
+        rss_anon: status_kb(&status, "RssAnon") * 1024,
+        cpu_us,
+        sys_us,
+    })
 }
 
 /// One reading of a server process tree.
@@ -89,17 +118,17 @@ pub(crate) fn server(pid: Option<u32>) -> ServerSample {
         processes: pids.len(),
         ..ServerSample::default()
     };
-    for p in pids {
-        s.rss += status_kb(p, "VmRSS") * 1024;
-        s.rss_anon += status_kb(p, "RssAnon") * 1024;
-        s.cpu_us += cpu_us_of(p);
+    for p in pids.into_iter().filter_map(process) {
+        s.rss += p.rss;
+        s.rss_anon += p.rss_anon;
+        s.cpu_us += p.cpu_us;
     }
     s
 }
 
 /// This process's CPU time, µs.
 pub(crate) fn self_cpu_us() -> u64 {
-    cpu_us_of(std::process::id())
+    cpu_times_us(std::process::id()).map_or(0, |(cpu, _)| cpu)
 }
 
 /// Busy CPU time of the whole machine (all CPUs: user + nice + system + irq + softirq +
@@ -120,6 +149,17 @@ pub(crate) fn machine_busy_us() -> u64 {
         .map(|(_, x)| *x)
         .sum();
     busy * 1_000_000 / USER_HZ
+}
+
+/// The 1-, 5- and 15-minute load averages from `/proc/loadavg` (zeros if unreadable).
+pub(crate) fn loadavg() -> [f64; 3] {
+    let mut out = [0.0; 3];
+    if let Ok(s) = fs::read_to_string("/proc/loadavg") {
+        for (o, v) in out.iter_mut().zip(s.split_whitespace()) {
+            *o = v.parse().unwrap_or(0.0);
+        }
+    }
+    out
 }
 
 /// Kernel-side memory, machine-wide (so it includes the load generator's own sockets: on
@@ -150,7 +190,7 @@ pub(crate) fn kernel() -> KernelSample {
             let toks: Vec<&str> = l.split_whitespace().collect();
             for w in toks.windows(2) {
                 match w[0] {
-                    "mem" => tcp_mem = w[1].parse::<u64>().unwrap_or(0) * 4096,
+                    "mem" => tcp_mem = w[1].parse::<u64>().unwrap_or(0) * PAGE_SIZE,
                     "inuse" => tcp_inuse = w[1].parse().unwrap_or(0),
                     _ => {}
                 }
@@ -174,5 +214,8 @@ mod tests {
         assert!(s.rss > 0);
         assert!(s.processes >= 1);
         assert!(kernel().slab > 0);
+        let me = process(std::process::id()).unwrap();
+        assert!(me.rss > 0 && me.rss_anon > 0 && me.sys_us <= me.cpu_us);
+        assert!(process(u32::MAX).is_none());
     }
 }

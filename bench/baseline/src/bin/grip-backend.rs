@@ -1,4 +1,5 @@
-//! `grip-backend`: the tiny GRIP backend behind Pushpin in the issue-5 benchmark.
+//! `grip-backend`: the tiny GRIP backend behind Pushpin in the benchmark comparison in
+//! BENCHMARKS.md.
 //!
 //! Pushpin (route `* 127.0.0.1:PORT,over_http`) turns every client WebSocket into
 //! WebSocket-over-HTTP requests to this server. The backend:
@@ -21,6 +22,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use clap::Parser;
 use std::net::SocketAddr;
+
+/// Bytes reserved in a reply beyond the request's size, for the extra events (`OPEN`, the
+/// subscribe control message and the `subscribed` ack) and their headers.
+const REPLY_SLACK: usize = 128;
 
 #[derive(Parser)]
 #[command(version, about = "GRIP WebSocket-over-HTTP backend for the Pushpin benchmark peer")]
@@ -100,7 +105,7 @@ async fn handle(uri: Uri, body: Bytes) -> Response {
         Ok(e) => e,
         Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
     };
-    let mut out = Vec::with_capacity(body.len() + 128);
+    let mut out = Vec::with_capacity(body.len() + REPLY_SLACK);
     for ev in events {
         match ev.kind {
             "OPEN" => {

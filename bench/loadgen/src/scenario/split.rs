@@ -21,9 +21,33 @@
 //!    lost, duplicates, latency percentiles and the histogram's recorded values (`hist`:
 //!    `[[µs, count], ...]`) so the driver can merge percentiles over processes.
 
-use super::*;
-use anyhow::bail;
+use super::clients::{collect, ramp_json, start_subscribers};
+use super::measure::{
+    base, deliveries, histogram, kernel_json, latency, ready_memory, round3, server_json, ClientOut, SelfCpu, Shared,
+};
+use super::schedule::{drain, schedule};
+use crate::payload;
+use crate::procfs;
+use crate::systems::Publisher;
+use crate::Args;
+use anyhow::{bail, Context, Result};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How often `subscribe` rewrites its `--status` file.
+const STATUS_EVERY: Duration = Duration::from_millis(250);
+/// How often `subscribe` looks for the stop file (and whether every client is warm).
+const STOP_FILE_POLL: Duration = Duration::from_millis(50);
+/// How often `publish` looks for the go file between two warm-up probes.
+const GO_FILE_POLL: Duration = Duration::from_millis(20);
+/// Shortest `--probe-interval` honoured (s).
+const MIN_PROBE_INTERVAL: f64 = 0.01;
+/// Time left after the last step for refusals the server reports asynchronously to arrive.
+const REFUSAL_GRACE: Duration = Duration::from_millis(500);
 
 /// Recorded values of a histogram as `[[value_µs, count], ...]` (value = the highest value
 /// equivalent to the bucket), enough to merge histograms of several processes and take
@@ -86,7 +110,7 @@ pub(super) async fn subscribe(args: &Args, n: usize) -> Result<Value> {
         tokio::spawn(async move {
             while !sh.stop.is_cancelled() {
                 write_status(path.as_deref(), &progress());
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                tokio::time::sleep(STATUS_EVERY).await;
             }
         })
     };
@@ -95,7 +119,7 @@ pub(super) async fn subscribe(args: &Args, n: usize) -> Result<Value> {
     let (handles, ramp, dial) = start_subscribers(args, n, &sh, 0.0).await?;
     let ready = sh.ready.load(Relaxed);
     let (srv_ready, k_ready) = (procfs::server(args.server_pid), procfs::kernel());
-    *ramp_secs.lock().unwrap() = Some((ramp * 1000.0).round() / 1000.0);
+    *ramp_secs.lock().unwrap() = Some(round3(ramp));
     *phase.lock().unwrap() = "ready";
     write_status(status_path.as_deref(), &progress());
 
@@ -115,7 +139,7 @@ pub(super) async fn subscribe(args: &Args, n: usize) -> Result<Value> {
             *phase.lock().unwrap() = "warm";
             write_status(status_path.as_deref(), &progress());
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(STOP_FILE_POLL).await;
     }
     *phase.lock().unwrap() = "draining";
     let me = SelfCpu::start_with(args.server_pid);
@@ -128,8 +152,7 @@ pub(super) async fn subscribe(args: &Args, n: usize) -> Result<Value> {
 
     let ready_outs: Vec<&ClientOut> = outs.iter().filter(|c| c.ready).collect();
     let clients = ready_outs.len() as u64;
-    let unique: u64 = ready_outs.iter().map(|c| c.tally.unique).sum();
-    let dup: u64 = ready_outs.iter().map(|c| c.tally.dup).sum();
+    let (unique, dup) = deliveries(&ready_outs);
     let expected = per_client * clients;
     let mut all = histogram();
     let mut steps = Vec::new();
@@ -156,7 +179,7 @@ pub(super) async fn subscribe(args: &Args, n: usize) -> Result<Value> {
     m.insert("ramp".into(), ramp_json(&sh, &dial, n, ramp));
     m.insert("warmed".into(), warmed.into());
     m.insert("timed_out".into(), timed_out.into());
-    m.insert("drain_secs".into(), ((drain_secs * 1000.0).round() / 1000.0).into());
+    m.insert("drain_secs".into(), round3(drain_secs).into());
     m.insert("clients".into(), clients.into());
     m.insert("expected".into(), expected.into());
     m.insert("delivered".into(), unique.into());
@@ -166,9 +189,7 @@ pub(super) async fn subscribe(args: &Args, n: usize) -> Result<Value> {
     m.insert("latency".into(), latency(&all));
     m.insert("steps".into(), Value::Array(steps));
     let mut server = server_json(srv0, srv_end, None, unique);
-    server["rss_at_rest"] = json!(srv0.rss);
-    server["rss_ready"] = json!(srv_ready.rss);
-    server["rss_per_conn"] = json!((srv_ready.rss as f64 - srv0.rss as f64) / ready.max(1) as f64);
+    ready_memory(&mut server, srv0, srv_ready, ready);
     server["ramp_cpu_us"] = json!(srv_ready.cpu_us.saturating_sub(srv0.cpu_us));
     m.insert("server".into(), server);
     m.insert("kernel".into(), kernel_json(k0, k_ready, ready));
@@ -200,7 +221,7 @@ pub(super) async fn publish(args: &Args) -> Result<Value> {
     let deadline = t + Duration::from_secs_f64(args.deadline.max(1.0));
     let sh = Shared::new_wall(counts.len());
     let errors = Arc::new(AtomicU64::new(0));
-    let mut publ = Publisher::connect(args.system, endpoint, &args.channel, errors.clone())
+    let mut publ = Publisher::connect(args.system(), endpoint, &args.channel, errors.clone())
         .await
         .context("publisher")?;
 
@@ -212,9 +233,9 @@ pub(super) async fn publish(args: &Args) -> Result<Value> {
         publ.publish(&[payload::build(0, sh.ns(Instant::now()), 0, args.payload)])
             .await?;
         probes += 1;
-        let next = Instant::now() + Duration::from_secs_f64(args.probe_interval.max(0.01));
+        let next = Instant::now() + Duration::from_secs_f64(args.probe_interval.max(MIN_PROBE_INTERVAL));
         while Instant::now() < next && !go.exists() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(GO_FILE_POLL).await;
         }
     }
     let probe_secs = t.elapsed().as_secs_f64();
@@ -240,8 +261,7 @@ pub(super) async fn publish(args: &Args) -> Result<Value> {
         }));
         seq += count;
     }
-    // The server reports refusals asynchronously: give them a moment to arrive.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(REFUSAL_GRACE).await;
 
     let mut m = base(args, 0);
     m.insert("channel".into(), args.channel.clone().into());
