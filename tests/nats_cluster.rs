@@ -595,3 +595,39 @@ async fn sigterm_with_the_broker_gone_ends_in_bounded_time_and_says_what_was_los
     // The router exits by itself, with a code (not a signal).
     assert!(router_status.code().is_some(), "router: {:?}", router.log_tail());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_sessions_registry_marker_expires() {
+    // Each removal from the KV registry leaves a marker; without a TTL the bucket keeps one per
+    // session that ever existed. The marker must carry one.
+    let (url, p) = (env("NATS_URL"), prefix());
+    let edge = spawn("edge", &url, &p, &[]).await;
+    let (mut ws, id) = connect(&edge.ws("/ws/echo")).await;
+    close_normal(&mut ws).await;
+    assert_eq!(close_code(&mut ws).await, Some(1000));
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let bucket = format!("{p}_sessions");
+    let stream = js.get_stream(format!("KV_{bucket}")).await.unwrap();
+    let subject = format!("$KV.{bucket}.s.{id}");
+    let deadline = Instant::now() + WAIT;
+    let marker = loop {
+        let m = stream.get_last_raw_message_by_subject(&subject).await.unwrap();
+        if m.headers.get("KV-Operation").map(|v| v.as_str()) == Some("PURGE") {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "the session's removal reaches the registry");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let ttl = marker.headers.get("Nats-TTL").map(|v| v.as_str().to_owned());
+    assert_eq!(ttl.as_deref(), Some("900"), "the marker expires after 15 minutes");
+    let info = js
+        .get_stream(format!("KV_{bucket}"))
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone();
+    assert!(info.allow_message_ttl, "the bucket takes per-message TTLs");
+}

@@ -107,6 +107,8 @@ impl NatsBus {
                 .create_key_value(kv::Config {
                     bucket: bucket.clone(),
                     history: 1,
+                    // Per-message TTLs, so the markers left by removals expire (below).
+                    limit_markers: Some(MARKER_TTL),
                     ..Default::default()
                 })
                 .await
@@ -304,6 +306,26 @@ pub struct NatsRegistry {
     kv: kv::Store,
 }
 
+/// How long the marker a removal leaves in the registry bucket lives: long enough for every
+/// watching router to see it, after which the key is simply absent. Without a TTL every
+/// session that ever existed would keep a marker (the bucket would grow without bound).
+pub const MARKER_TTL: Duration = Duration::from_secs(15 * 60);
+
+impl NatsRegistry {
+    /// Removes `key`, leaving a marker that expires after [`MARKER_TTL`]. A bucket created
+    /// before markers had a TTL cannot take one: there the key is deleted as before (its
+    /// marker stays; recreate the bucket to bound it).
+    async fn forget(&self, key: String) -> Result<(), BusError> {
+        match self.kv.purge_with_ttl(&key, MARKER_TTL).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::debug!(%key, error = %e, "purge with a TTL refused: deleting without one");
+                self.kv.delete(key).await.map_err(unavailable)
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl SessionRegistry for NatsRegistry {
     async fn register(&self, session: &str, entry: &SessionEntry) -> Result<(), BusError> {
@@ -315,7 +337,7 @@ impl SessionRegistry for NatsRegistry {
     }
 
     async fn unregister(&self, session: &str) -> Result<(), BusError> {
-        self.kv.delete(format!("s.{session}")).await.map_err(unavailable)
+        self.forget(format!("s.{session}")).await
     }
 
     async fn heartbeat(&self, node: &str, last: Option<u64>) -> Result<u64, BusError> {
@@ -334,7 +356,7 @@ impl SessionRegistry for NatsRegistry {
     }
 
     async fn leave(&self, node: &str) -> Result<(), BusError> {
-        self.kv.delete(format!("n.{node}")).await.map_err(unavailable)
+        self.forget(format!("n.{node}")).await
     }
 
     async fn watch(&self) -> Result<mpsc::Receiver<RegistryEvent>, BusError> {
