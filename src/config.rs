@@ -285,7 +285,7 @@ impl Cli {
         edge.handshake_timeout = o.handshake_timeout;
         edge.max_header_bytes = o.max_header_bytes;
         edge.max_headers = o.max_headers;
-        edge.frame_limits = switchyard_edge::guard::FrameLimits {
+        edge.frame_limits = switchyard_edge::limits::FrameLimits {
             frames_per_second: o.max_frames_per_second,
             control_per_second: o.max_control_frames_per_second,
         };

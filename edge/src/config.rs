@@ -167,7 +167,7 @@ pub struct EdgeConfig {
     /// Most request headers (431 past it).
     pub max_headers: usize,
     /// Frame-flood budgets per connection (close 1008 past them).
-    pub frame_limits: crate::guard::FrameLimits,
+    pub frame_limits: crate::limits::FrameLimits,
     /// wss://: certificate and key files, reloaded when they change or on SIGHUP.
     pub tls: Option<crate::tls::TlsFiles>,
     /// On SIGTERM, how long sessions keep running (readyz already 503) before they are closed
@@ -203,7 +203,7 @@ impl EdgeConfig {
             handshake_timeout: Duration::from_secs(10),
             max_header_bytes: 16 << 10,
             max_headers: 64,
-            frame_limits: crate::guard::FrameLimits::default(),
+            frame_limits: crate::limits::FrameLimits::default(),
             tls: None,
             drain_grace: Duration::ZERO,
             identity_hmac_key: None,
