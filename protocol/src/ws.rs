@@ -299,16 +299,27 @@ impl Parser {
             match self.step(&mut input, budget)? {
                 Step::Frame => {}
                 Step::Msg(m) => {
-                    self.buf.extend_from_slice(input);
+                    self.keep(input);
                     return Ok(Some(m));
                 }
                 Step::More => {
-                    if let Some(h) = self.head {
-                        self.buf.reserve(input.len() + (h.len - input.len()).min(RESERVE_MAX));
-                    }
-                    self.buf.extend_from_slice(input);
+                    self.keep(input);
                     return Ok(None);
                 }
+            }
+        }
+    }
+
+    /// Keeps what the caller's buffer still holds after [`Parser::feed_direct`]. `buf` is empty
+    /// here but may hold a reservation for a payload that has now arrived: released if nothing
+    /// is left, so nothing stays on the heap while idle.
+    fn keep(&mut self, rest: &[u8]) {
+        match self.head {
+            None if rest.is_empty() => self.buf = BytesMut::new(),
+            None => self.buf.extend_from_slice(rest),
+            Some(h) => {
+                self.buf.reserve(rest.len() + (h.len - rest.len()).min(RESERVE_MAX));
+                self.buf.extend_from_slice(rest);
             }
         }
     }

@@ -226,6 +226,38 @@ fn no_buffer_is_kept_between_frames() {
     }
     assert_eq!((p.buffered(), p.capacity()), (0, 0));
 
+    // Found by the ws_parser fuzz target: a header ending one read reserves room for its
+    // payload; when the payload then arrives whole in the next read it is parsed from that
+    // read, and the reservation must not stay behind on an idle socket.
+    let mut p = Parser::new(100);
+    let f = frame(0x82, b"ab");
+    assert_eq!(p.feed(&f[..6], &mut Unlimited).unwrap(), None);
+    assert!(p.capacity() >= 2);
+    assert_eq!(
+        p.feed(&f[6..], &mut Unlimited).unwrap(),
+        Some(Msg::Binary(Bytes::from_static(b"ab")))
+    );
+    assert!(p.is_idle());
+    assert_eq!(p.capacity(), 0, "reservation kept while idle");
+    // The same when the frame only continues a message.
+    let wire = [frame(0x02, b"a"), frame(0x80, b"b")].concat();
+    let cut = wire.len() - 1;
+    assert_eq!(p.feed(&wire[..cut], &mut Unlimited).unwrap(), None);
+    assert_eq!(
+        p.feed(&wire[cut..], &mut Unlimited).unwrap(),
+        Some(Msg::Binary(Bytes::from_static(b"ab")))
+    );
+    assert_eq!(p.capacity(), 0, "reservation kept while idle");
+    let wire = [frame(0x01, b"a"), frame(0x00, b"b")].concat();
+    let cut = wire.len() - 1;
+    assert_eq!(p.feed(&wire[..cut], &mut Unlimited).unwrap(), None);
+    assert_eq!(p.feed(&wire[cut..], &mut Unlimited).unwrap(), None);
+    assert_eq!(p.buffered(), 2);
+    assert!(
+        p.capacity() <= 8,
+        "only the unfinished message is kept (a Vec holds 8 bytes at least)"
+    );
+
     // A header claiming a huge frame reserves nothing beyond the limit check.
     let mut p = Parser::new(usize::MAX >> 1);
     let mut huge = vec![0x82, 0xff];
