@@ -233,7 +233,7 @@ mod tests {
             // A character cut between fragments is fine; one never finished is not.
             ([frame(0x01, &[0xc3]), frame(0x80, &[0xa9])].concat(), "none"),
             (
-                [frame(0x01, &[b'a']), frame(0x80, &[0xc3])].concat(),
+                [frame(0x01, b"a"), frame(0x80, &[0xc3])].concat(),
                 "invalid UTF-8 in text frame",
             ),
             (frame(0x88, &[0x03, 0xe8, 0xff]), "invalid UTF-8 in text frame"),
