@@ -364,7 +364,11 @@ impl Parser {
             return Ok(Step::More);
         }
         self.head = None;
-        Ok(match self.on_frame(head, src)? {
+        let msg = self.on_frame(head, src)?;
+        if head.len > COPY_MAX {
+            src.after_large_frame();
+        }
+        Ok(match msg {
             Some(m) => Step::Msg(m),
             None => Step::Frame,
         })
@@ -486,6 +490,8 @@ trait Input {
     fn advance(&mut self, n: usize);
     /// The next `n` bytes, owned: copied when small (or borrowed), split off when large.
     fn take(&mut self, n: usize) -> BytesMut;
+    /// A large frame has just been consumed from the front.
+    fn after_large_frame(&mut self) {}
 }
 
 impl Input for &[u8] {
@@ -516,6 +522,14 @@ impl Input for BytesMut {
             p
         } else {
             self.split_to(n)
+        }
+    }
+    /// The few bytes after a large frame (what arrived with its end) move to a buffer of their
+    /// own: left in the frame's allocation, they would keep it alive once the message is
+    /// dropped, and grow back into all of it (past the 64 KiB reserve) for the next frame.
+    fn after_large_frame(&mut self) {
+        if !self.is_empty() {
+            *self = BytesMut::from(&self[..]);
         }
     }
 }

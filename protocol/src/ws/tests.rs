@@ -258,6 +258,34 @@ fn no_buffer_is_kept_between_frames() {
         "only the unfinished message is kept (a Vec holds 8 bytes at least)"
     );
 
+    // Found by the ws_parser fuzz target: after a large frame, the few bytes of the next one
+    // that arrived with it must not keep (and later grow back into) the large frame's
+    // allocation once the message is dropped: memory stays what is held plus 64 KiB ahead.
+    for (first, second) in [(0x82, 0x82), (0x02, 0x80)] {
+        let mut p = Parser::new(1 << 20);
+        let wire = [
+            frame(0x82, &[0u8; 120]),
+            frame(first, &vec![1u8; 87_377]),
+            frame(second, &vec![2u8; 64_250]),
+        ]
+        .concat();
+        for (i, c) in wire.chunks(74).enumerate() {
+            let mut r = p.feed(c, &mut Unlimited).unwrap();
+            while let Some(m) = r {
+                drop(m); // as the bus does once it has the message
+                r = p.next(&mut Unlimited).unwrap();
+            }
+            let bound = 2 * (p.buffered() + RESERVE_MAX + 74);
+            assert!(
+                p.capacity() <= bound,
+                "chunk {i}: {} held for {}",
+                p.capacity(),
+                p.buffered()
+            );
+        }
+        assert_eq!(p.capacity(), 0);
+    }
+
     // A header claiming a huge frame reserves nothing beyond the limit check.
     let mut p = Parser::new(usize::MAX >> 1);
     let mut huge = vec![0x82, 0xff];
