@@ -210,7 +210,7 @@ pub struct EdgeConfig {
     #[arg(long, env = "SWITCHYARD_MAX_HEADERS", default_value_t = 64, global = true)]
     pub max_headers: usize,
     #[command(flatten)]
-    pub frame_limits: crate::guard::FrameLimits,
+    pub frame_limits: crate::limits::FrameLimits,
     #[arg(skip)]
     pub tls: Option<crate::tls::TlsFiles>,
     /// On SIGTERM, how long sessions keep running (readyz already 503) before they are closed

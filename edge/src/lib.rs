@@ -12,7 +12,8 @@
 //! - [`delivery`]: the node delivery subscription (backend replies and control ops).
 //! - [`listener`]: the accept loop: CIDR rules, TLS, header timeouts and limits.
 //! - [`tls`]: wss:// certificates, reloaded when their files change or on SIGHUP.
-//! - [`guard`]: the per-socket frame-flood budget (continuation and control floods).
+//! - [`decode`]: the socket reader: client frames in, messages out (over `protocol::ws`).
+//! - [`limits`]: the per-socket frame-flood budgets and the rate limiters' shared clock.
 //! - [`state`]: the shared data: routes with their metric handles, the node state.
 //! - [`node`]: the node's life: start (delivery, lease, listener) and drain.
 //! - [`admit`]: connection caps (rate, node, per IP, per user), held from accept to close.
@@ -29,7 +30,7 @@ pub mod config;
 pub mod decode;
 pub mod delivery;
 pub mod frame;
-pub mod guard;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod node;

@@ -74,7 +74,7 @@ fuzz_target!(|frame: &[u8]| {
                 FramedError::NotJson(m) => assert!(m.len() <= 120, "NotJson message of {} bytes", m.len()),
                 FramedError::UnknownOp(o) => assert!(o.chars().count() <= 32),
                 FramedError::InvalidChannel(c) => assert!(c.chars().count() <= 64),
-                FramedError::Missing(_) | FramedError::InvalidId => {}
+                FramedError::Missing(_) | FramedError::InvalidId | FramedError::TooDeep(_) => {}
             }
             let reply = framed::error_with_id(e.code(), &e.to_string(), req.id.as_deref());
             let v: serde_json::Value = serde_json::from_str(&reply).expect("error reply is not JSON");

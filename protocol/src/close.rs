@@ -7,6 +7,8 @@ pub const NORMAL: u16 = 1000;
 pub const ABNORMAL: u16 = 1006;
 /// The node is shutting down, or the socket was idle past the idle timeout.
 pub const GOING_AWAY: u16 = 1001;
+/// The client broke the WebSocket protocol (bad framing, an unmasked frame, reserved bits, ...).
+pub const PROTOCOL_ERROR: u16 = 1002;
 /// A text frame carried invalid UTF-8.
 pub const INVALID_PAYLOAD: u16 = 1007;
 /// Policy violation (e.g. a framed-route client sent something that is not the framed protocol).

@@ -11,12 +11,15 @@
 //! - [`framed`]: the small JSON protocol spoken on `framed` routes.
 //! - [`close`]: WebSocket close codes Switchyard uses, in one place.
 //! - [`sign`]: the optional `sy-sig` HMAC an edge puts on every inbound record.
+//! - [`ws`]: the WebSocket frame parser for client bytes (messages out, flood budgets charged
+//!   per frame header), sans I/O: the edge's socket reader is a thin shell over it.
 
 pub mod close;
 pub mod envelope;
 pub mod framed;
 pub mod naming;
 pub mod sign;
+pub mod ws;
 
 pub use envelope::{ControlOp, DecodeError, Envelope, Headers, Identity, Kind, Opcode, TraceContext, WIRE_VERSION};
 pub use naming::{pattern_matches, valid_channel, valid_pattern, Naming, TopicClass};

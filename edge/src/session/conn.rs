@@ -8,7 +8,6 @@ use super::{count, Ended, Session};
 use crate::config::{Mode, RateAction};
 use crate::decode::{DecodeError, Msg};
 use crate::frame;
-use crate::guard::Tripped;
 use crate::queue::Out;
 use crate::state::EdgeState;
 use bytes::Bytes;
@@ -23,11 +22,12 @@ use std::time::Duration;
 use switchyard_bus::BusError;
 use switchyard_protocol::envelope::now_ms;
 use switchyard_protocol::framed;
+use switchyard_protocol::ws::{self, Flood};
 use switchyard_protocol::{close, Kind, Opcode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 
-pub(super) type Decoder<R> = crate::decode::Decoder<crate::guard::Guarded<R>>;
+pub(super) type Decoder<R> = crate::decode::Decoder<R, crate::limits::FloodBudget>;
 
 /// A bus publish in flight (the connect event, or a client frame's publish or framed op).
 struct Job {
@@ -42,7 +42,6 @@ pub(super) struct Conn<R, W> {
     st: Arc<EdgeState>,
     sess: Arc<Session>,
     stream: Decoder<R>,
-    tripped: Arc<Tripped>,
     sink: W,
     /// Frames taken from the queue and not yet fully written.
     batch: VecDeque<Out>,
@@ -113,13 +112,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    pub(super) fn new(
-        st: Arc<EdgeState>,
-        sess: Arc<Session>,
-        stream: Decoder<R>,
-        tripped: Arc<Tripped>,
-        sink: W,
-    ) -> Self {
+    pub(super) fn new(st: Arc<EdgeState>, sess: Arc<Session>, stream: Decoder<R>, sink: W) -> Self {
         let now = Instant::now();
         // An `exp` too far ahead for the clock (e.g. 1e19, signed by the issuer) never expires.
         let expiry = sess.expires_at.and_then(|exp| {
@@ -137,7 +130,6 @@ where
             st,
             sess,
             stream,
-            tripped,
             sink,
             batch: VecDeque::new(),
             unflushed: false,
@@ -369,18 +361,12 @@ where
         })
     }
 
-    /// The frame-flood guard stopped reading: nothing more will come from this client, so only
-    /// give the writer a moment to send our close frame.
-    fn on_tripped(&mut self) {
-        let why = self.tripped.reason().unwrap_or("frame_flood");
-        metrics::counter!(crate::metrics::DROPS, "route" => self.sess.route.cfg.path.clone(), "reason" => why)
+    /// A frame-flood budget ran out and the decoder stopped reading: nothing more will come
+    /// from this client, so only give the writer a moment to send our close frame.
+    fn on_tripped(&mut self, flood: Flood) {
+        metrics::counter!(crate::metrics::DROPS, "route" => self.sess.route.cfg.path.clone(), "reason" => flood.label())
             .increment(1);
-        let reason = if why == "control_flood" {
-            "control frame flood"
-        } else {
-            "frame flood"
-        };
-        self.close_with(close::POLICY, reason, Duration::from_secs(1));
+        self.close_with(close::POLICY, flood.reason(), Duration::from_secs(1));
     }
 
     /// A publish finished.
@@ -410,6 +396,12 @@ where
                         .take_why()
                         .unwrap_or_else(|| Ended::new(close::ABNORMAL, "connection lost")),
                 )
+            }
+            Some(Err(DecodeError::Frame(ws::Error::Flood(flood)))) => {
+                if self.ending.is_open() {
+                    self.on_tripped(flood);
+                }
+                return None;
             }
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "client frame refused");
@@ -528,12 +520,7 @@ where
                         }
                         continue;
                     }
-                    Poll::Pending => {
-                        if this.ending.is_open() && this.tripped.reason().is_some() {
-                            this.on_tripped();
-                            continue;
-                        }
-                    }
+                    Poll::Pending => {}
                 }
             }
             match this.poll_timer(cx) {

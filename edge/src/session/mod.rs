@@ -85,7 +85,7 @@ impl Session {
             identity: None,
             expires_at: None,
             grants: Default::default(),
-            rate: route.rate.map(crate::guard::direct_limiter),
+            rate: route.rate.map(crate::limits::direct_limiter),
             route,
         }
     }
@@ -212,21 +212,21 @@ impl Ended {
 }
 
 /// Runs a session on an upgraded socket until it ends: `reader` and `writer` are its two
-/// halves; the frame-flood guard is put in front of the reader here.
+/// halves; the reader charges every frame header to the socket's flood budgets.
 pub async fn run<R, W>(st: Arc<EdgeState>, sess: Arc<Session>, reader: R, writer: W)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (reader, tripped) = crate::guard::Guarded::new(reader, st.cfg.frame_limits);
-    let stream = Decoder::new(reader, sess.route.max_message_size);
+    let budget = crate::limits::FloodBudget::new(st.cfg.frame_limits);
+    let stream = Decoder::with_budget(reader, sess.route.max_message_size, budget);
     st.sessions.insert(sess.id.clone(), sess.clone());
     sess.route.open.increment(1.0);
     // Welcome first: a backend may answer the connect event before the publish returns.
     if sess.route.cfg.mode == Mode::Framed {
         sess.reply(framed::welcome(&sess.id));
     }
-    let mut conn = Conn::new(st.clone(), sess.clone(), stream, tripped, writer);
+    let mut conn = Conn::new(st.clone(), sess.clone(), stream, writer);
     let ended = (&mut conn).await;
 
     // Teardown: send our close frame if one is still owed, leave channels, forget the session,
