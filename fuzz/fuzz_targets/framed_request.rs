@@ -14,7 +14,10 @@ fuzz_target!(|frame: &[u8]| {
     // decode_request is decode_client plus the `id` and the nesting bound; it only overrides
     // the op for a bad id or a frame nested too deep.
     let too_deep = framed::nesting_exceeds(frame, framed::DEFAULT_MAX_DEPTH);
-    assert_eq!(req.op == Err(FramedError::TooDeep(framed::DEFAULT_MAX_DEPTH)), too_deep && req.op != Err(FramedError::InvalidId));
+    assert_eq!(
+        req.op == Err(FramedError::TooDeep(framed::DEFAULT_MAX_DEPTH)),
+        too_deep && req.op != Err(FramedError::InvalidId)
+    );
     if req.op == Err(FramedError::InvalidId) {
         assert_eq!(req.id, None);
     } else if !too_deep {

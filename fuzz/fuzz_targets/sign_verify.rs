@@ -14,8 +14,12 @@ use switchyard_protocol::Headers;
 fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
     let Ok(key) = <Vec<u8>>::arbitrary(&mut u) else { return };
-    let Ok(pairs) = <Vec<(String, String)>>::arbitrary(&mut u) else { return };
-    let Ok(payload) = <Vec<u8>>::arbitrary(&mut u) else { return };
+    let Ok(pairs) = <Vec<(String, String)>>::arbitrary(&mut u) else {
+        return;
+    };
+    let Ok(payload) = <Vec<u8>>::arbitrary(&mut u) else {
+        return;
+    };
     let headers = Headers(pairs);
     // Arbitrary records: no panic, whatever the result.
     let _ = verify(&key, &headers, &payload);
@@ -39,7 +43,12 @@ fuzz_target!(|data: &[u8]| {
     let mut other_key = key.clone();
     other_key.push(1);
     assert!(!verify(&other_key, &signed, &payload), "another key fails");
-    if let Some((name, value)) = signed.0.iter().find(|(k, _)| SIGNED.iter().any(|s| k.eq_ignore_ascii_case(s))).cloned() {
+    if let Some((name, value)) = signed
+        .0
+        .iter()
+        .find(|(k, _)| SIGNED.iter().any(|s| k.eq_ignore_ascii_case(s)))
+        .cloned()
+    {
         let mut changed = signed.clone();
         changed.0.iter_mut().find(|(k, _)| *k == name).expect("present").1 = format!("{value}x");
         assert!(!verify(&key, &changed, &payload), "a changed {name} fails");

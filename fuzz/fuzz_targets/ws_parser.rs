@@ -70,7 +70,9 @@ fn run(wire: &[u8], max: usize, budget: (Option<usize>, Option<usize>), chunks: 
     let floor = (wire.len() / 2048).max(1);
     let biggest = chunks.iter().copied().max().unwrap_or(1).max(floor);
     while fed < wire.len() && error.is_none() {
-        let n = (*sizes.next().expect("one chunk size at least")).max(floor).min(wire.len() - fed);
+        let n = (*sizes.next().expect("one chunk size at least"))
+            .max(floor)
+            .min(wire.len() - fed);
         let chunk = &wire[fed..fed + n];
         fed += n;
         let mut r = p.feed(chunk, &mut b);

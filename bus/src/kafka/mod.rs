@@ -15,6 +15,7 @@
 
 mod client;
 mod log;
+mod progress;
 
 pub use log::{LogRecord, Progress, SessionLog};
 
@@ -24,6 +25,7 @@ use bytes::Bytes;
 use client::{base, consumer_base, pattern_regex, to_record};
 use futures::StreamExt;
 use parking_lot::Mutex;
+use progress::Progresses;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -345,44 +347,6 @@ impl KafkaBus {
     }
 }
 
-/// A group member's progress per (topic, partition).
-type Progresses = Arc<Mutex<HashMap<(Arc<str>, i32), PartitionProgress>>>;
-
-/// What a group member has received and handled of one partition.
-#[derive(Default)]
-struct PartitionProgress {
-    /// Received, not yet handled.
-    pending: std::collections::BTreeSet<i64>,
-    highest: Option<i64>,
-    stored: Option<i64>,
-}
-
-impl PartitionProgress {
-    fn delivered(&mut self, offset: i64) {
-        // Nothing before the first offset received is this member's to store.
-        self.stored = self.stored.or(Some(offset - 1));
-        self.pending.insert(offset);
-        self.highest = self.highest.max(Some(offset));
-    }
-
-    /// Marks `offset` handled; returns the offset up to which everything received is handled,
-    /// when that moved forward.
-    fn handled(&mut self, offset: i64) -> Option<i64> {
-        self.pending.remove(&offset);
-        let upto = match self.pending.first() {
-            Some(&oldest) => Some(oldest - 1),
-            None => self.highest,
-        };
-        match upto {
-            Some(u) if upto > self.stored => {
-                self.stored = upto;
-                Some(u)
-            }
-            _ => None,
-        }
-    }
-}
-
 async fn pump_fanout(consumer: Arc<StreamConsumer>, senders: Senders) {
     let mut stream = consumer.stream();
     while let Some(m) = stream.next().await {
@@ -536,23 +500,4 @@ impl Bus for KafkaBus {
 /// A name unique to this process and call: `<pid>-<n>` (private consumer group names).
 fn process_unique(n: u64) -> String {
     format!("{}-{n}", std::process::id())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::PartitionProgress;
-
-    #[test]
-    fn commits_only_below_the_oldest_unhandled_offset() {
-        let mut p = PartitionProgress::default();
-        for o in 10..15 {
-            p.delivered(o);
-        }
-        assert_eq!(p.handled(12), None, "10 and 11 are not handled yet");
-        assert_eq!(p.handled(10), Some(10));
-        assert_eq!(p.handled(11), Some(12), "12 was handled before: up to 12");
-        assert_eq!(p.handled(14), None);
-        assert_eq!(p.handled(13), Some(14));
-        assert_eq!(p.handled(13), None, "a second ack moves nothing");
-    }
 }

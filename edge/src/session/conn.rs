@@ -2,6 +2,7 @@
 //! at a time), the writer (one vectored write per batch taken from the queue) and one timer for
 //! the ping, idle, close and token deadlines.
 
+use super::ending::{Ending, Write};
 use super::ops::handle_op;
 use super::publish::{lifecycle, publish_frame};
 use super::{count, Ended, Session};
@@ -59,52 +60,6 @@ pub(super) struct Conn<R, W> {
     /// Whether the session is closing, until when the client may answer, and why.
     ending: Ending,
     job: Option<Job>,
-}
-
-/// The writer's state.
-enum Write {
-    /// Writing what the queue hands over.
-    Open,
-    /// The batch being written ends with our close frame (this one).
-    Closing(Ended),
-    /// Nothing more will be written: our close frame is on the wire (`failed` false), or the
-    /// socket failed; `sent` is the close frame we had sent or were sending.
-    Done { sent: Option<Ended>, failed: bool },
-}
-
-/// The session's state as far as ending goes.
-enum Ending {
-    /// Running.
-    Open,
-    /// Closing: we closed (drain, flood, expiry, rate) or were closed from outside (a backend
-    /// close, a 4008, seen once its close frame is in the writer's batch or the writer is
-    /// stuck). The client may answer until `until`; `why` is why we closed, when it was us.
-    Closing { until: Instant, why: Option<Ended> },
-}
-
-impl Ending {
-    fn is_open(&self) -> bool {
-        matches!(self, Ending::Open)
-    }
-    fn until(&self) -> Option<Instant> {
-        match self {
-            Ending::Open => None,
-            Ending::Closing { until, .. } => Some(*until),
-        }
-    }
-    fn why(&self) -> Option<&Ended> {
-        match self {
-            Ending::Closing { why: Some(w), .. } => Some(w),
-            _ => None,
-        }
-    }
-    /// Why we closed, if we did (taken: the session ends with it).
-    fn take_why(&mut self) -> Option<Ended> {
-        match self {
-            Ending::Closing { why, .. } => why.take(),
-            Ending::Open => None,
-        }
-    }
 }
 
 impl<R, W> Conn<R, W>

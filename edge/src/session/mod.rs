@@ -16,10 +16,12 @@
 //!
 //! - this module: the session handle ([`Session`]: queue, counters, channels) and teardown;
 //! - [`conn`]: the hand-written future that reads, writes and keeps the timers;
+//! - [`ending`]: its two states of ending (the writer's, the session's);
 //! - [`ops`]: the framed protocol's ops (subscribe, unsubscribe, publish, send);
 //! - [`publish`]: envelope stamping and the inbound, lifecycle and registry publishes.
 
 mod conn;
+mod ending;
 mod ops;
 mod publish;
 #[cfg(test)]
