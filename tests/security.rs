@@ -511,22 +511,7 @@ use tokio::net::TcpStream;
 
 /// A client frame as the wire carries it (masked, as clients must).
 fn client_frame(fin: bool, op: u8, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![if fin { 0x80 } else { 0 } | op];
-    match payload.len() {
-        n @ 0..=125 => f.push(0x80 | n as u8),
-        n @ 126..=0xffff => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    let mask = [0x11, 0x22, 0x33, 0x44];
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
+    switchyard_protocol::ws::encode_client_frame(if fin { 0x80 } else { 0 } | op, payload, [0x11, 0x22, 0x33, 0x44])
 }
 
 /// Writes a handshake by hand and returns the socket after the 101 (or the status).

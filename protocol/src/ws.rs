@@ -486,6 +486,30 @@ impl Parser {
 
 mod input;
 
+/// A client frame as a client writes it: first byte `b0` (FIN, RSV and opcode bits), then the
+/// length, the mask and the payload masked with it. For clients and tests (the edge only
+/// decodes): the one builder of masked frames in the workspace.
+pub fn encode_client_frame(b0: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(MAX_HEADER + payload.len());
+    f.push(b0);
+    match payload.len() {
+        n @ 0..=125 => f.push(0x80 | n as u8),
+        n @ 126..=0xffff => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&mask);
+    let start = f.len();
+    f.extend_from_slice(payload);
+    unmask(&mut f[start..], mask);
+    f
+}
+
 pub use input::unmask;
 use input::{close_message, message, read_head, unmask_onto, Input};
 

@@ -210,13 +210,11 @@ impl KafkaBus {
                 let md = c
                     .fetch_metadata(Some(&t), Duration::from_secs(10))
                     .map_err(unavailable)?;
-                let parts: Vec<i32> = md
-                    .topics()
-                    .iter()
-                    .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-                    .collect();
-                if !parts.is_empty() {
-                    return Ok(parts);
+                let all: Vec<_> = md.topics().iter().flat_map(|t| t.partitions()).collect();
+                // Every partition with a leader: a partition just created may have none yet
+                // (fetching its watermarks would fail with NotLeaderForPartition).
+                if !all.is_empty() && all.iter().all(|p| p.leader() >= 0 && p.error().is_none()) {
+                    return Ok(all.iter().map(|p| p.id()).collect());
                 }
                 if std::time::Instant::now() >= deadline {
                     return Err(unavailable(format!("topic {t} has no partitions")));
@@ -236,15 +234,18 @@ impl KafkaBus {
         let t = topic.to_owned();
         tokio::task::spawn_blocking(move || {
             let mut tpl = TopicPartitionList::new();
+            let deadline = std::time::Instant::now() + METADATA_PROPAGATION;
             for p in parts {
                 let offset = match start {
                     StartFrom::Earliest => Offset::Beginning,
-                    StartFrom::Latest => {
-                        let (_, high) = c
-                            .fetch_watermarks(&t, p, Duration::from_secs(10))
-                            .map_err(unavailable)?;
-                        Offset::Offset(high)
-                    }
+                    StartFrom::Latest => loop {
+                        // A leader elected a moment ago may not answer yet: asked again.
+                        match c.fetch_watermarks(&t, p, Duration::from_secs(10)) {
+                            Ok((_, high)) => break Offset::Offset(high),
+                            Err(e) if std::time::Instant::now() >= deadline => return Err(unavailable(e)),
+                            Err(_) => std::thread::sleep(METADATA_RETRY),
+                        }
+                    },
                 };
                 tpl.add_partition_offset(&t, p, offset).map_err(unavailable)?;
             }

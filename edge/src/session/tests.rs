@@ -29,22 +29,7 @@ impl Frame {
 
 /// A client frame: FIN set, masked with a fixed key.
 fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let key = [0x37, 0xfa, 0x21, 0x3d];
-    let mut f = vec![0x80 | opcode];
-    match payload.len() {
-        n @ 0..=125 => f.push(0x80 | n as u8),
-        n @ 126..=0xffff => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&key);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-    f
+    switchyard_protocol::ws::encode_client_frame(0x80 | opcode, payload, [0x37, 0xfa, 0x21, 0x3d])
 }
 
 async fn read_frame(client: &mut DuplexStream) -> Frame {

@@ -3,21 +3,7 @@ use proptest::prelude::*;
 
 /// A masked client frame (first byte `b0`: FIN, RSV and opcode bits) with this mask.
 pub(crate) fn frame_with(b0: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-    let mut f = vec![b0];
-    match payload.len() {
-        n @ 0..=125 => f.push(0x80 | n as u8),
-        n @ 126..=0xffff => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
+    encode_client_frame(b0, payload, mask)
 }
 
 /// A masked client frame (first byte `b0`: FIN, RSV and opcode bits).
