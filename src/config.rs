@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use switchyard_bus::BusOptions;
+use switchyard_bus::{BusAuth, BusOptions, Secret};
 use switchyard_edge::config::Loaded;
 use switchyard_edge::config::{default_routes, parse_routes};
 use switchyard_edge::EdgeConfig;
@@ -82,6 +82,21 @@ pub struct Options {
     /// TLS to the broker: client key (with --bus-tls-cert)
     #[arg(long, env = "SWITCHYARD_BUS_TLS_KEY", requires = "bus_tls_cert", global = true)]
     pub bus_tls_key: Option<PathBuf>,
+    /// Broker user name (NATS user/password); the password from --bus-password-file or env SWITCHYARD_BUS_PASSWORD
+    #[arg(long, env = "SWITCHYARD_BUS_USER", global = true)]
+    pub bus_user: Option<String>,
+    /// File holding the broker password for --bus-user (or the password itself in env SWITCHYARD_BUS_PASSWORD)
+    #[arg(long, env = "SWITCHYARD_BUS_PASSWORD_FILE", global = true)]
+    pub bus_password_file: Option<PathBuf>,
+    /// File holding a NATS token (or the token itself in env SWITCHYARD_BUS_TOKEN)
+    #[arg(long, env = "SWITCHYARD_BUS_TOKEN_FILE", global = true)]
+    pub bus_token_file: Option<PathBuf>,
+    /// File holding a NATS NKey user seed (SU…)
+    #[arg(long, env = "SWITCHYARD_BUS_NKEY_SEED_FILE", global = true)]
+    pub bus_nkey_seed_file: Option<PathBuf>,
+    /// NATS .creds file (user JWT + seed, as nsc writes it)
+    #[arg(long, env = "SWITCHYARD_BUS_CREDS_FILE", global = true)]
+    pub bus_creds_file: Option<PathBuf>,
     /// Log filter, tracing-subscriber syntax (e.g. info,switchyard_edge=debug)
     #[arg(long, env = "SWITCHYARD_LOG", default_value = "info", global = true)]
     pub log: String,
@@ -115,6 +130,106 @@ impl Options {
             cert: self.bus_tls_cert.clone(),
             key: self.bus_tls_key.clone(),
         }))
+    }
+
+    /// Broker authentication from the --bus-user/--bus-*-file flags and the secret variables
+    /// (read through `env`): at most one mechanism, every file readable, only for a broker.
+    pub fn bus_auth(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<Option<BusAuth>, String> {
+        let password = file_or_env(
+            "--bus-password-file",
+            self.bus_password_file.as_deref(),
+            BUS_PASSWORD_ENV,
+            env,
+        )?;
+        let token = file_or_env("--bus-token-file", self.bus_token_file.as_deref(), BUS_TOKEN_ENV, env)?;
+        let mut given: Vec<BusAuth> = Vec::new();
+        match (&self.bus_user, password) {
+            (Some(user), Some(password)) if !user.is_empty() => given.push(BusAuth::UserPassword {
+                user: user.clone(),
+                password,
+            }),
+            (Some(_), Some(_)) => return Err("--bus-user is empty".into()),
+            (Some(_), None) => {
+                return Err(format!(
+                    "--bus-user needs a password: --bus-password-file or {BUS_PASSWORD_ENV}"
+                ))
+            }
+            (None, Some(_)) => return Err("a bus password needs --bus-user".into()),
+            (None, None) => {}
+        }
+        given.extend(token.map(BusAuth::Token));
+        if let Some(p) = &self.bus_nkey_seed_file {
+            let seed = BusAuth::NkeySeed(read_secret("--bus-nkey-seed-file", p)?);
+            seed.validate()
+                .map_err(|e| format!("--bus-nkey-seed-file {}: {e}", p.display()))?;
+            given.push(seed);
+        }
+        if let Some(p) = &self.bus_creds_file {
+            let creds = BusAuth::Creds(read_secret_file("--bus-creds-file", p)?);
+            creds
+                .validate()
+                .map_err(|e| format!("--bus-creds-file {}: {e}", p.display()))?;
+            given.push(creds);
+        }
+        let auth = match given.len() {
+            0 => return Ok(None),
+            1 => given.remove(0),
+            _ => {
+                let names: Vec<&str> = given.iter().map(BusAuth::mechanism).collect();
+                return Err(format!(
+                    "broker authentication: {} given at once; give one",
+                    names.join(" and ")
+                ));
+            }
+        };
+        match self.bus.split("://").next().unwrap_or("") {
+            "nats" | "tls" => Ok(Some(auth)),
+            "memory" => Err(format!(
+                "broker authentication ({}) given for memory://, which has no broker",
+                auth.mechanism()
+            )),
+            scheme => Err(format!(
+                "broker authentication ({}) is not supported on {scheme}:// yet",
+                auth.mechanism()
+            )),
+        }
+    }
+}
+
+/// Environment variables that hold a broker secret itself (there is no flag for them: a flag
+/// value shows in `ps`).
+pub const BUS_PASSWORD_ENV: &str = "SWITCHYARD_BUS_PASSWORD";
+pub const BUS_TOKEN_ENV: &str = "SWITCHYARD_BUS_TOKEN";
+
+/// Reads a secret file: surrounding whitespace (a trailing newline) is dropped; empty is an error.
+fn read_secret(flag: &str, path: &std::path::Path) -> Result<Secret, String> {
+    let text = read_secret_file(flag, path)?;
+    Ok(Secret::new(text.expose().trim()))
+}
+
+/// Reads a secret file as it is (a `.creds` file's format ends with a newline).
+fn read_secret_file(flag: &str, path: &std::path::Path) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {flag} {}: {e}", path.display()))?;
+    if text.trim().is_empty() {
+        return Err(format!("{flag} {} is empty", path.display()));
+    }
+    Ok(Secret::new(&text))
+}
+
+/// A secret from its file flag or its environment variable, not both.
+fn file_or_env(
+    flag: &str,
+    path: Option<&std::path::Path>,
+    var: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<Secret>, String> {
+    let from_env = env(var).map(|v| v.trim().to_owned());
+    match (path, from_env) {
+        (Some(_), Some(_)) => Err(format!("{flag} and {var} are both set: give the secret once")),
+        (Some(p), None) => read_secret(flag, p).map(Some),
+        (None, Some(v)) if v.is_empty() => Err(format!("{var} is empty")),
+        (None, Some(v)) => Ok(Some(Secret::new(&v))),
+        (None, None) => Ok(None),
     }
 }
 
@@ -211,6 +326,7 @@ impl Cli {
         let bus = BusOptions {
             name: format!("switchyard-{}", edge.node_id),
             tls: o.bus_tls()?,
+            auth: o.bus_auth(&|var| std::env::var(var).ok())?,
             ..o.bus_options.clone()
         };
 

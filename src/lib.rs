@@ -75,11 +75,11 @@ impl StartError {
     }
 }
 
-/// A bus that cannot be reached (or takes nothing) is unavailable; a bad name or URL is
-/// configuration; anything else the broker said is a failure.
+/// A bus that cannot be reached (or takes nothing, or refuses our credentials) is unavailable;
+/// a bad name or URL is configuration; anything else the broker said is a failure.
 fn bus_exit_code(e: &BusError) -> u8 {
     match e {
-        BusError::Unavailable(_) | BusError::Overflow { .. } => exit::UNAVAILABLE,
+        BusError::Unavailable(_) | BusError::Overflow { .. } | BusError::Auth { .. } => exit::UNAVAILABLE,
         BusError::InvalidUrl { .. } | BusError::SchemeDisabled(_) | BusError::InvalidTopic(_) => exit::USAGE,
         BusError::Other(_) | BusError::LeaseLost(_) => exit::FAILURE,
     }

@@ -124,6 +124,9 @@ pub enum BusError {
     Other(String),
     #[error("node lease lost: {0}")]
     LeaseLost(String),
+    /// The broker refused our credentials (or wanted some and got none).
+    #[error("authentication failed ({bus}, {mechanism})")]
+    Auth { bus: &'static str, mechanism: &'static str },
 }
 
 impl BusError {
@@ -137,6 +140,7 @@ impl BusError {
             BusError::InvalidTopic(_) => "invalid_topic",
             BusError::Other(_) => "other",
             BusError::LeaseLost(_) => "lease_lost",
+            BusError::Auth { .. } => "auth",
         }
     }
 }
@@ -300,6 +304,13 @@ pub async fn connect(url: &str, opts: &BusOptions) -> Result<Arc<dyn Bus>, BusEr
 
 /// Checks a bus URL's shape without connecting (config validation, before any port is bound).
 pub fn validate_url(url: &str) -> Result<(), String> {
+    // Credentials in the URL would be a secret in a flag value (and in every error that names
+    // the bus): refused, and the URL is not repeated.
+    if url.contains('@') {
+        return Err(
+            "--bus: a URL with credentials (USER:PASSWORD@ or TOKEN@) is refused: use --bus-user with --bus-password-file, or --bus-token-file".into(),
+        );
+    }
     let Some((scheme, rest)) = url.split_once("://") else {
         return Err(format!(
             "invalid bus URL {url:?}: expected memory://, nats://HOST:PORT or kafka://HOST:PORT"
@@ -364,6 +375,9 @@ pub struct BusOptions {
     /// TLS to the broker (NATS: required once set; Kafka: `security.protocol=ssl`).
     #[arg(skip)]
     pub tls: Option<BusTls>,
+    /// How to authenticate to the broker (none: anonymous).
+    #[arg(skip)]
+    pub auth: Option<BusAuth>,
 }
 
 /// The defaults of a clap `Args` struct exactly as its attributes write them, without reading
@@ -384,6 +398,64 @@ pub struct BusTls {
     pub ca: Option<std::path::PathBuf>,
     pub cert: Option<std::path::PathBuf>,
     pub key: Option<std::path::PathBuf>,
+}
+
+/// A secret read from a file or the environment (a password, a token, a seed). `Debug` prints
+/// `***` and there is no `Display`: its text reaches the broker through [`Secret::expose`] and
+/// nothing else, never a log line or an error.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Arc<str>);
+
+impl Secret {
+    pub fn new(text: &str) -> Self {
+        Self(Arc::from(text))
+    }
+    /// The secret's text, for the one call that hands it to the broker's client.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// How to authenticate to the broker; one mechanism at a time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusAuth {
+    /// NATS user and password.
+    UserPassword { user: String, password: Secret },
+    /// NATS token.
+    Token(Secret),
+    /// NATS NKey: the user's seed (`SU…`); the server knows the public key.
+    NkeySeed(Secret),
+    /// NATS decentralised auth: a `.creds` file's contents (user JWT + its seed).
+    Creds(Secret),
+}
+
+impl BusAuth {
+    /// The mechanism's name, as error lines and docs spell it.
+    pub fn mechanism(&self) -> &'static str {
+        match self {
+            BusAuth::UserPassword { .. } => "user/password",
+            BusAuth::Token(_) => "token",
+            BusAuth::NkeySeed(_) => "nkey",
+            BusAuth::Creds(_) => "creds file",
+        }
+    }
+
+    /// Checks the secret's shape before anything connects (an NKey seed must decode as a
+    /// user seed, a `.creds` file must hold a JWT and a seed). The error is one line and
+    /// never quotes the secret.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            #[cfg(feature = "nats")]
+            BusAuth::NkeySeed(_) | BusAuth::Creds(_) => nats::validate_auth(self),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl BusOptions {
@@ -506,10 +578,40 @@ mod tests {
     }
 
     #[test]
+    fn secrets_never_show_in_debug() {
+        let auth = BusAuth::UserPassword {
+            user: "alice".into(),
+            password: Secret::new("hunter2-very-secret"),
+        };
+        let opts = BusOptions {
+            auth: Some(auth.clone()),
+            ..BusOptions::default()
+        };
+        for text in [format!("{auth:?}"), format!("{opts:?}"), format!("{opts:#?}")] {
+            assert!(!text.contains("hunter2"), "{text}");
+            assert!(text.contains("***") && text.contains("alice"), "{text}");
+        }
+        assert_eq!(Secret::new("t").expose(), "t");
+    }
+
+    #[test]
     fn urls() {
         assert!(validate_url("memory://").is_ok());
         assert!(validate_url("redis://x").is_err());
         assert!(validate_url("nats://").is_err());
         assert!(validate_url("localhost:4222").is_err());
+        for url in [
+            "nats://alice:hunter2@localhost:4222",
+            "nats://s3cr3t@h",
+            "kafka://u:p@h:9092",
+        ] {
+            let e = validate_url(url).unwrap_err();
+            assert!(
+                !e.contains("hunter2") && !e.contains("s3cr3t") && !e.contains(":p@"),
+                "{e}"
+            );
+            assert!(e.contains("--bus-user"), "{e}");
+        }
+        assert!(validate_url("nats://a:4222,b:4222").is_ok());
     }
 }

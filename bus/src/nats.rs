@@ -11,7 +11,7 @@
 //!   most `ack_timeout` for durable ones); past that, publish fails at once with `Unavailable`.
 
 use crate::{
-    check_name, Bus, BusError, BusOptions, Message, Record, RegistryEvent, SessionEntry, SessionRegistry,
+    check_name, Bus, BusAuth, BusError, BusOptions, Message, Record, RegistryEvent, SessionEntry, SessionRegistry,
     SubscribeOptions, Subscription,
 };
 use async_nats::jetstream::{self, kv, stream};
@@ -57,9 +57,41 @@ async fn barrier(client: &async_nats::Client) -> Result<(), BusError> {
     }
 }
 
+/// Checks an NKey seed or a `.creds` file's contents without connecting. Never quotes them.
+pub(crate) fn validate_auth(auth: &BusAuth) -> Result<(), String> {
+    match auth {
+        BusAuth::NkeySeed(seed) => match nkeys::KeyPair::from_seed(seed.expose()) {
+            Ok(kp) if kp.key_pair_type() == nkeys::KeyPairType::User => Ok(()),
+            Ok(_) => Err("the NKey seed is not a user seed (SU…)".into()),
+            Err(_) => Err("the NKey seed does not decode (expected one line SU…)".into()),
+        },
+        BusAuth::Creds(creds) => async_nats::ConnectOptions::with_credentials(creds.expose())
+            .map(|_| ())
+            .map_err(|_| "not a NATS credentials file (a user JWT and a user seed, as nsc writes it)".into()),
+        _ => Ok(()),
+    }
+}
+
+/// Client options carrying `auth`'s credentials.
+fn with_auth(auth: Option<&BusAuth>) -> Result<async_nats::ConnectOptions, BusError> {
+    use async_nats::ConnectOptions as O;
+    Ok(match auth {
+        None => O::new(),
+        Some(BusAuth::UserPassword { user, password }) => {
+            O::with_user_and_password(user.clone(), password.expose().to_owned())
+        }
+        Some(BusAuth::Token(t)) => O::with_token(t.expose().to_owned()),
+        Some(BusAuth::NkeySeed(seed)) => O::with_nkey(seed.expose().to_owned()),
+        Some(a @ BusAuth::Creds(creds)) => O::with_credentials(creds.expose()).map_err(|_| BusError::Auth {
+            bus: "nats",
+            mechanism: a.mechanism(),
+        })?,
+    })
+}
+
 impl NatsBus {
     pub async fn connect(url: &str, opts: &BusOptions) -> Result<Self, BusError> {
-        let mut connect = async_nats::ConnectOptions::new();
+        let mut connect = with_auth(opts.auth.as_ref())?;
         if let Some(t) = &opts.tls {
             connect = connect.require_tls(true);
             if let Some(ca) = &t.ca {
@@ -69,7 +101,7 @@ impl NatsBus {
                 connect = connect.add_client_certificate(cert.clone(), key.clone());
             }
         }
-        let client = connect
+        let connect = connect
             .name(&opts.name)
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(5))
@@ -85,9 +117,22 @@ impl NatsBus {
                     other => tracing::info!(event = %other, "nats event"),
                 }
             })
-            .connect(url)
-            .await
-            .map_err(|e| unavailable(format!("cannot connect to {url}: {e}")))?;
+            .connect(url);
+        // The first connect is not retried (a wrong secret fails at once: the server answers
+        // `-ERR 'Authorization Violation'` and async-nats returns it). async-nats also logs
+        // that failure itself, at ERROR; the error returned here is what the process prints,
+        // as its one line, so async-nats's own events during this call are not shown.
+        let client =
+            tracing::instrument::WithSubscriber::with_subscriber(connect, tracing::subscriber::NoSubscriber::default())
+                .await
+                .map_err(|e| match e.kind() {
+                    async_nats::ConnectErrorKind::AuthorizationViolation
+                    | async_nats::ConnectErrorKind::Authentication => BusError::Auth {
+                        bus: "nats",
+                        mechanism: opts.auth.as_ref().map_or("no credentials given", BusAuth::mechanism),
+                    },
+                    _ => unavailable(format!("cannot connect to {url}: {e}")),
+                })?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(opts.ack_timeout);
         let naming = opts.naming()?;
