@@ -16,11 +16,12 @@
 mod client;
 mod log;
 
+pub use client::Security;
 pub use log::{LogRecord, Progress, SessionLog};
 
 use crate::{check_name, Bus, BusError, BusOptions, Message, Record, StartFrom, SubscribeOptions, Subscription};
 use async_trait::async_trait;
-use client::{base, consumer_base, pattern_regex, to_record};
+use client::{base, consumer_base, pattern_regex, probe, to_record};
 use futures::StreamExt;
 use parking_lot::Mutex;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -46,7 +47,7 @@ type Senders = Arc<Mutex<HashMap<String, Vec<(u64, mpsc::Sender<Message>)>>>>;
 
 pub struct KafkaBus {
     brokers: String,
-    tls: Option<crate::BusTls>,
+    security: Security,
     producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
     /// The shared assign-based consumer for plain subscriptions, and who wants which topic.
@@ -104,7 +105,19 @@ impl Drop for AbortOnDrop {
 impl KafkaBus {
     pub async fn connect(url: &str, opts: &BusOptions) -> Result<Self, BusError> {
         let brokers = url.trim_start_matches("kafka://").trim_end_matches('/').to_owned();
-        let producer: FutureProducer = base(&brokers, &opts.name, opts.tls.as_ref())
+        let security = Security {
+            tls: opts.tls.clone(),
+            auth: opts.auth.clone(),
+        };
+        // Fail fast, with one clear error, on an unreachable broker or refused credentials,
+        // before any client that would log librdkafka's retries exists.
+        let config = base(&brokers, &opts.name, &security);
+        let auth = opts.auth.clone();
+        let b = brokers.clone();
+        tokio::task::spawn_blocking(move || probe(&config, &b, auth.as_ref()))
+            .await
+            .map_err(unavailable)??;
+        let producer: FutureProducer = base(&brokers, &opts.name, &security)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("partitioner", "murmur2_random")
@@ -113,19 +126,9 @@ impl KafkaBus {
             .set("queue.buffering.max.messages", opts.outage_buffer.max(1).to_string())
             .create()
             .map_err(unavailable)?;
-        let admin: AdminClient<DefaultClientContext> = base(&brokers, &opts.name, opts.tls.as_ref())
-            .create()
-            .map_err(unavailable)?;
-        // Fail fast on an unreachable broker, with a clear message.
-        let p2 = producer.clone();
-        tokio::task::spawn_blocking(move || {
-            use rdkafka::producer::Producer as _;
-            p2.client().fetch_metadata(None, Duration::from_secs(10)).map(|_| ())
-        })
-        .await
-        .map_err(unavailable)?
-        .map_err(|e| unavailable(format!("cannot reach Kafka at {brokers}: {e}")))?;
-        let fanout: StreamConsumer = consumer_base(&brokers, &opts.name, opts.tls.as_ref())
+        let admin: AdminClient<DefaultClientContext> =
+            base(&brokers, &opts.name, &security).create().map_err(unavailable)?;
+        let fanout: StreamConsumer = consumer_base(&brokers, &opts.name, &security)
             .set("group.id", format!("{}-fanout-{}", opts.prefix, std::process::id()))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
@@ -138,7 +141,7 @@ impl KafkaBus {
         watch_readiness(producer.clone(), Arc::downgrade(&ready));
         Ok(Self {
             brokers,
-            tls: opts.tls.clone(),
+            security,
             producer,
             admin,
             fanout,
@@ -259,7 +262,7 @@ impl KafkaBus {
             pattern.to_owned()
         };
         let consumer: StreamConsumer =
-            consumer_base(&self.brokers, &format!("{}-{group}", self.prefix), self.tls.as_ref())
+            consumer_base(&self.brokers, &format!("{}-{group}", self.prefix), &self.security)
                 .set("group.id", format!("{}-{group}", self.prefix))
                 // A group with no committed offset starts at the beginning: a partition that
                 // moves to a member during a rebalance, before anything was committed, loses
