@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use switchyard_bus::{BusAuth, BusOptions, Secret};
+use switchyard_bus::{BusAuth, BusOptions, SaslMechanism, Secret};
 use switchyard_edge::config::Loaded;
 use switchyard_edge::config::{default_routes, parse_routes};
 use switchyard_edge::EdgeConfig;
@@ -82,9 +82,12 @@ pub struct Options {
     /// TLS to the broker: client key (with --bus-tls-cert)
     #[arg(long, env = "SWITCHYARD_BUS_TLS_KEY", requires = "bus_tls_cert", global = true)]
     pub bus_tls_key: Option<PathBuf>,
-    /// Broker user name (NATS user/password); the password from --bus-password-file or env SWITCHYARD_BUS_PASSWORD
+    /// Broker user name (NATS user/password, Kafka SASL); the password from --bus-password-file or env SWITCHYARD_BUS_PASSWORD
     #[arg(long, env = "SWITCHYARD_BUS_USER", global = true)]
     pub bus_user: Option<String>,
+    /// Kafka SASL mechanism for --bus-user (over TLS: security.protocol=sasl_ssl)
+    #[arg(long, env = "SWITCHYARD_BUS_SASL_MECHANISM", value_enum, global = true)]
+    pub bus_sasl_mechanism: Option<SaslMechanism>,
     /// File holding the broker password for --bus-user (or the password itself in env SWITCHYARD_BUS_PASSWORD)
     #[arg(long, env = "SWITCHYARD_BUS_PASSWORD_FILE", global = true)]
     pub bus_password_file: Option<PathBuf>,
@@ -157,6 +160,16 @@ impl Options {
             (None, Some(_)) => return Err("a bus password needs --bus-user".into()),
             (None, None) => {}
         }
+        if let Some(mechanism) = self.bus_sasl_mechanism {
+            match given.pop() {
+                Some(BusAuth::UserPassword { user, password }) => given.push(BusAuth::Sasl {
+                    mechanism,
+                    user,
+                    password,
+                }),
+                _ => return Err("--bus-sasl-mechanism needs --bus-user and a password".into()),
+            }
+        }
         given.extend(token.map(BusAuth::Token));
         if let Some(p) = &self.bus_nkey_seed_file {
             let seed = BusAuth::NkeySeed(read_secret("--bus-nkey-seed-file", p)?);
@@ -182,14 +195,18 @@ impl Options {
                 ));
             }
         };
-        match self.bus.split("://").next().unwrap_or("") {
-            "nats" | "tls" => Ok(Some(auth)),
-            "memory" => Err(format!(
-                "broker authentication ({}) given for memory://, which has no broker",
-                auth.mechanism()
+        match (self.bus.split("://").next().unwrap_or(""), &auth) {
+            ("nats" | "tls", BusAuth::Sasl { .. }) => Err("--bus-sasl-mechanism is for kafka://".into()),
+            ("nats" | "tls", _) | ("kafka", BusAuth::Sasl { .. }) => Ok(Some(auth)),
+            ("kafka", BusAuth::UserPassword { .. }) => {
+                Err("kafka:// with --bus-user needs --bus-sasl-mechanism SCRAM-SHA-512".into())
+            }
+            ("kafka", other) => Err(format!(
+                "broker authentication ({}) is for nats://; kafka:// takes --bus-user with --bus-sasl-mechanism",
+                other.mechanism()
             )),
-            scheme => Err(format!(
-                "broker authentication ({}) is not supported on {scheme}:// yet",
+            (scheme, _) => Err(format!(
+                "broker authentication ({}) given for {scheme}://, which has no broker",
                 auth.mechanism()
             )),
         }

@@ -119,9 +119,9 @@ fn replay(args: switchyard::replay::ReplayArgs, opts: &switchyard::config::Optio
             return ExitCode::FAILURE;
         }
     };
-    let tls = match opts.bus_tls() {
-        Ok(t) => t,
-        Err(e) => {
+    let security = match (opts.bus_tls(), opts.bus_auth(&|var| std::env::var(var).ok())) {
+        (Ok(tls), Ok(auth)) => switchyard_bus::kafka::Security { tls, auth },
+        (Err(e), _) | (_, Err(e)) => {
             eprintln!("switchyard: {e}");
             return ExitCode::from(EX_USAGE);
         }
@@ -130,7 +130,7 @@ fn replay(args: switchyard::replay::ReplayArgs, opts: &switchyard::config::Optio
         args,
         opts.bus.clone(),
         opts.bus_options.prefix.clone(),
-        tls,
+        security,
     )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

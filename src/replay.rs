@@ -11,7 +11,7 @@ use futures::{SinkExt, StreamExt};
 use serde_json::{json, Map, Value};
 use std::io::Write;
 use std::time::Duration;
-use switchyard_bus::kafka::{LogRecord, SessionLog};
+use switchyard_bus::kafka::{LogRecord, Security, SessionLog};
 use switchyard_bus::{BusOptions, Record};
 use switchyard_protocol::envelope::{header, valid_session};
 use switchyard_protocol::Naming;
@@ -119,12 +119,7 @@ fn transcript_line(r: &LogRecord) -> Value {
     line
 }
 
-pub async fn run(
-    args: ReplayArgs,
-    bus_url: String,
-    prefix: String,
-    tls: Option<switchyard_bus::BusTls>,
-) -> anyhow::Result<()> {
+pub async fn run(args: ReplayArgs, bus_url: String, prefix: String, security: Security) -> anyhow::Result<()> {
     let from = args.from.as_deref().map(parse_time).transpose()?;
     let to = args.to.as_deref().map(parse_time).transpose()?;
     let bar = indicatif::ProgressBar::new(0);
@@ -138,7 +133,7 @@ pub async fn run(
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let naming = Naming::new(&prefix).map_err(|e| anyhow::anyhow!("--prefix: {e}"))?;
-    let log = SessionLog::new(&bus_url, naming.clone(), tls.clone());
+    let log = SessionLog::new(&bus_url, naming.clone(), security.clone());
     let session = args.session.clone();
     let b2 = bar.clone();
     let mut records = tokio::task::spawn_blocking(move || {
@@ -152,7 +147,7 @@ pub async fn run(
     if records.is_empty() {
         // Tell "no such session" apart from "nothing in that range".
         if from.is_some() || to.is_some() {
-            let log = SessionLog::new(&bus_url, naming, tls.clone());
+            let log = SessionLog::new(&bus_url, naming, security.clone());
             let s = args.session.clone();
             let any = tokio::task::spawn_blocking(move || log.read(&s, None, None, &|_, _| {})).await??;
             if !any.is_empty() {
@@ -174,7 +169,8 @@ pub async fn run(
         let opts = BusOptions {
             prefix: prefix.clone(),
             name: "switchyard-replay".into(),
-            tls: tls.clone(),
+            tls: security.tls.clone(),
+            auth: security.auth.clone(),
             ..BusOptions::default()
         };
         let bus = switchyard_bus::connect(&bus_url, &opts).await?;

@@ -244,7 +244,7 @@ async fn replay_to_topic_marks_records_as_replayed() {
     loop {
         let out = replay(&["--bus", &url, "--prefix", &p, "--session", &id, "--to-topic", &staging]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let log = SessionLog::new(&url, switchyard_protocol::Naming::new(&p).unwrap(), None);
+        let log = SessionLog::new(&url, switchyard_protocol::Naming::new(&p).unwrap(), Default::default());
         let sid = id.clone();
         let recs = tokio::task::spawn_blocking(move || log.read(&sid, None, None, &|_, _| {}))
             .await
@@ -303,7 +303,7 @@ async fn broker_restart_mid_stream_loses_no_acknowledged_frame_and_counts_the_re
     }
     let mut stored: HashMap<String, Vec<u64>> = HashMap::new();
     for (session, _, _) in &results {
-        let log = SessionLog::new(&url, switchyard_protocol::Naming::new(&p).unwrap(), None);
+        let log = SessionLog::new(&url, switchyard_protocol::Naming::new(&p).unwrap(), Default::default());
         let sid = session.clone();
         let recs = tokio::task::spawn_blocking(move || log.read(&sid, None, None, &|_, _| {}))
             .await

@@ -127,6 +127,7 @@ fn help_documents_every_option() {
         "SWITCHYARD_BUS_TOKEN",
         "--bus-nkey-seed-file",
         "--bus-creds-file",
+        "--bus-sasl-mechanism",
         "--log",
         "--log-format",
         "SWITCHYARD_BUS",

@@ -407,7 +407,7 @@ async fn java_default_partitioner_puts_each_session_where_the_edge_does() {
     for id in &ids {
         let deadline = Instant::now() + WAIT;
         let landed = loop {
-            let log = SessionLog::new(&url, naming.clone(), None);
+            let log = SessionLog::new(&url, naming.clone(), Default::default());
             let sid = id.clone();
             let recs = tokio::task::spawn_blocking(move || log.read(&sid, None, None, &|_, _| {}))
                 .await

@@ -433,6 +433,28 @@ pub enum BusAuth {
     NkeySeed(Secret),
     /// NATS decentralised auth: a `.creds` file's contents (user JWT + its seed).
     Creds(Secret),
+    /// Kafka SASL (always over TLS: `security.protocol=sasl_ssl`).
+    Sasl {
+        mechanism: SaslMechanism,
+        user: String,
+        password: Secret,
+    },
+}
+
+/// A Kafka SASL mechanism (`--bus-sasl-mechanism`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SaslMechanism {
+    #[value(name = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// The name librdkafka's `sasl.mechanisms` and Kafka's brokers use.
+    pub fn name(self) -> &'static str {
+        match self {
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
 }
 
 impl BusAuth {
@@ -443,6 +465,7 @@ impl BusAuth {
             BusAuth::Token(_) => "token",
             BusAuth::NkeySeed(_) => "nkey",
             BusAuth::Creds(_) => "creds file",
+            BusAuth::Sasl { mechanism, .. } => mechanism.name(),
         }
     }
 

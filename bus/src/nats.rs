@@ -86,6 +86,9 @@ fn with_auth(auth: Option<&BusAuth>) -> Result<async_nats::ConnectOptions, BusEr
             bus: "nats",
             mechanism: a.mechanism(),
         })?,
+        Some(a @ BusAuth::Sasl { .. }) => {
+            return Err(BusError::Other(format!("{} is a Kafka mechanism", a.mechanism())))
+        }
     })
 }
 

@@ -1,7 +1,7 @@
 //! Reading one session's records back from the log (`switchyard replay`): the session's
 //! partition of every inbound topic, then its node's delivery topic.
 
-use super::client::base;
+use super::client::{base, probe, Security};
 use super::unavailable;
 use crate::BusError;
 use bytes::Bytes;
@@ -30,18 +30,18 @@ pub struct LogRecord {
 pub struct SessionLog {
     brokers: String,
     naming: Naming,
-    tls: Option<crate::BusTls>,
+    security: Security,
 }
 
 /// Progress of a scan: (records scanned so far, records to scan in all).
 pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
 
 impl SessionLog {
-    pub fn new(url: &str, naming: Naming, tls: Option<crate::BusTls>) -> Self {
+    pub fn new(url: &str, naming: Naming, security: Security) -> Self {
         Self {
             brokers: url.trim_start_matches("kafka://").trim_end_matches('/').to_owned(),
             naming,
-            tls,
+            security,
         }
     }
 
@@ -55,7 +55,12 @@ impl SessionLog {
         progress: Progress<'_>,
     ) -> Result<Vec<LogRecord>, BusError> {
         use rdkafka::consumer::BaseConsumer;
-        let consumer: BaseConsumer = base(&self.brokers, "switchyard-replay", self.tls.as_ref())
+        probe(
+            &base(&self.brokers, "switchyard-replay", &self.security),
+            &self.brokers,
+            self.security.auth.as_ref(),
+        )?;
+        let consumer: BaseConsumer = base(&self.brokers, "switchyard-replay", &self.security)
             .set("group.id", format!("switchyard-replay-{}", std::process::id()))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")

@@ -17,12 +17,13 @@ mod client;
 mod log;
 mod progress;
 
+pub use client::Security;
 pub use log::{LogRecord, Progress, SessionLog};
 
 use crate::{check_name, Ack, Bus, BusError, BusOptions, Message, Record, StartFrom, SubscribeOptions, Subscription};
 use async_trait::async_trait;
 use bytes::Bytes;
-use client::{base, consumer_base, pattern_regex, to_record};
+use client::{base, consumer_base, pattern_regex, probe, to_record};
 use futures::StreamExt;
 use parking_lot::Mutex;
 use progress::Progresses;
@@ -49,7 +50,7 @@ type Senders = Arc<Mutex<HashMap<String, Vec<(u64, mpsc::Sender<Message>)>>>>;
 
 pub struct KafkaBus {
     brokers: String,
-    tls: Option<crate::BusTls>,
+    security: Security,
     producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
     /// The shared assign-based consumer for plain subscriptions, and who wants which topic.
@@ -107,7 +108,19 @@ impl Drop for AbortOnDrop {
 impl KafkaBus {
     pub async fn connect(url: &str, opts: &BusOptions) -> Result<Self, BusError> {
         let brokers = url.trim_start_matches("kafka://").trim_end_matches('/').to_owned();
-        let producer: FutureProducer = base(&brokers, &opts.name, opts.tls.as_ref())
+        let security = Security {
+            tls: opts.tls.clone(),
+            auth: opts.auth.clone(),
+        };
+        // Fail fast, with one clear error, on an unreachable broker or refused credentials,
+        // before any client that would log librdkafka's retries exists.
+        let config = base(&brokers, &opts.name, &security);
+        let auth = opts.auth.clone();
+        let b = brokers.clone();
+        tokio::task::spawn_blocking(move || probe(&config, &b, auth.as_ref()))
+            .await
+            .map_err(unavailable)??;
+        let producer: FutureProducer = base(&brokers, &opts.name, &security)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("partitioner", "murmur2_random")
@@ -116,19 +129,9 @@ impl KafkaBus {
             .set("queue.buffering.max.messages", opts.outage_buffer.max(1).to_string())
             .create()
             .map_err(unavailable)?;
-        let admin: AdminClient<DefaultClientContext> = base(&brokers, &opts.name, opts.tls.as_ref())
-            .create()
-            .map_err(unavailable)?;
-        // Fail fast on an unreachable broker, with a clear message.
-        let p2 = producer.clone();
-        tokio::task::spawn_blocking(move || {
-            use rdkafka::producer::Producer as _;
-            p2.client().fetch_metadata(None, Duration::from_secs(10)).map(|_| ())
-        })
-        .await
-        .map_err(unavailable)?
-        .map_err(|e| unavailable(format!("cannot reach Kafka at {brokers}: {e}")))?;
-        let fanout: StreamConsumer = consumer_base(&brokers, &opts.name, opts.tls.as_ref())
+        let admin: AdminClient<DefaultClientContext> =
+            base(&brokers, &opts.name, &security).create().map_err(unavailable)?;
+        let fanout: StreamConsumer = consumer_base(&brokers, &opts.name, &security)
             .set("group.id", format!("{}-fanout-{}", opts.prefix, std::process::id()))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
@@ -141,7 +144,7 @@ impl KafkaBus {
         watch_readiness(producer.clone(), Arc::downgrade(&ready));
         Ok(Self {
             brokers,
-            tls: opts.tls.clone(),
+            security,
             producer,
             admin,
             fanout,
@@ -272,7 +275,7 @@ impl KafkaBus {
             pattern.to_owned()
         };
         let consumer: StreamConsumer =
-            consumer_base(&self.brokers, &format!("{}-{group}", self.prefix), self.tls.as_ref())
+            consumer_base(&self.brokers, &format!("{}-{group}", self.prefix), &self.security)
                 .set("group.id", format!("{}-{group}", self.prefix))
                 // A group with no committed offset starts at the beginning: a partition that
                 // moves to a member during a rebalance, before anything was committed, loses
