@@ -13,7 +13,7 @@ mod common;
 use common::*;
 use futures::SinkExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
 const USER: &str = "alice";
@@ -113,38 +113,18 @@ impl SaslKafka {
 
     /// Exit 69, one stderr line naming the bus and `(kafka, SCRAM-SHA-512)`, no secret in it.
     async fn refuses(&self, role: &str, flags: &[&str], env: &[(&str, &str)], secrets: &[&str]) {
-        let mut c = tokio::process::Command::new(binary());
-        c.args([role, "--bus", &self.url, "--prefix", &unique("k")])
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .args(flags)
-            .env_remove("SWITCHYARD_LOG_FORMAT")
-            .kill_on_drop(true);
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        let started = Instant::now();
-        let out = tokio::time::timeout(WAIT, c.output())
-            .await
-            .expect("a refused start exits")
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert_eq!(out.status.code(), Some(69), "{role} {flags:?}: {err}");
-        assert_eq!(err.trim_end().lines().count(), 1, "exactly one line: {err}");
-        assert_eq!(
-            err.trim_end(),
-            format!(
-                "switchyard: cannot open bus {}: authentication failed (kafka, SCRAM-SHA-512)",
-                self.url
-            )
+        let prefix = unique("k");
+        let mut args = vec![role, "--bus", &self.url, "--prefix", &prefix];
+        args.extend_from_slice(flags);
+        let want = format!(
+            "switchyard: cannot open bus {}: authentication failed (kafka, SCRAM-SHA-512)",
+            self.url
         );
-        for s in secrets {
-            assert!(!err.contains(s), "secret {s:?} in stderr: {err}");
-        }
-        eprintln!("{role}: refused in {:?}", started.elapsed());
+        let took = refused_start(&args, env, &want, secrets).await;
+        eprintln!("{role}: refused in {took:?}");
         assert!(
-            started.elapsed() < Duration::from_secs(8),
-            "fails fast, not after the 10 s metadata timeout: {:?}",
-            started.elapsed()
+            took < Duration::from_secs(8),
+            "fails fast, not after the 10 s metadata timeout: {took:?}"
         );
     }
 }

@@ -92,37 +92,16 @@ impl AuthNats {
     /// Wrong credentials: exit 69, one stderr line naming the bus URL and `(nats, MECHANISM)`,
     /// none of `secrets` in it. Returns the line.
     async fn refuses(&self, flags: &[&str], env: &[(&str, &str)], mechanism: &str, secrets: &[&str]) -> String {
-        let mut c = tokio::process::Command::new(binary());
-        c.args(["standalone", "--demo", "--bus", &self.url, "--prefix", &unique("t")])
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .args(flags)
-            .env_remove("SWITCHYARD_LOG_FORMAT")
-            .kill_on_drop(true);
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        let started = Instant::now();
-        let out = tokio::time::timeout(WAIT, c.output())
-            .await
-            .expect("a refused start exits")
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert_eq!(out.status.code(), Some(69), "{flags:?}: {err}");
-        assert_eq!(err.trim_end().lines().count(), 1, "exactly one line: {err}");
+        let prefix = unique("t");
+        let mut args = vec!["standalone", "--demo", "--bus", &self.url, "--prefix", &prefix];
+        args.extend_from_slice(flags);
         let want = format!(
             "switchyard: cannot open bus {}: authentication failed (nats, {mechanism})",
             self.url
         );
-        assert_eq!(err.trim_end(), want);
-        for s in secrets {
-            assert!(!err.contains(s), "secret {s:?} in stderr: {err}");
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "fails fast, not after retries: {:?}",
-            started.elapsed()
-        );
-        err
+        let took = refused_start(&args, env, &want, secrets).await;
+        assert!(took < Duration::from_secs(5), "fails fast, not after retries: {took:?}");
+        want
     }
 }
 

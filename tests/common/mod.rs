@@ -289,6 +289,33 @@ impl Proc {
     }
 }
 
+/// Runs `switchyard ARGS --listen 127.0.0.1:0 --admin 127.0.0.1:0` expecting it to refuse to
+/// start with wrong broker credentials: exit 69 and exactly one stderr line, equal to `want`,
+/// with none of `secrets` in it. Returns how long the refusal took.
+pub async fn refused_start(args: &[&str], env: &[(&str, &str)], want: &str, secrets: &[&str]) -> Duration {
+    let mut c = tokio::process::Command::new(binary());
+    c.args(args)
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .env_remove("SWITCHYARD_LOG_FORMAT")
+        .kill_on_drop(true);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let started = Instant::now();
+    let out = tokio::time::timeout(WAIT, c.output())
+        .await
+        .expect("a refused start exits")
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(69), "{args:?}: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "exactly one line: {err}");
+    assert_eq!(err.trim_end(), want);
+    for s in secrets {
+        assert!(!err.contains(s), "secret {s:?} in stderr: {err}");
+    }
+    started.elapsed()
+}
+
 /// Starts `switchyard ROLE --bus BUS --prefix PREFIX` on ephemeral loopback ports.
 pub async fn spawn(role: &str, bus: &str, prefix: &str, extra: &[&str]) -> Proc {
     let mut args = vec![
