@@ -85,6 +85,22 @@ class Sampler:
             (b["t_unix_ns"] - a["t_unix_ns"]) / 1e3)
 
 
+def publish_seconds(admin):
+    """(sum, count) of `switchyard_bus_publish_seconds` (produce until the broker's ack) from a
+    process's /metrics; None when it cannot be read."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    got = {}
+    for line in text.splitlines():
+        for k in ("sum", "count"):
+            if line.startswith(f"switchyard_bus_publish_seconds_{k}"):
+                got[k] = got.get(k, 0.0) + float(line.rsplit(" ", 1)[1])
+    return (got["sum"], got["count"]) if len(got) == 2 else None
+
+
 def communicate(p, timeout, logpath):
     """`p`'s standard output; `p` (its own process group) is killed if it overruns `timeout` or
     this script is interrupted."""
@@ -145,7 +161,13 @@ def gateway(a, brokers, outdir, sampler, steps):
         for step, rate in steps:
             log(f"== gateway: {step} step, {a.sessions} sessions x {rate}/s, {a.step_secs} s")
             t0 = time.time()
+            before = {role: publish_seconds(admin) for role, (admin, _) in admins.items()}
             res, _ = loadgen(rate, a.step_secs, step)
+            after = {role: publish_seconds(admin) for role, (admin, _) in admins.items()}
+            # Mean time from produce to the broker's ack in each process over the step (ms).
+            res["publish_ms"] = {role: (1000 * (after[role][0] - before[role][0]) / (after[role][1] - before[role][1])
+                                        if before[role] and after[role] and after[role][1] > before[role][1]
+                                        else None) for role in admins}
             # The load generator's whole run: the connect ramp (under a second) and the drain too.
             res["window"] = [t0, time.time()]
             results.append((step, res))
@@ -188,6 +210,13 @@ def report(gw, bl, sampler):
                    f"{r['lost']:,}", f"{r['dup']:,}"] + [fmt_cpu(x) for x in procs]
             lines.append("| " + " | ".join(row) + " |")
     out = ["\n".join(lines), ""]
+    pub = [f"| {step} | " + " | ".join("–" if r['publish_ms'].get(x) is None else f"{r['publish_ms'][x]:.1f}"
+                                      for x in ("edge", "demo", "router")) + " |"
+           for step, r in gw if r.get("publish_ms")]
+    if pub:
+        out += ["Gateway: mean produce → broker ack per record, ms (`switchyard_bus_publish_seconds`): "
+                "edge = inbound frames, backend = replies to the outbound topic, router = forwards to "
+                "the node topic.", "", "| step | edge | backend | router |", "|---|---|---|---|", *pub, ""]
     rows = ["| target | gateway | baseline | ratio | state |", "|---|---|---|---|---|"]
     g, b = by.get(("gateway", "throughput")), by.get(("baseline", "throughput"))
     if g and b and b["acked_per_s"]:
