@@ -46,14 +46,20 @@ struct Pacer {
     wake: Vec<tokio::sync::Notify>,
     /// Time between two probes of one session (ns).
     gap_ns: u64,
+    /// Probes go out as framed `send` ops with an `id` (`--framed-send`).
+    framed_send: bool,
+    /// Acks received so far, summed over sessions (with `framed_send`).
+    acked: AtomicU64,
 }
 
 impl Pacer {
-    fn new(n: usize, per_session_rate: f64) -> Self {
+    fn new(n: usize, per_session_rate: f64, framed_send: bool) -> Self {
         Self {
             released: (0..n).map(|_| AtomicU64::new(0)).collect(),
             wake: (0..n).map(|_| tokio::sync::Notify::new()).collect(),
             gap_ns: (1e9 / per_session_rate) as u64,
+            framed_send,
+            acked: AtomicU64::new(0),
         }
     }
 
@@ -93,9 +99,8 @@ async fn echo_client(
     sh: Arc<Shared>,
     mut start: watch::Receiver<Option<Instant>>,
     pacer: Arc<Pacer>,
-    framed_send: bool,
-    acked: Arc<AtomicU64>,
 ) -> (ClientOut, u64, u64) {
+    let framed_send = pacer.framed_send;
     let conn = dial
         .connect(i, false, |mut c| async move {
             c.prepare_unicast(i).await?;
@@ -142,7 +147,7 @@ async fn echo_client(
             r = conn.read(|s| rx.record(&sh, s)) => {
                 if framed_send {
                     // Acks so far, summed over sessions (read at the end of the schedule).
-                    acked.fetch_add(conn.acks - counted, Relaxed);
+                    pacer.acked.fetch_add(conn.acks - counted, Relaxed);
                     counted = conn.acks;
                 }
                 if let Read::Closed = r {
@@ -168,8 +173,7 @@ pub(super) async fn unicast(args: &Args, n: usize, duration: f64) -> Result<Valu
     let secs = count as f64 / args.per_session_rate;
     let (tx, rx) = watch::channel(None);
     let (srv0, k0) = (procfs::server(args.server_pid), procfs::kernel());
-    let pacer = Arc::new(Pacer::new(n, args.per_session_rate));
-    let acked = Arc::new(AtomicU64::new(0));
+    let pacer = Arc::new(Pacer::new(n, args.per_session_rate, args.framed_send));
     let handles: Vec<_> = (0..n)
         .map(|i| {
             tokio::spawn(echo_client(
@@ -180,8 +184,6 @@ pub(super) async fn unicast(args: &Args, n: usize, duration: f64) -> Result<Valu
                 sh.clone(),
                 rx.clone(),
                 pacer.clone(),
-                args.framed_send,
-                acked.clone(),
             ))
         })
         .collect();
@@ -199,7 +201,7 @@ pub(super) async fn unicast(args: &Args, n: usize, duration: f64) -> Result<Valu
             .spawn(move || pacer.run(start, count, &stop))?
     };
     tokio::time::sleep_until(pacer.due(start, 0, count).into()).await;
-    let acked_in_time = acked.load(Relaxed);
+    let acked_in_time = pacer.acked.load(Relaxed);
     let expected = count * ready as u64;
     drain(&sh.unique, expected, args.drain).await;
     let srv_b = procfs::server(args.server_pid);
