@@ -16,7 +16,11 @@
 //!   zero loss and p99 ≤ `--p99-limit-ms` passed before the first failing one is the result
 //!   (`best_rate`); the highest step with zero loss and p99 ≤ `--sustain-p99-ms` is reported
 //!   beside it (`sustained_rate`), and the ramp goes on while steps sustain.
-//! - `unicast`: N sessions, each sends one probe per second that the system routes back to it.
+//! - `unicast`: N sessions, each sends `--per-session-rate` probes per second (default 1) that
+//!   the system routes back to it. With `--framed-send` (Switchyard's framed `/ws` route), each
+//!   probe is a `send` op with an `id`, the edge's acks are counted, and the reply is the
+//!   backend's answer (`{"echo":…}` from the demo `app` backend, through the outbound topic and
+//!   a router): the gateway side of the Kafka path in BENCHMARKS.md.
 //! - `handshake`: N upgrades by `--connectors` concurrent connectors; upgrades/s.
 //! - `slow`: `dash` where `--slow-fraction` of the clients stop reading after `--slow-after` s.
 //! - `subscribe`: N subscribers only, for a publisher in another process (scale-out runs, several
@@ -128,6 +132,13 @@ struct Args {
     /// dash/slow publish rate, msg/s.
     #[arg(long, default_value_t = 10.0)]
     rate: f64,
+    /// unicast: probes per second per session.
+    #[arg(long, default_value_t = 1.0)]
+    per_session_rate: f64,
+    /// unicast: send each probe as a framed `send` op with an `id` (`{"op":"send","id":K,
+    /// "data":PROBE}`) and count the acks; for framed routes (Switchyard's `/ws`).
+    #[arg(long)]
+    framed_send: bool,
     /// Payload size in bytes (the JSON object as published).
     #[arg(long, default_value_t = 64)]
     payload: usize,

@@ -181,6 +181,11 @@ pub(crate) struct Conn {
     pub ws: crate::ws::Ws,
     system: System,
     nats: nats::Parser,
+    /// Framed `{"op":"ack"}` and `{"op":"error"}` answers seen by [`Conn::read`] (counted only
+    /// when `count_ops` is set).
+    pub acks: u64,
+    pub op_errors: u64,
+    pub count_ops: bool,
 }
 
 /// What one read produced.
@@ -197,6 +202,9 @@ impl Conn {
             ws,
             system,
             nats: nats::Parser::default(),
+            acks: 0,
+            op_errors: 0,
+            count_ops: false,
         }
     }
 
@@ -229,8 +237,16 @@ impl Conn {
         Ok(())
     }
 
-    /// Sends one unicast probe that the system routes back to this session.
-    pub(crate) async fn send_unicast(&mut self, id: usize, payload: Vec<u8>) -> Result<()> {
+    /// Sends one unicast probe that the system routes back to this session; with `framed_id`,
+    /// as a framed `send` op carrying that `id`.
+    pub(crate) async fn send_unicast(&mut self, id: usize, payload: Vec<u8>, framed_id: Option<u64>) -> Result<()> {
+        if let Some(k) = framed_id {
+            let mut op = Vec::with_capacity(payload.len() + 40);
+            op.extend_from_slice(format!(r#"{{"op":"send","id":{k},"data":"#).as_bytes());
+            op.extend_from_slice(&payload);
+            op.push(b'}');
+            return self.ws.send_text(&op).await;
+        }
         match self.system {
             System::Nats => {
                 let mut v = Vec::with_capacity(payload.len() + 32);
@@ -305,10 +321,19 @@ impl Conn {
     pub(crate) async fn read(&mut self, mut on: impl FnMut(Stamp)) -> Read {
         let (system, nats) = (self.system, &mut self.nats);
         let mut ping = false;
+        let (count_ops, acks, op_errors) = (self.count_ops, &mut self.acks, &mut self.op_errors);
         let got = self
             .ws
             .read(|f| {
                 let (crate::ws::Frame::Text(b) | crate::ws::Frame::Binary(b)) = f;
+                if count_ops && b.starts_with(br#"{"op":"#) {
+                    if memchr::memmem::find(b, br#""op":"ack""#).is_some() {
+                        *acks += 1;
+                    } else if memchr::memmem::find(b, br#""op":"error""#).is_some() {
+                        *op_errors += 1;
+                    }
+                    return;
+                }
                 if system == System::Nats {
                     nats.feed(b, |e| match e {
                         nats::Event::Msg(p) => {

@@ -165,7 +165,7 @@ pub(super) async fn start_subscribers(
     Ok((handles, ramp, dial))
 }
 
-pub(super) async fn collect(handles: Vec<JoinHandle<ClientOut>>) -> Vec<ClientOut> {
+pub(super) async fn collect<T>(handles: Vec<JoinHandle<T>>) -> Vec<T> {
     let mut out = Vec::with_capacity(handles.len());
     for h in handles {
         if let Ok(c) = h.await {

@@ -1,5 +1,7 @@
-//! The `unicast` scenario: N sessions, each sending one probe a second that the system routes
-//! back to the same socket; the probes are released on time by a pacer thread.
+//! The `unicast` scenario: N sessions, each sending `--per-session-rate` probes a second (one by
+//! default) that the system routes back to the same socket; the probes are released on time by
+//! a pacer thread. With `--framed-send` each probe is a framed `send` op with an `id`, and the
+//! acks the edge answers with are counted (frames the bus accepted).
 
 use super::clients::{collect, ramp_json, wait_ramp, Dial};
 use super::measure::{
@@ -42,19 +44,29 @@ struct Pacer {
     /// Probes released to each client so far.
     released: Vec<AtomicU64>,
     wake: Vec<tokio::sync::Notify>,
+    /// Time between two probes of one session (ns).
+    gap_ns: u64,
+    /// Probes go out as framed `send` ops with an `id` (`--framed-send`).
+    framed_send: bool,
+    /// Acks received so far, summed over sessions (with `framed_send`).
+    acked: AtomicU64,
 }
 
 impl Pacer {
-    fn new(n: usize) -> Self {
+    fn new(n: usize, per_session_rate: f64, framed_send: bool) -> Self {
         Self {
             released: (0..n).map(|_| AtomicU64::new(0)).collect(),
             wake: (0..n).map(|_| tokio::sync::Notify::new()).collect(),
+            gap_ns: (1e9 / per_session_rate) as u64,
+            framed_send,
+            acked: AtomicU64::new(0),
         }
     }
 
-    /// Client `i`'s `k`-th probe is due at `start + phase(i) + k s`.
-    fn due(start: Instant, i: usize, n: usize, k: u64) -> Instant {
-        start + Duration::from_nanos((i as u64 * 1_000_000_000) / n.max(1) as u64) + Duration::from_secs(k)
+    /// Client `i`'s `k`-th probe is due at `start + phase(i) + k × gap`.
+    fn due(&self, start: Instant, i: usize, k: u64) -> Instant {
+        let n = self.released.len().max(1) as u64;
+        start + Duration::from_nanos(i as u64 * self.gap_ns / n + k * self.gap_ns)
     }
 
     /// Runs on its own thread: `count` rounds over every client, in due order; stops early
@@ -66,7 +78,7 @@ impl Pacer {
                 if stop.is_cancelled() {
                     return;
                 }
-                let due = Self::due(start, i, n, k);
+                let due = self.due(start, i, k);
                 let now = Instant::now();
                 if due > now {
                     std::thread::sleep((due - now).max(PACE_QUANTUM));
@@ -87,7 +99,8 @@ async fn echo_client(
     sh: Arc<Shared>,
     mut start: watch::Receiver<Option<Instant>>,
     pacer: Arc<Pacer>,
-) -> ClientOut {
+) -> (ClientOut, u64, u64) {
+    let framed_send = pacer.framed_send;
     let conn = dial
         .connect(i, false, |mut c| async move {
             c.prepare_unicast(i).await?;
@@ -96,8 +109,9 @@ async fn echo_client(
         .await;
     let mut conn = match conn {
         Ok(c) => c,
-        Err(e) => return sh.connect_failed(i, e, true),
+        Err(e) => return (sh.connect_failed(i, e, true), 0, 0),
     };
+    conn.count_ops = framed_send;
     let mut rx = Receiver::new(true);
     sh.ready.fetch_add(1, Relaxed);
     let start = tokio::select! {
@@ -105,13 +119,14 @@ async fn echo_client(
         s = start.wait_for(Option::is_some) => s.ok().and_then(|s| *s),
     };
     let Some(start) = start else {
-        return ClientOut {
+        let out = ClientOut {
             ready: true,
             healthy: true,
             tally: rx.tally,
         };
+        return (out, 0, 0);
     };
-    let mut k = 0u64;
+    let (mut k, mut counted) = (0u64, 0u64);
     loop {
         // Probes the pacer has released and this client has not sent yet (normally 0 or 1).
         let behind = k < pacer.released[i].load(Relaxed);
@@ -121,15 +136,20 @@ async fn echo_client(
             _ = pacer.wake[i].notified(), if k < count && !behind => continue,
             _ = std::future::ready(()), if behind => {
                 // Stamped with the scheduled time, not the send time (open loop).
-                let due = Pacer::due(start, i, pacer.released.len(), k);
+                let due = pacer.due(start, i, k);
                 let p = payload::build(k + 1, sh.ns(due), 0, size);
-                if conn.send_unicast(i, p).await.is_err() {
+                if conn.send_unicast(i, p, framed_send.then_some(k + 1)).await.is_err() {
                     sh.disconnected.fetch_add(1, Relaxed);
                     break;
                 }
                 k += 1;
             }
             r = conn.read(|s| rx.record(&sh, s)) => {
+                if framed_send {
+                    // Acks so far, summed over sessions (read at the end of the schedule).
+                    pacer.acked.fetch_add(conn.acks - counted, Relaxed);
+                    counted = conn.acks;
+                }
                 if let Read::Closed = r {
                     sh.closed();
                     break;
@@ -137,20 +157,23 @@ async fn echo_client(
             }
         }
     }
-    ClientOut {
+    let out = ClientOut {
         ready: true,
         healthy: true,
         tally: rx.tally,
-    }
+    };
+    (out, conn.acks, conn.op_errors)
 }
 
 pub(super) async fn unicast(args: &Args, n: usize, duration: f64) -> Result<Value> {
     let sh = Shared::new(1);
     let dial = Dial::new(args)?;
-    let count = duration.floor().max(1.0) as u64;
+    anyhow::ensure!(args.per_session_rate > 0.0, "--per-session-rate must be above 0");
+    let count = (duration * args.per_session_rate).floor().max(1.0) as u64;
+    let secs = count as f64 / args.per_session_rate;
     let (tx, rx) = watch::channel(None);
     let (srv0, k0) = (procfs::server(args.server_pid), procfs::kernel());
-    let pacer = Arc::new(Pacer::new(n));
+    let pacer = Arc::new(Pacer::new(n, args.per_session_rate, args.framed_send));
     let handles: Vec<_> = (0..n)
         .map(|i| {
             tokio::spawn(echo_client(
@@ -177,7 +200,8 @@ pub(super) async fn unicast(args: &Args, n: usize, duration: f64) -> Result<Valu
             .name("pacer".into())
             .spawn(move || pacer.run(start, count, &stop))?
     };
-    tokio::time::sleep_until((start + Duration::from_secs(count)).into()).await;
+    tokio::time::sleep_until(pacer.due(start, 0, count).into()).await;
+    let acked_in_time = pacer.acked.load(Relaxed);
     let expected = count * ready as u64;
     drain(&sh.unique, expected, args.drain).await;
     let srv_b = procfs::server(args.server_pid);
@@ -186,6 +210,8 @@ pub(super) async fn unicast(args: &Args, n: usize, duration: f64) -> Result<Valu
     sh.stop.cancel();
     let _ = tokio::task::spawn_blocking(move || paced.join()).await;
     let outs = collect(handles).await;
+    let (acks, op_errors) = outs.iter().fold((0, 0), |(a, e), o| (a + o.1, e + o.2));
+    let outs: Vec<ClientOut> = outs.into_iter().map(|o| o.0).collect();
     let ready_outs: Vec<&ClientOut> = outs.iter().filter(|c| c.ready).collect();
     let (unique, dup) = deliveries(&ready_outs);
     let expected = count * ready_outs.len() as u64;
@@ -194,14 +220,25 @@ pub(super) async fn unicast(args: &Args, n: usize, duration: f64) -> Result<Valu
 
     let mut m = base(args, n);
     m.insert("payload".into(), args.payload.into());
-    m.insert("duration_s".into(), (count as f64).into());
+    m.insert("duration_s".into(), secs.into());
+    m.insert("per_session_rate".into(), args.per_session_rate.into());
+    m.insert(
+        "offered_per_s".into(),
+        (n as f64 * args.per_session_rate).round().into(),
+    );
     m.insert("ramp".into(), ramp_json(&sh, &dial, n, ramp));
     m.insert("probes_per_session".into(), count.into());
     m.insert("expected".into(), expected.into());
     m.insert("delivered".into(), unique.into());
     m.insert("lost".into(), lost.into());
     m.insert("dup".into(), dup.into());
-    m.insert("deliveries_per_s".into(), (unique as f64 / count as f64).round().into());
+    m.insert("deliveries_per_s".into(), (unique as f64 / secs).round().into());
+    if args.framed_send {
+        m.insert("acked".into(), acks.into());
+        // Frames the edge accepted (Kafka acknowledged) within the schedule, per second.
+        m.insert("acked_per_s".into(), (acked_in_time as f64 / secs).round().into());
+        m.insert("op_errors".into(), op_errors.into());
+    }
     m.insert("disconnects".into(), sh.disconnected.load(Relaxed).into());
     m.insert("latency".into(), latency(&h));
     let mut server = server_json(srv_a, srv_b, None, unique);
@@ -212,7 +249,7 @@ pub(super) async fn unicast(args: &Args, n: usize, duration: f64) -> Result<Valu
     m.insert("other_cpu_util".into(), other.into());
     m.insert(
         "ok".into(),
-        (lost == 0 && dup == 0 && sh.failed.load(Relaxed) == 0).into(),
+        (lost == 0 && dup == 0 && op_errors == 0 && sh.failed.load(Relaxed) == 0).into(),
     );
     Ok(Value::Object(m))
 }
