@@ -19,29 +19,6 @@ use tokio_tungstenite::tungstenite::Message;
 const USER: &str = "alice";
 const PASSWORD: &str = "alice-scram-secret-0451";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Runs `scripts/kafka ARGS` with `env` and returns its stdout.
-fn kafka_script(args: &[&str], env: &[(&str, &str)]) -> String {
-    let out = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka"))
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .expect("run scripts/kafka");
-    assert!(
-        out.status.success(),
-        "scripts/kafka {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// A broker with a SASL_SSL listener; stopped (and its directory removed) on drop.
 struct SaslKafka {
     dir: PathBuf,

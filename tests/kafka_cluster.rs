@@ -270,7 +270,7 @@ async fn broker_restart_mid_stream_loses_no_acknowledged_frame_and_counts_the_re
     // same ports and log dir.
     let dir = std::env::temp_dir().join(unique("kafka"));
     std::fs::create_dir_all(&dir).unwrap();
-    let port = kafka_script(&["start", dir.to_str().unwrap()])
+    let port = kafka_script(&["start", dir.to_str().unwrap()], &[])
         .trim()
         .rsplit(':')
         .next()
@@ -293,7 +293,7 @@ async fn broker_restart_mid_stream_loses_no_acknowledged_frame_and_counts_the_re
                                                            // `restart` waits until the broker answers again (and the old one is gone).
     let restart = {
         let dir = dir.clone();
-        tokio::task::spawn_blocking(move || kafka_script(&["restart", dir.to_str().unwrap()]))
+        tokio::task::spawn_blocking(move || kafka_script(&["restart", dir.to_str().unwrap()], &[]))
     };
 
     restart.await.unwrap();
@@ -325,21 +325,6 @@ async fn broker_restart_mid_stream_loses_no_acknowledged_frame_and_counts_the_re
     eprintln!("kafka restart: {acked_n} acked (all stored), {told_n} refused and told ({told_but_stored} stored anyway), metric bus_refused={refused}");
     assert!(acked_n > 0);
     assert_eq!(refused as usize, told_n, "every refusal counted exactly");
-}
-
-/// Runs `scripts/kafka ARGS` (the test command's broker script) and returns its stdout.
-fn kafka_script(args: &[&str]) -> String {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka");
-    let out = std::process::Command::new(script)
-        .args(args)
-        .output()
-        .expect("run scripts/kafka");
-    assert!(
-        out.status.success(),
-        "scripts/kafka {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// Stops the test's own broker when the test ends, however it ends.

@@ -34,11 +34,7 @@ impl AuthNats {
     async fn start(auth: &str) -> Self {
         let dir = std::env::temp_dir().join(unique("natsauth"));
         std::fs::create_dir_all(&dir).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let conf = dir.join("nats.conf");
         std::fs::write(
             &conf,

@@ -233,12 +233,7 @@ async fn python_backend_with_stock_client_answers_clients_on_both_edges() {
 async fn nats_restart_mid_stream_loses_no_acknowledged_frame_and_counts_the_rest() {
     let bin = env("NATS_SERVER_BIN");
     let store = std::env::temp_dir().join(unique("js"));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    let port = free_port().to_string();
     let start_nats = || {
         tokio::process::Command::new(&bin)
             .args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd", store.to_str().unwrap()])
@@ -443,11 +438,7 @@ async fn tls_to_nats_with_a_trusted_ca_and_refused_without() {
     let (cert, key, ca) = (dir.join("cert.pem"), dir.join("key.pem"), dir.join("ca.pem"));
     leaf(&pki, &cert, &key);
     write_ca(&pki, &ca);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let conf = dir.join("nats.conf");
     std::fs::write(
         &conf,
@@ -516,11 +507,7 @@ async fn tls_to_nats_with_a_trusted_ca_and_refused_without() {
 
 /// A nats-server of the test's own (so it can be stopped), on a free port, ready.
 async fn own_nats() -> (tokio::process::Child, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let store = std::env::temp_dir().join(unique("js"));
     let child = tokio::process::Command::new(env("NATS_SERVER_BIN"))
         .args([

@@ -164,6 +164,31 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}", ulid::Ulid::new().to_string().to_lowercase())
 }
 
+/// A loopback port nothing listens on (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs `scripts/kafka ARGS` (the test command's broker script) with `env` and returns its
+/// stdout.
+pub fn kafka_script(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run scripts/kafka");
+    assert!(
+        out.status.success(),
+        "scripts/kafka {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// Path of the built `switchyard` binary (cargo builds it for integration tests).
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_switchyard")
