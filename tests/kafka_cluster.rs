@@ -89,15 +89,7 @@ async fn python_backend_with_confluent_kafka_answers_clients() {
     let edges = [spawn("edge", &url, &p, &[]).await, spawn("edge", &url, &p, &[]).await];
     let _router = spawn("router", &url, &p, &[]).await;
     // The edge creates the inbound topic on first use; create it now so the backend can join.
-    let bus = switchyard_bus::connect(
-        &url,
-        &switchyard_bus::BusOptions {
-            prefix: p.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let bus = bus_for(&url, &p).await;
     bus.publish(&format!("{p}.in.echo"), Default::default()).await.unwrap();
     let _py = spawn_python(
         "kafka_backend.py",
@@ -283,12 +275,7 @@ async fn broker_restart_mid_stream_loses_no_acknowledged_frame_and_counts_the_re
     let until = Instant::now() + Duration::from_secs(8);
     let senders: Vec<_> = (0..5).map(|_| tokio::spawn(sender(gw.ws("/ws"), until))).collect();
     tokio::time::sleep(Duration::from_millis(2000)).await; // let traffic flow first
-    let pid = std::fs::read_to_string(dir.join("kafka.pid")).unwrap();
-    assert!(std::process::Command::new("kill")
-        .args(["-9", pid.trim()])
-        .status()
-        .unwrap()
-        .success());
+    send_signal(std::fs::read_to_string(dir.join("kafka.pid")).unwrap().trim(), "-9");
     tokio::time::sleep(Duration::from_millis(1000)).await; // outage length, not synchronisation
                                                            // `restart` waits until the broker answers again (and the old one is gone).
     let restart = {

@@ -405,13 +405,7 @@ async fn an_edge_that_lost_its_lease_closes_its_sessions_1012() {
     // subject is published last, after the registry and the session feed.
     next_of(&mut inbound, "connect", &id).await;
     let pid = edge.child.id().unwrap().to_string();
-    let signal = |sig: &str| {
-        assert!(std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success())
-    };
+    let signal = |sig: &str| send_signal(&pid, sig);
     signal("-STOP");
     // The router ends the session while the edge is frozen.
     let h = next_of(&mut inbound, "disconnect", &id).await;

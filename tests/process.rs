@@ -234,12 +234,7 @@ async fn json_logs_carry_the_sessions_trace_id() {
     // A session without a traceparent gets a generated one (a different trace id).
     let (mut other, _) = connect(&format!("ws://{client}/ws/echo")).await;
     close_normal(&mut other).await;
-    let pid = child.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    send_signal(&child.id().unwrap().to_string(), "-TERM");
     tokio::time::timeout(WAIT, child.wait()).await.expect("exits").unwrap();
     let lines = logs.await.unwrap();
     let parsed: Vec<serde_json::Value> = lines

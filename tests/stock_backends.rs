@@ -143,12 +143,7 @@ impl Backend {
 
     /// SIGTERM, then everything it wrote on stderr once it exited.
     async fn stop(mut self) -> Vec<String> {
-        let pid = self.child.id().expect("running").to_string();
-        assert!(std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success());
+        send_signal(&self.child.id().expect("running").to_string(), "-TERM");
         let status = tokio::time::timeout(WAIT, self.child.wait())
             .await
             .unwrap_or_else(|_| panic!("{} stops on SIGTERM", self.name))
@@ -248,15 +243,7 @@ async fn java_backend_answers_signed_frames_through_edges_and_a_router_and_refus
     // Two forged frames for the first session, in its partition ahead of its real frames: one
     // unsigned, one with a signature made without the key. Answered, either would reach the
     // client before its first real reply.
-    let bus = switchyard_bus::connect(
-        &url,
-        &switchyard_bus::BusOptions {
-            prefix: p.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let bus = bus_for(&url, &p).await;
     let victim = clients[0].1.clone();
     for sig in [None, Some(format!("v1={}", "0".repeat(64)))] {
         let mut h = Headers::new();

@@ -164,6 +164,24 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}", ulid::Ulid::new().to_string().to_lowercase())
 }
 
+/// Sends `sig` (`-TERM`, `-9`, `-STOP`, ...) to process `pid`, which must exist.
+pub fn send_signal(pid: &str, sig: &str) {
+    assert!(std::process::Command::new("kill")
+        .args([sig, pid])
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// A bus client of the test's own on `url`, under `prefix` (to publish or read as a backend).
+pub async fn bus_for(url: &str, prefix: &str) -> std::sync::Arc<dyn switchyard_bus::Bus> {
+    let opts = switchyard_bus::BusOptions {
+        prefix: prefix.to_owned(),
+        ..Default::default()
+    };
+    switchyard_bus::connect(url, &opts).await.unwrap()
+}
+
 /// A loopback port nothing listens on (bound, then released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -297,20 +315,10 @@ impl Proc {
     }
     /// Sends SIGTERM (a graceful shutdown).
     pub fn term(&self) {
-        let pid = self.child.id().expect("running").to_string();
-        assert!(std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success());
+        send_signal(&self.child.id().expect("running").to_string(), "-TERM");
     }
     pub fn kill9(&mut self) {
-        let pid = self.child.id().expect("running").to_string();
-        assert!(std::process::Command::new("kill")
-            .args(["-9", &pid])
-            .status()
-            .unwrap()
-            .success());
+        send_signal(&self.child.id().expect("running").to_string(), "-9");
     }
 }
 
