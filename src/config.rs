@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 use switchyard_bus::{BusAuth, BusOptions, SaslMechanism, Secret};
 use switchyard_edge::config::Loaded;
-use switchyard_edge::config::{default_routes, parse_routes};
+use switchyard_edge::config::{default_routes, parse_route_file};
 use switchyard_edge::EdgeConfig;
 use switchyard_protocol::Naming;
 
@@ -308,19 +308,20 @@ impl Cli {
         }
         o.bus_options.validate()?;
         let naming = o.bus_options.naming().map_err(|e| format!("--prefix: {e}"))?;
-        let routes = match &o.routes {
+        let (routes, channels) = match &o.routes {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| format!("cannot read route file {}: {e}", path.display()))?;
-                parse_routes(&text)
+                parse_route_file(&text)
                     .map_err(|e| format!("route file {}: {}", path.display(), e.trim().replace('\n', " ")))?
             }
-            None => default_routes(),
+            None => (default_routes(), Vec::new()),
         };
         let mut edge = o.edge.clone();
         edge.node_id = o.node_id.clone().unwrap_or_else(generated_node_id);
         edge.naming = naming.clone();
         edge.routes = routes;
+        edge.channels = channels;
         edge.tls = match (&o.tls_cert, &o.tls_key) {
             (Some(cert), Some(key)) => Some(switchyard_edge::tls::TlsFiles {
                 cert: cert.clone(),

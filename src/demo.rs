@@ -5,7 +5,8 @@
 //!   record's `sy-reply` subject (straight to the node holding the session, in order).
 //! - `app` (route `/ws`, topic `app`): every `send` answered with `{"echo":<data>}` via the
 //!   outbound topic and a router.
-//! - `ticker`: a price tick on channel `demo.ticker` every 500 ms.
+//! - `ticker`: a price tick on channel `demo.ticker` every 500 ms, with history (`demo.*` keeps
+//!   its last 100 messages for 10 minutes unless the routes file says otherwise).
 
 use bytes::Bytes;
 use std::sync::Arc;
@@ -16,6 +17,18 @@ use switchyard_protocol::envelope::now_ms;
 use switchyard_protocol::{Envelope, Kind, Naming};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+/// The demo's ticker channel.
+pub const TICKER: &str = "demo.ticker";
+
+/// The history the demo gives `demo.*`: 100 messages, 10 minutes.
+pub fn history() -> switchyard_edge::config::ChannelConfig {
+    switchyard_edge::config::ChannelConfig {
+        pattern: "demo.*".into(),
+        history_size: 100,
+        history_ttl: Duration::from_secs(600),
+    }
+}
 
 /// Subscribes (live when this returns) and runs the demo backends until `shutdown`.
 pub async fn start(bus: Arc<dyn Bus>, naming: Naming, shutdown: CancellationToken) -> Result<JoinHandle<()>, BusError> {
@@ -111,7 +124,7 @@ const DEMO_IN_FLIGHT: usize = 1024;
 const TICK_EVERY: Duration = Duration::from_millis(500);
 
 async fn ticker(bus: Arc<dyn Bus>, naming: Naming) {
-    let topic = naming.channel("demo.ticker");
+    let topic = naming.channel(TICKER);
     let mut tick = tokio::time::interval(TICK_EVERY);
     let mut price = 100.0f64;
     for n in 0u64.. {

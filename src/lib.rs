@@ -162,6 +162,23 @@ impl Settings {
                 source,
             })?;
 
+        // Channel history before anything publishes: the demo's ticker keeps 100 messages
+        // unless a `[[channel]]` already covers it.
+        let mut edge_cfg = self.edge.clone();
+        if runs_demo && edge_cfg.history_of(demo::TICKER).is_none() {
+            edge_cfg.channels.push(demo::history());
+        }
+        if runs_edge || runs_demo {
+            for c in &edge_cfg.channels {
+                bus.keep_history(&self.naming.channel(&c.pattern), c.limits())
+                    .await
+                    .map_err(|source| StartError::Bus {
+                        url: self.bus_url.clone(),
+                        source,
+                    })?;
+            }
+        }
+
         let shutdown = CancellationToken::new();
         let late = CancellationToken::new();
         let router = if runs_router {
@@ -190,7 +207,7 @@ impl Settings {
         };
         let edge = match (client, loaded) {
             (Some(l), Some(loaded)) => Some(
-                Edge::start(self.edge.clone(), loaded, bus.clone(), l, shutdown.clone())
+                Edge::start(edge_cfg, loaded, bus.clone(), l, shutdown.clone())
                     .await
                     .map_err(StartError::Edge)?,
             ),

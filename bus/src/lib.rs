@@ -107,6 +107,43 @@ impl SubscribeOptions {
     }
 }
 
+/// How much history the channels of one pattern keep (`[[channel]]` in the routes file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryLimits {
+    /// Messages kept per channel.
+    pub size: usize,
+    /// How long a message is kept.
+    pub ttl: std::time::Duration,
+}
+
+/// Which retained messages a history read asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryQuery {
+    /// Every retained message with an offset greater than this one.
+    After(u64),
+    /// The newest `n` retained messages.
+    Last(usize),
+}
+
+/// A channel's history as read by [`Bus::history`].
+///
+/// Offsets on channels with history start at 1 on every bus (memory: a counter per channel;
+/// NATS: the JetStream stream sequence, which grows but skips the other channels' messages of
+/// the same stream; Kafka: the Kafka offset plus one), so 0 always means "before the first".
+#[derive(Debug, Clone)]
+pub struct HistoryRead {
+    /// Changes whenever the channel's log is reset (memory: every start; NATS: the stream was
+    /// recreated; Kafka: the topic was recreated). Offsets of another epoch mean nothing here.
+    pub epoch: String,
+    /// The newest message's offset (0: none yet). Live messages have greater offsets.
+    pub last: u64,
+    /// For [`HistoryQuery::After`]: nothing published after that offset has been dropped from
+    /// the log, so `messages` (up to the read's limit) is everything after it.
+    pub complete: bool,
+    /// Oldest first, each with its offset.
+    pub messages: Vec<Message>,
+}
+
 /// Errors a bus returns. `Overflow` and `Unavailable` are what a client is told about.
 #[derive(Debug, Clone, Error)]
 pub enum BusError {
@@ -196,6 +233,16 @@ pub trait Bus: Send + Sync + 'static {
     /// one, routers build their registry from the `<prefix>.sessions` feed alone.
     fn registry(&self) -> Option<Arc<dyn SessionRegistry>> {
         None
+    }
+    /// Keeps history for every topic matching `pattern` (a channel pattern's full topic
+    /// pattern). Called at start, before anything is published there; the subscriptions and
+    /// reads of those topics then carry offsets (see [`HistoryRead`]).
+    async fn keep_history(&self, _pattern: &str, _limits: HistoryLimits) -> Result<(), BusError> {
+        Err(BusError::Other(format!("{}:// keeps no channel history", self.scheme())))
+    }
+    /// Reads a topic's history: `None` when the topic keeps none. At most `limit` messages.
+    async fn history(&self, _topic: &str, _query: HistoryQuery, _limit: usize) -> Result<Option<HistoryRead>, BusError> {
+        Ok(None)
     }
 }
 
@@ -566,6 +613,23 @@ impl Bus for Instrumented {
     }
     fn registry(&self) -> Option<Arc<dyn SessionRegistry>> {
         self.inner.registry()
+    }
+    async fn keep_history(&self, pattern: &str, limits: HistoryLimits) -> Result<(), BusError> {
+        self.inner.keep_history(pattern, limits).await
+    }
+    async fn history(&self, topic: &str, query: HistoryQuery, limit: usize) -> Result<Option<HistoryRead>, BusError> {
+        let started = Instant::now();
+        let res = self.inner.history(topic, query, limit).await;
+        match &res {
+            Ok(_) => ::metrics::histogram!(crate::metrics::HISTORY_READ_SECONDS, "bus" => self.scheme())
+                .record(started.elapsed()),
+            Err(e) => {
+                ::metrics::counter!(crate::metrics::HISTORY_READ_ERRORS, "bus" => self.scheme(), "reason" => e.reason())
+                    .increment(1);
+                tracing::warn!(topic, error = %e, "bus history read failed");
+            }
+        }
+        res
     }
 }
 

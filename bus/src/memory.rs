@@ -5,15 +5,23 @@
 //! key sticks to one member). A full buffer makes the publisher wait up to `publish_timeout`
 //! (backpressure); if it is still full, publish returns [`BusError::Overflow`]: the record
 //! reached the other subscribers, and the caller is told.
+//!
+//! Offsets count from 1 per topic. Topics under a [`Bus::keep_history`] pattern keep a ring of
+//! their newest messages (bounded by count and age); their publishes are taken one at a time,
+//! so offsets reach every subscriber in order. The epoch is drawn at random when the bus is
+//! made: a restarted process has a new one, and its history starts empty.
 
-use crate::{check_name, Bus, BusError, Message, Record, SubscribeOptions, Subscription};
+use crate::{
+    check_name, Bus, BusError, HistoryLimits, HistoryQuery, HistoryRead, Message, Record, SubscribeOptions,
+    Subscription,
+};
 use async_trait::async_trait;
 use parking_lot::RwLock;
-use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 struct Sub {
@@ -33,12 +41,44 @@ struct Inner {
     offsets: HashMap<String, Arc<AtomicU64>>,
 }
 
+/// One topic's history: its next offset and its newest messages.
+struct Log {
+    next: u64,
+    limits: HistoryLimits,
+    ring: VecDeque<(Message, Instant)>,
+}
+
+impl Log {
+    fn prune(&mut self, now: Instant) {
+        while self.ring.len() > self.limits.size {
+            self.ring.pop_front();
+        }
+        while self
+            .ring
+            .front()
+            .is_some_and(|(_, at)| now.duration_since(*at) > self.limits.ttl)
+        {
+            self.ring.pop_front();
+        }
+    }
+
+    /// The oldest retained offset (the next one when nothing is retained).
+    fn first(&self) -> u64 {
+        self.ring.front().and_then(|(m, _)| m.offset).unwrap_or(self.next)
+    }
+}
+
 /// The embedded bus.
 pub struct MemoryBus {
     inner: Arc<RwLock<Inner>>,
     next_id: AtomicU64,
     buffer: usize,
     publish_timeout: Duration,
+    epoch: String,
+    /// `keep_history` patterns.
+    histories: RwLock<Vec<(String, HistoryLimits)>>,
+    /// Logs of the topics under those patterns, made on first use.
+    logs: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Log>>>>,
 }
 
 impl MemoryBus {
@@ -50,6 +90,51 @@ impl MemoryBus {
             next_id: AtomicU64::new(1),
             buffer: buffer.max(1),
             publish_timeout,
+            epoch: format!("m{:016x}", std::collections::hash_map::RandomState::new().hash_one(Instant::now())),
+            histories: RwLock::default(),
+            logs: parking_lot::Mutex::default(),
+        }
+    }
+
+    /// The log of `topic` when it is under a history pattern (made on first use).
+    fn log(&self, topic: &str) -> Option<Arc<tokio::sync::Mutex<Log>>> {
+        let histories = self.histories.read();
+        if histories.is_empty() {
+            return None;
+        }
+        let limits = histories
+            .iter()
+            .find(|(p, _)| switchyard_protocol::pattern_matches(p, topic))?
+            .1;
+        let mut logs = self.logs.lock();
+        Some(
+            logs.entry(topic.to_owned())
+                .or_insert_with(|| {
+                    Arc::new(tokio::sync::Mutex::new(Log {
+                        next: 1,
+                        limits,
+                        ring: VecDeque::new(),
+                    }))
+                })
+                .clone(),
+        )
+    }
+
+    /// Waits, up to the deadline and without holding the bus's lock, for room in the buffers
+    /// that were full. Overflow when one stayed full.
+    async fn wait_for_room(&self, topic: &str, msg: &Message, full: Vec<mpsc::Sender<Message>>) -> Result<(), BusError> {
+        let mut overflow = false;
+        for tx in full {
+            if tx.send_timeout(msg.clone(), self.publish_timeout).await.is_err() && !tx.is_closed() {
+                overflow = true;
+            }
+        }
+        if overflow {
+            Err(BusError::Overflow {
+                topic: topic.to_owned(),
+            })
+        } else {
+            Ok(())
         }
     }
 }
@@ -90,27 +175,26 @@ impl Bus for MemoryBus {
 
     async fn publish(&self, topic: &str, record: Record) -> Result<Option<u64>, BusError> {
         check_name(topic, false)?;
+        if let Some(log) = self.log(topic) {
+            // One publish at a time per history topic, waits included, so that offsets reach
+            // every subscriber in order and the ring holds them in order.
+            let mut log = log.lock().await;
+            let offset = log.next;
+            log.next += 1;
+            let (msg, full) = self.deliver(topic, record, offset);
+            let now = Instant::now();
+            log.ring.push_back((msg.clone(), now));
+            log.prune(now);
+            return self.wait_for_room(topic, &msg, full).await.map(|()| Some(offset));
+        }
         let known = self.inner.read().offsets.get(topic).cloned();
         let counter = match known {
             Some(c) => c,
             None => self.inner.write().offsets.entry(topic.to_owned()).or_default().clone(),
         };
-        let offset = counter.fetch_add(1, Ordering::Relaxed);
+        let offset = counter.fetch_add(1, Ordering::Relaxed) + 1;
         let (msg, full) = self.deliver(topic, record, offset);
-        // Buffers that were full: wait for room, up to the deadline, without holding the lock.
-        let mut overflow = false;
-        for tx in full {
-            if tx.send_timeout(msg.clone(), self.publish_timeout).await.is_err() && !tx.is_closed() {
-                overflow = true;
-            }
-        }
-        if overflow {
-            Err(BusError::Overflow {
-                topic: topic.to_owned(),
-            })
-        } else {
-            Ok(Some(offset))
-        }
+        self.wait_for_room(topic, &msg, full).await.map(|()| Some(offset))
     }
 
     async fn subscribe(&self, pattern: &str, opts: SubscribeOptions) -> Result<Subscription, BusError> {
@@ -146,6 +230,41 @@ impl Bus for MemoryBus {
 
     async fn flush(&self) -> Result<(), BusError> {
         Ok(())
+    }
+
+    async fn keep_history(&self, pattern: &str, limits: HistoryLimits) -> Result<(), BusError> {
+        check_name(pattern, true)?;
+        self.histories.write().push((pattern.to_owned(), limits));
+        Ok(())
+    }
+
+    async fn history(&self, topic: &str, query: HistoryQuery, limit: usize) -> Result<Option<HistoryRead>, BusError> {
+        check_name(topic, false)?;
+        let Some(log) = self.log(topic) else {
+            return Ok(None);
+        };
+        let mut log = log.lock().await;
+        log.prune(Instant::now());
+        let last = log.next - 1;
+        let (from, complete) = match query {
+            // Nothing after `n` was dropped when the oldest retained message follows it, and
+            // `n` is an offset this log has given.
+            HistoryQuery::After(n) => (n.saturating_add(1), n <= last && n.saturating_add(1) >= log.first()),
+            HistoryQuery::Last(k) => (log.next.saturating_sub(k as u64).max(log.first()), true),
+        };
+        let messages = log
+            .ring
+            .iter()
+            .filter(|(m, _)| m.offset.is_some_and(|o| o >= from))
+            .take(limit)
+            .map(|(m, _)| m.clone())
+            .collect();
+        Ok(Some(HistoryRead {
+            epoch: self.epoch.clone(),
+            last,
+            complete,
+            messages,
+        }))
     }
 }
 

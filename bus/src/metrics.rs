@@ -9,6 +9,8 @@ pub const PUBLISH_SECONDS: &str = "switchyard_bus_publish_seconds";
 pub const SUBSCRIBE_ERRORS: &str = "switchyard_bus_subscribe_errors_total";
 pub const SLOW_CONSUMER: &str = "switchyard_bus_slow_consumer_total";
 pub const READY: &str = "switchyard_bus_ready";
+pub const HISTORY_READ_SECONDS: &str = "switchyard_bus_history_read_seconds";
+pub const HISTORY_READ_ERRORS: &str = "switchyard_bus_history_read_errors_total";
 
 /// Describes every metric above to the installed recorder.
 pub fn describe() {
@@ -24,4 +26,10 @@ pub fn describe() {
         "Times the broker reported this client as a slow consumer (messages dropped by NATS)"
     );
     describe_gauge!(READY, "1 while the bus can take records, else 0");
+    describe_histogram!(
+        HISTORY_READ_SECONDS,
+        Unit::Seconds,
+        "Time to read a channel's history (recovery, rewind, the history API)"
+    );
+    describe_counter!(HISTORY_READ_ERRORS, "Failed channel history reads, by reason");
 }

@@ -36,6 +36,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route("/api/publish", post(publish))
+        .route("/api/channels/{channel}/history", get(history))
         .route("/api/sessions/{id}", get(session_info).delete(close_session))
         .route("/api/sessions/{id}/send", post(send))
         .fallback(|| async { err(StatusCode::NOT_FOUND, "no such endpoint") })
@@ -108,6 +109,76 @@ async fn publish(State(s): State<AdminState>, body: Bytes) -> Response {
         Ok(offset) => (StatusCode::ACCEPTED, Json(json!({"accepted": true, "offset": offset}))).into_response(),
         Err(e) => bus_err(e),
     }
+}
+
+/// Most messages one history request returns.
+const HISTORY_LIMIT_MAX: usize = 1000;
+
+/// `GET /api/channels/{c}/history?since=N&limit=K`: the retained messages after offset `N`
+/// (default 0: from the oldest), at most `K` (default 100, at most 1000).
+async fn history(
+    State(s): State<AdminState>,
+    Path(channel): Path<String>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    if !valid_channel(&channel) {
+        return err(StatusCode::BAD_REQUEST, format!("invalid channel name {channel:?}"));
+    }
+    if let Some(k) = q.keys().find(|k| !matches!(k.as_str(), "since" | "limit")) {
+        return err(StatusCode::BAD_REQUEST, format!("unknown query parameter {k:?} (since, limit)"));
+    }
+    let number = |name: &str, default: u64| match q.get(name) {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<u64>()
+            .map_err(|_| err(StatusCode::BAD_REQUEST, format!("`{name}` must be a non-negative integer"))),
+    };
+    let (since, limit) = match (number("since", 0), number("limit", 100)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    if limit == 0 || limit > HISTORY_LIMIT_MAX as u64 {
+        return err(
+            StatusCode::BAD_REQUEST,
+            format!("`limit` out of range 1..={HISTORY_LIMIT_MAX}"),
+        );
+    }
+    let read = match s
+        .bus
+        .history(&s.naming.channel(&channel), switchyard_bus::HistoryQuery::After(since), limit as usize)
+        .await
+    {
+        Ok(Some(read)) => read,
+        Ok(None) => {
+            return err(
+                StatusCode::NOT_FOUND,
+                format!("channel {channel} keeps no history (no [[channel]] pattern covers it)"),
+            )
+        }
+        Err(e) => return bus_err(e),
+    };
+    let messages: Vec<Value> = read
+        .messages
+        .iter()
+        .filter_map(|m| {
+            let mut v: Value = serde_json::from_str(&switchyard_protocol::framed::channel_message(
+                &channel,
+                m.offset,
+                &m.record.payload,
+            ))
+            .ok()?;
+            v.as_object_mut()?.remove("channel");
+            Some(v)
+        })
+        .collect();
+    Json(json!({
+        "channel": channel,
+        "epoch": read.epoch,
+        "offset": read.last,
+        "complete": read.complete,
+        "messages": messages,
+    }))
+    .into_response()
 }
 
 #[derive(Deserialize)]

@@ -10,6 +10,10 @@
 //! A fan-out walks a snapshot of its shard (an `Arc` slice, rebuilt only after the membership
 //! changed), so it holds no lock while it writes and yields, and subscribing never waits for a
 //! broadcast in progress. A session that joins during a fan-out gets the next message.
+//!
+//! Channels with history (`[[channel]]`): a session joins behind a [`Gate`] that holds the live
+//! messages back while its history is read and sent; the gate then lets through only offsets
+//! past what the read saw, so the seam between history and live has no gap and no duplicate.
 
 use crate::frame;
 use crate::session::{Session, Tally};
@@ -22,20 +26,94 @@ use switchyard_protocol::{framed, Naming};
 use tokio::sync::{mpsc, Mutex};
 use tokio::task::JoinHandle;
 
+/// Live messages held back from one session while its history is sent, at most this many;
+/// past it the session is taken off the channel and told (`recovery_overrun`).
+pub const MAX_HELD: usize = 10_000;
+
+/// Where a gated member is: holding live frames back, or letting through those after `floor`.
+enum GateState {
+    Holding(Vec<(u64, Bytes)>),
+    Open { floor: u64 },
+    /// More than [`MAX_HELD`] live messages came during the recovery.
+    Overrun,
+}
+
+/// One session's seam between its channel history and the live messages.
+pub struct Gate(parking_lot::Mutex<GateState>);
+
+impl Gate {
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        Self(parking_lot::Mutex::new(GateState::Holding(Vec::new())))
+    }
+
+    /// A live message: held, delivered (past the floor), or dropped (at or below it: the
+    /// history read already had it).
+    fn pass(&self, sess: &Session, offset: Option<u64>, frame: &Bytes) {
+        let mut g = self.0.lock();
+        match &mut *g {
+            GateState::Holding(held) => {
+                if held.len() >= MAX_HELD {
+                    *g = GateState::Overrun;
+                } else {
+                    held.push((offset.unwrap_or(0), frame.clone()));
+                }
+            }
+            GateState::Open { floor } => {
+                if offset.is_none_or(|o| o > *floor) {
+                    sess.deliver(frame);
+                }
+            }
+            GateState::Overrun => {}
+        }
+    }
+
+    /// Sends `history` (frames oldest first), then the held live frames past `floor` (the
+    /// newest offset the history read saw), and opens the gate. False when the session held
+    /// back more than [`MAX_HELD`] messages meanwhile (nothing more is sent).
+    pub fn open(&self, sess: &Session, history: &[Bytes], floor: u64) -> bool {
+        let mut g = self.0.lock();
+        let GateState::Holding(held) = std::mem::replace(&mut *g, GateState::Open { floor }) else {
+            *g = GateState::Overrun;
+            return false;
+        };
+        if !history.is_empty() {
+            sess.deliver_all(history);
+        }
+        for (_, frame) in held.iter().filter(|(o, _)| *o > floor) {
+            sess.deliver(frame);
+        }
+        true
+    }
+}
+
+/// A subscriber: its session, and its gate on a channel with history.
+#[derive(Clone)]
+struct Member {
+    sess: Arc<Session>,
+    gate: Option<Arc<Gate>>,
+}
+
 /// A shard's subscribers, and the snapshot fan-outs walk (dropped on every change).
 #[derive(Default)]
 struct Members {
-    map: HashMap<String, Arc<Session>>,
-    snapshot: Option<Arc<[Arc<Session>]>>,
+    map: HashMap<String, Member>,
+    snapshot: Option<Arc<[Member]>>,
 }
 
 #[derive(Default)]
 struct Shard(parking_lot::Mutex<Members>);
 
 impl Shard {
-    fn insert(&self, sess: &Arc<Session>) {
+    fn insert(&self, sess: &Arc<Session>, gate: Option<Arc<Gate>>) {
         let mut m = self.0.lock();
-        m.map.insert(sess.id.clone(), sess.clone());
+        m.map.insert(
+            sess.id.clone(),
+            Member {
+                sess: sess.clone(),
+                gate,
+            },
+        );
         m.snapshot = None;
     }
 
@@ -52,7 +130,7 @@ impl Shard {
 
     /// The current members: one reference-count increment, unless the membership changed since
     /// the last call (then the slice is rebuilt once).
-    fn snapshot(&self) -> Arc<[Arc<Session>]> {
+    fn snapshot(&self) -> Arc<[Member]> {
         let mut m = self.0.lock();
         if m.snapshot.is_none() {
             m.snapshot = Some(m.map.values().cloned().collect());
@@ -112,11 +190,12 @@ impl ChannelHub {
     }
 
     /// Adds `sess` to `channel`, subscribing on the bus first if it is the channel's first local
-    /// subscriber. Returns once the bus subscription is live.
-    pub async fn subscribe(&self, sess: &Arc<Session>, channel: &str) -> Result<(), BusError> {
+    /// subscriber. Returns once the bus subscription is live. With `gate`, live messages wait
+    /// behind it until [`Gate::open`].
+    pub async fn subscribe(&self, sess: &Arc<Session>, channel: &str, gate: Option<Arc<Gate>>) -> Result<(), BusError> {
         let mut chans = self.channels.lock().await;
         if let Some(c) = chans.get(channel) {
-            c.shard(&sess.id).insert(sess);
+            c.shard(&sess.id).insert(sess, gate);
             return Ok(());
         }
         let sub = self
@@ -125,7 +204,7 @@ impl ChannelHub {
             .await?;
         let shards: Arc<[Shard]> = (0..shard_count()).map(|_| Shard::default()).collect();
         // The first subscriber is in before the pump can take a message.
-        shard_of(&shards, &sess.id).insert(sess);
+        shard_of(&shards, &sess.id).insert(sess, gate);
         let name: Arc<str> = channel.into();
         let mut senders = Vec::new();
         let mut workers = Vec::new();
@@ -171,7 +250,7 @@ impl ChannelHub {
 }
 
 /// One channel message, with its frames encoded on first use and then shared.
-struct Item {
+pub struct Item {
     offset: Option<u64>,
     payload: Bytes,
     /// The publisher marked it binary (`sy-opcode`).
@@ -181,7 +260,7 @@ struct Item {
 }
 
 impl Item {
-    fn new(m: &BusMessage) -> Self {
+    pub fn new(m: &BusMessage) -> Self {
         Self {
             offset: m.offset,
             payload: m.record.payload.clone(),
@@ -192,7 +271,7 @@ impl Item {
     }
 
     /// The frame for `sess`: the framed wrapper, or the payload as is.
-    fn frame(&self, channel: &str, sess: &Session) -> &Bytes {
+    pub fn frame(&self, channel: &str, sess: &Session) -> &Bytes {
         if sess.route.is_framed() {
             self.wrapped
                 .get_or_init(|| frame::text(framed::channel_message(channel, self.offset, &self.payload).as_bytes()))
@@ -218,12 +297,16 @@ const YIELD_EVERY: usize = 256;
 async fn fan_out(channel: &str, shard: &Shard, items: &[Item], frames: &mut Vec<Bytes>) {
     let subs = shard.snapshot();
     let mut tally = Tally::default();
-    for (i, s) in subs.iter().enumerate() {
+    for (i, Member { sess: s, gate }) in subs.iter().enumerate() {
         if i % YIELD_EVERY == YIELD_EVERY - 1 {
             tally.flush();
             tokio::task::yield_now().await;
         }
-        if let [one] = items {
+        if let Some(gate) = gate {
+            for item in items {
+                gate.pass(s, item.offset, item.frame(channel, s));
+            }
+        } else if let [one] = items {
             s.deliver_tallied(one.frame(channel, s), &mut tally);
         } else {
             frames.clear();

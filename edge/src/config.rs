@@ -99,17 +99,87 @@ fn default_slow() -> SlowPolicy {
     SlowPolicy::DropOldest
 }
 
+/// History for the channels of one pattern (`[[channel]]` in the routes file).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelConfig {
+    /// Channel pattern (`ticker.*`, `dash.>`, or one channel).
+    pub pattern: String,
+    /// Messages kept per channel, 1..=100000.
+    pub history_size: usize,
+    /// How long a message is kept, e.g. "10m" (1s..=30 days).
+    #[serde(deserialize_with = "duration")]
+    pub history_ttl: Duration,
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text).map_err(|e| serde::de::Error::custom(format!("{text:?}: {e}")))
+}
+
+/// Most messages a channel may keep.
+pub const MAX_HISTORY_SIZE: usize = 100_000;
+
+impl ChannelConfig {
+    /// The limits as the bus takes them.
+    pub fn limits(&self) -> switchyard_bus::HistoryLimits {
+        switchyard_bus::HistoryLimits {
+            size: self.history_size,
+            ttl: self.history_ttl,
+        }
+    }
+}
+
+/// Checks `[[channel]]` tables: valid patterns in range, and no two overlapping (a channel
+/// gets one log). The error is one line.
+pub fn validate_channels(channels: &[ChannelConfig]) -> Result<(), String> {
+    for (i, c) in channels.iter().enumerate() {
+        if !valid_pattern(&c.pattern) {
+            return Err(format!("[[channel]] pattern {:?} is not a valid channel pattern", c.pattern));
+        }
+        if c.history_size == 0 || c.history_size > MAX_HISTORY_SIZE {
+            return Err(format!(
+                "[[channel]] {}: history_size {} out of range 1..={MAX_HISTORY_SIZE}",
+                c.pattern, c.history_size
+            ));
+        }
+        if c.history_ttl < Duration::from_secs(1) || c.history_ttl > Duration::from_secs(30 * 86_400) {
+            return Err(format!(
+                "[[channel]] {}: history_ttl {:?} out of range 1s..=30 days",
+                c.pattern, c.history_ttl
+            ));
+        }
+        if let Some(o) = channels[..i]
+            .iter()
+            .find(|o| switchyard_protocol::patterns_overlap(&o.pattern, &c.pattern))
+        {
+            return Err(format!(
+                "[[channel]] patterns {:?} and {:?} overlap: a channel may have one history",
+                o.pattern, c.pattern
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RouteFile {
     #[serde(rename = "route", default)]
     routes: Vec<RouteConfig>,
+    #[serde(rename = "channel", default)]
+    channels: Vec<ChannelConfig>,
 }
 
 /// Parses a routes TOML file's text (`[[route]]` tables).
 pub fn parse_routes(text: &str) -> Result<Vec<RouteConfig>, String> {
+    parse_route_file(text).map(|(routes, _)| routes)
+}
+
+/// Parses a routes TOML file's text: its `[[route]]` and its `[[channel]]` tables.
+pub fn parse_route_file(text: &str) -> Result<(Vec<RouteConfig>, Vec<ChannelConfig>), String> {
     let f: RouteFile = toml::from_str(text).map_err(|e| e.message().to_string())?;
-    Ok(f.routes)
+    Ok((f.routes, f.channels))
 }
 
 /// The routes used when no file is given: `/ws/echo` (raw → `echo`) and `/ws` (framed → `app`,
@@ -146,6 +216,13 @@ pub struct EdgeConfig {
     pub naming: Naming,
     #[arg(skip = default_routes())]
     pub routes: Vec<RouteConfig>,
+    /// Channel patterns with history (`[[channel]]` in the routes file).
+    #[arg(skip)]
+    pub channels: Vec<ChannelConfig>,
+    /// Most messages a subscribe with `since` recovers; further behind, it answers
+    /// recovered:false (and `rewind` is capped at it)
+    #[arg(long, env = "SWITCHYARD_MAX_RECOVER", default_value_t = 1000, global = true)]
+    pub max_recover: usize,
     /// Default largest client message in bytes (bigger closes with 1009)
     #[arg(long, env = "SWITCHYARD_MAX_MESSAGE_SIZE", default_value_t = 1 << 20, global = true)]
     pub max_message_size: usize,
@@ -248,6 +325,13 @@ impl std::fmt::Debug for Loaded {
 pub const MAX_JSON_DEPTH: usize = 512;
 
 impl EdgeConfig {
+    /// The `[[channel]]` whose pattern covers `channel`, if it keeps history.
+    pub fn history_of(&self, channel: &str) -> Option<&ChannelConfig> {
+        self.channels
+            .iter()
+            .find(|c| switchyard_protocol::pattern_matches(&c.pattern, channel))
+    }
+
     /// The defaults of every flag above (the environment is not read), for `node_id`.
     pub fn new(node_id: impl Into<String>) -> Self {
         Self {
@@ -278,6 +362,13 @@ impl EdgeConfig {
         }
         if self.routes.is_empty() {
             return Err("no routes configured".into());
+        }
+        validate_channels(&self.channels)?;
+        if self.max_recover == 0 || self.max_recover > MAX_HISTORY_SIZE {
+            return Err(format!(
+                "--max-recover {} out of range 1..={MAX_HISTORY_SIZE}",
+                self.max_recover
+            ));
         }
         if self.max_message_size == 0 || self.max_message_size > 64 << 20 {
             return Err(format!(

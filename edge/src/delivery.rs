@@ -56,7 +56,9 @@ pub async fn run(st: Arc<EdgeState>, mut sub: Subscription) {
 
                         sess.queue.close(code, &reason);
                     }
-                    ControlOp::Subscribe { channel } => crate::session::subscribe(&st, &sess, &channel).await,
+                    ControlOp::Subscribe { channel } => {
+                        crate::session::subscribe(&st, &sess, &channel, &Default::default()).await
+                    }
                     ControlOp::Unsubscribe { channel } => {
                         if sess.channels.lock().remove(&channel) {
                             st.channels.unsubscribe(&sess, &channel).await;

@@ -24,6 +24,8 @@ pub const TLS_RELOADS: &str = "switchyard_tls_reloads_total";
 pub const RATE_LIMITED: &str = "switchyard_rate_limited_total";
 pub const FORBIDDEN: &str = "switchyard_forbidden_total";
 pub const DRAINING: &str = "switchyard_draining";
+pub const RECOVERIES: &str = "switchyard_recoveries_total";
+pub const RECOVERED_MESSAGES: &str = "switchyard_recovered_messages_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -83,4 +85,12 @@ fn describe() {
         "Subscribe or publish refused by channel authorization, by route and op"
     );
     describe_gauge!(DRAINING, "1 once the node has started draining (SIGTERM), else 0");
+    describe_counter!(
+        RECOVERIES,
+        "Subscribes with since or rewind, by result (recovered, not_recovered, rewind, overrun, error)"
+    );
+    describe_counter!(
+        RECOVERED_MESSAGES,
+        "Channel history messages sent on subscribe (since and rewind)"
+    );
 }

@@ -52,7 +52,7 @@ fuzz_target!(|frame: &[u8]| {
     match &op {
         Ok(decoded) => {
             match decoded {
-                ClientOp::Subscribe { channel } | ClientOp::Unsubscribe { channel } => {
+                ClientOp::Subscribe { channel, .. } | ClientOp::Unsubscribe { channel } => {
                     assert!(ref_valid_channel(channel), "accepted channel {channel:?}")
                 }
                 ClientOp::Publish { channel, data } => {

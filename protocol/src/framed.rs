@@ -1,6 +1,7 @@
 //! The `framed` client protocol: small JSON objects with an `op` field.
 //!
-//! Client → server: `subscribe`, `unsubscribe`, `publish`, `send`.
+//! Client → server: `subscribe` (optionally with `since` or `rewind`), `unsubscribe`,
+//! `publish`, `send`.
 //! Server → client: `welcome`, `subscribed`, `unsubscribed`, `error`, and channel messages
 //! `{"channel":C,"offset":N,"data":...}` (no `op`; `offset` present when the bus knows one).
 
@@ -16,11 +17,27 @@ use crate::naming::valid_channel;
 /// A decoded client operation. `data` is the raw JSON text of the `data` field.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientOp {
-    Subscribe { channel: String },
+    Subscribe { channel: String, start: Start },
     Unsubscribe { channel: String },
     Publish { channel: String, data: Bytes },
     Send { data: Bytes },
 }
+
+/// Where a subscription starts, for channels with history.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Start {
+    /// Live messages only (plain `subscribe`).
+    #[default]
+    Live,
+    /// `"since":{"offset":N,"epoch":E}`: every retained message after offset `N` of epoch `E`,
+    /// then the live ones.
+    Since { offset: u64, epoch: String },
+    /// `"rewind":K`: the last `K` retained messages, then the live ones.
+    Rewind(u64),
+}
+
+/// Longest `epoch` a client may send back (the server's epochs are much shorter).
+pub const MAX_EPOCH_LEN: usize = 64;
 
 /// Why a client frame is not a valid framed op. [`FramedError::code`] is what the client sees.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
@@ -37,15 +54,19 @@ pub enum FramedError {
     InvalidId,
     #[error("JSON nested deeper than {0} levels")]
     TooDeep(usize),
+    #[error("invalid `{0}`: {1}")]
+    Invalid(&'static str, &'static str),
 }
 
 impl FramedError {
     /// The `code` of the error op sent to the client.
     pub fn code(&self) -> &'static str {
         match self {
-            FramedError::NotJson(_) | FramedError::Missing(_) | FramedError::InvalidId | FramedError::TooDeep(_) => {
-                "bad_request"
-            }
+            FramedError::NotJson(_)
+            | FramedError::Missing(_)
+            | FramedError::InvalidId
+            | FramedError::TooDeep(_)
+            | FramedError::Invalid(..) => "bad_request",
             FramedError::UnknownOp(_) => "unknown_op",
             FramedError::InvalidChannel(_) => "invalid_channel",
         }
@@ -62,6 +83,44 @@ struct RawOp<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow)]
     id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    since: Option<&'a RawValue>,
+    #[serde(borrow)]
+    rewind: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSince {
+    offset: u64,
+    epoch: String,
+}
+
+/// `since` / `rewind` of a subscribe (at most one of them).
+fn start(since: Option<&RawValue>, rewind: Option<&RawValue>) -> Result<Start, FramedError> {
+    match (since, rewind) {
+        (Some(_), Some(_)) => Err(FramedError::Invalid("since", "give `since` or `rewind`, not both")),
+        (Some(s), None) => {
+            let s: RawSince = serde_json::from_str(s.get()).map_err(|_| {
+                FramedError::Invalid(
+                    "since",
+                    "expected {\"offset\":N,\"epoch\":E} with N a non-negative integer and E a string",
+                )
+            })?;
+            if s.epoch.len() > MAX_EPOCH_LEN {
+                return Err(FramedError::Invalid("since", "epoch longer than 64 bytes"));
+            }
+            Ok(Start::Since {
+                offset: s.offset,
+                epoch: s.epoch,
+            })
+        }
+        (None, Some(r)) => match serde_json::from_str::<u64>(r.get()) {
+            Ok(k) => Ok(Start::Rewind(k)),
+            Err(_) => Err(FramedError::Invalid("rewind", "expected a non-negative integer")),
+        },
+        (None, None) => Ok(Start::Live),
+    }
 }
 
 /// A client frame: its op (or why it is not one) and the optional `id` the client attached,
@@ -175,7 +234,10 @@ pub fn decode_client(frame: &[u8]) -> Result<ClientOp, FramedError> {
         Ok(Bytes::copy_from_slice(d.get().as_bytes()))
     };
     match op.as_ref() {
-        "subscribe" => Ok(ClientOp::Subscribe { channel: channel()? }),
+        "subscribe" => Ok(ClientOp::Subscribe {
+            channel: channel()?,
+            start: start(raw.since, raw.rewind)?,
+        }),
         "unsubscribe" => Ok(ClientOp::Unsubscribe { channel: channel()? }),
         "publish" => Ok(ClientOp::Publish {
             channel: channel()?,
@@ -194,9 +256,15 @@ pub fn decode_client(frame: &[u8]) -> Result<ClientOp, FramedError> {
 pub fn encode_client(op: &ClientOp) -> String {
     let data = |d: &Bytes| String::from_utf8_lossy(d).into_owned();
     match op {
-        ClientOp::Subscribe { channel } => {
-            format!(r#"{{"op":"subscribe","channel":{}}}"#, q(channel))
-        }
+        ClientOp::Subscribe { channel, start } => match start {
+            Start::Live => format!(r#"{{"op":"subscribe","channel":{}}}"#, q(channel)),
+            Start::Since { offset, epoch } => format!(
+                r#"{{"op":"subscribe","channel":{},"since":{{"offset":{offset},"epoch":{}}}}}"#,
+                q(channel),
+                q(epoch)
+            ),
+            Start::Rewind(k) => format!(r#"{{"op":"subscribe","channel":{},"rewind":{k}}}"#, q(channel)),
+        },
         ClientOp::Unsubscribe { channel } => {
             format!(r#"{{"op":"unsubscribe","channel":{}}}"#, q(channel))
         }
@@ -219,6 +287,30 @@ pub fn welcome(session: &str) -> String {
 /// `{"op":"subscribed","channel":C}` — sent once the channel subscription is live on the bus.
 pub fn subscribed(channel: &str) -> String {
     format!(r#"{{"op":"subscribed","channel":{}}}"#, q(channel))
+}
+
+/// What a `subscribed` says about a channel's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position<'a> {
+    /// The history's epoch; `None` when the channel keeps no history.
+    pub log: Option<(&'a str, u64)>,
+    /// Present when the client asked to recover (`since`).
+    pub recovered: Option<bool>,
+}
+
+/// `{"op":"subscribed","channel":C,"epoch":E,"offset":CUR,"recovered":R}`: `epoch` and
+/// `offset` (the newest message's offset, 0 when there is none) on channels with history,
+/// `recovered` when the subscribe carried `since`.
+pub fn subscribed_at(channel: &str, at: &Position<'_>) -> String {
+    let mut out = format!(r#"{{"op":"subscribed","channel":{}"#, q(channel));
+    if let Some((epoch, offset)) = at.log {
+        out.push_str(&format!(r#","epoch":{},"offset":{offset}"#, q(epoch)));
+    }
+    if let Some(r) = at.recovered {
+        out.push_str(if r { r#","recovered":true"# } else { r#","recovered":false"# });
+    }
+    out.push('}');
+    out
 }
 
 /// `{"op":"unsubscribed","channel":C}`
@@ -290,7 +382,8 @@ mod tests {
         assert_eq!(
             decode_client(br#"{"op":"subscribe","channel":"demo.ticker"}"#),
             Ok(ClientOp::Subscribe {
-                channel: "demo.ticker".into()
+                channel: "demo.ticker".into(),
+                start: Start::Live,
             })
         );
         assert_eq!(
@@ -389,6 +482,50 @@ mod tests {
     }
 
     #[test]
+    fn subscribe_since_and_rewind() {
+        let sub = |f: &str| decode_client(f.as_bytes());
+        assert_eq!(
+            sub(r#"{"op":"subscribe","channel":"t.a","since":{"offset":41,"epoch":"e1"}}"#),
+            Ok(ClientOp::Subscribe {
+                channel: "t.a".into(),
+                start: Start::Since {
+                    offset: 41,
+                    epoch: "e1".into()
+                }
+            })
+        );
+        assert_eq!(
+            sub(r#"{"op":"subscribe","channel":"t.a","rewind":1}"#),
+            Ok(ClientOp::Subscribe {
+                channel: "t.a".into(),
+                start: Start::Rewind(1)
+            })
+        );
+        for bad in [
+            r#"{"op":"subscribe","channel":"t","since":{"offset":-1,"epoch":"e"}}"#,
+            r#"{"op":"subscribe","channel":"t","since":{"offset":1}}"#,
+            r#"{"op":"subscribe","channel":"t","since":{"offset":1,"epoch":7}}"#,
+            r#"{"op":"subscribe","channel":"t","since":{"offset":1,"epoch":"e","x":1}}"#,
+            r#"{"op":"subscribe","channel":"t","since":3}"#,
+            r#"{"op":"subscribe","channel":"t","rewind":-2}"#,
+            r#"{"op":"subscribe","channel":"t","rewind":"1"}"#,
+            r#"{"op":"subscribe","channel":"t","rewind":1,"since":{"offset":1,"epoch":"e"}}"#,
+        ] {
+            let e = sub(bad).unwrap_err();
+            assert_eq!(e.code(), "bad_request", "{bad}: {e}");
+        }
+        let long = format!(r#"{{"op":"subscribe","channel":"t","since":{{"offset":1,"epoch":"{}"}}}}"#, "e".repeat(65));
+        assert!(sub(&long).is_err());
+        let at = |log, recovered| subscribed_at("t", &Position { log, recovered });
+        assert_eq!(
+            at(Some(("e1", 7)), Some(true)),
+            r#"{"op":"subscribed","channel":"t","epoch":"e1","offset":7,"recovered":true}"#
+        );
+        assert_eq!(at(None, Some(false)), r#"{"op":"subscribed","channel":"t","recovered":false}"#);
+        assert_eq!(at(None, None), subscribed("t"));
+    }
+
+    #[test]
     fn channel_message_shapes() {
         assert_eq!(
             channel_message("c", Some(3), b"{\"p\":1}"),
@@ -415,7 +552,11 @@ mod tests {
         fn round_trip(channel in "[a-z0-9]{1,10}(\\.[a-z0-9]{1,10}){0,3}", n in any::<i64>(), s in "\\PC{0,40}", which in 0usize..4) {
             let data = Bytes::from(serde_json::json!({"n": n, "s": s}).to_string());
             let op = match which {
-                0 => ClientOp::Subscribe { channel },
+                0 => ClientOp::Subscribe { channel, start: match n.rem_euclid(3) {
+                    0 => Start::Live,
+                    1 => Start::Since { offset: n.unsigned_abs(), epoch: s.chars().take(16).collect() },
+                    _ => Start::Rewind(n.unsigned_abs()),
+                } },
                 1 => ClientOp::Unsubscribe { channel },
                 2 => ClientOp::Publish { channel, data },
                 _ => ClientOp::Send { data },

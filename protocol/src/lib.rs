@@ -22,4 +22,4 @@ pub mod sign;
 pub mod ws;
 
 pub use envelope::{ControlOp, DecodeError, Envelope, Headers, Identity, Kind, Opcode, TraceContext, WIRE_VERSION};
-pub use naming::{pattern_matches, valid_channel, valid_pattern, Naming, TopicClass};
+pub use naming::{pattern_matches, patterns_overlap, valid_channel, valid_pattern, Naming, TopicClass};

@@ -166,6 +166,22 @@ pub fn pattern_matches(pattern: &str, name: &str) -> bool {
     }
 }
 
+/// True when some name matches both patterns (two history patterns that overlap would give
+/// one channel two logs).
+pub fn patterns_overlap(a: &str, b: &str) -> bool {
+    let mut x = a.split('.');
+    let mut y = b.split('.');
+    loop {
+        match (x.next(), y.next()) {
+            (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
+            (Some("*"), Some(_)) | (Some(_), Some("*")) => {}
+            (Some(p), Some(q)) if p == q => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 /// Kafka's default partitioner hash (murmur2, seed 0x9747b28c), so that Java clients, the
 /// NATS partition token and `replay` agree on key → partition.
 pub fn murmur2(data: &[u8]) -> u32 {
@@ -218,6 +234,23 @@ mod tests {
         assert_eq!(n.channel_of("sy.ch.ticker.AAPL"), Some("ticker.AAPL"));
         assert_eq!(n.channel_of("sy.out"), None);
         assert!(Naming::new("a b").is_err());
+    }
+
+    #[test]
+    fn overlapping_patterns() {
+        for (a, b, want) in [
+            ("ticker.*", "ticker.AAPL", true),
+            ("ticker.*", "ticker.>", true),
+            ("ticker.*", "dash.*", false),
+            ("a.*.c", "a.b.*", true),
+            ("a.*", "a.b.c", false),
+            ("a.>", "a", false),
+            ("x", "x", true),
+            ("*.b", "a.*", true),
+        ] {
+            assert_eq!(patterns_overlap(a, b), want, "{a} / {b}");
+            assert_eq!(patterns_overlap(b, a), want, "{b} / {a}");
+        }
     }
 
     #[test]

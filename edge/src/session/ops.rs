@@ -3,13 +3,14 @@
 
 use super::publish::publish_frame;
 use super::{Session, MAX_CHANNELS_PER_SESSION};
+use crate::channels::{Gate, Item};
 use crate::state::EdgeState;
 use bytes::Bytes;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use switchyard_bus::{BusError, Record};
+use switchyard_bus::{BusError, HistoryQuery, Record};
 use switchyard_protocol::envelope::{header, now_ms};
-use switchyard_protocol::framed::{self, ClientOp};
+use switchyard_protocol::framed::{self, ClientOp, Position, Start};
 use switchyard_protocol::{Headers, Opcode};
 
 fn bus_code(e: &BusError) -> &'static str {
@@ -59,9 +60,9 @@ pub(super) async fn handle_op(
         }
     };
     let res = match op {
-        ClientOp::Subscribe { channel } => {
+        ClientOp::Subscribe { channel, start } => {
             if !forbidden(sess, false, &channel, id) {
-                subscribe(st, sess, &channel).await;
+                subscribe(st, sess, &channel, &start).await;
             }
             return Ok(());
         }
@@ -108,20 +109,23 @@ pub(super) async fn handle_op(
     res
 }
 
-/// Subscribes a session to a channel and answers `subscribed` (framed) once it is live.
-pub async fn subscribe(st: &EdgeState, sess: &Arc<Session>, channel: &str) {
+/// Subscribes a session to a channel and answers `subscribed` (framed) once it is live. On a
+/// channel with history the answer carries the epoch and the newest offset, and `start` may
+/// ask for retained messages first (`since`, `rewind`).
+pub async fn subscribe(st: &EdgeState, sess: &Arc<Session>, channel: &str, start: &Start) {
+    let framed = sess.route.is_framed();
     {
         let chans = sess.channels.lock();
         if chans.contains(channel) {
             drop(chans);
-            if sess.route.is_framed() {
+            if framed {
                 sess.reply(framed::subscribed(channel));
             }
             return;
         }
         if chans.len() >= MAX_CHANNELS_PER_SESSION {
             drop(chans);
-            if sess.route.is_framed() {
+            if framed {
                 sess.reply(framed::error(
                     "too_many_channels",
                     &format!("at most {MAX_CHANNELS_PER_SESSION} channels per session"),
@@ -130,7 +134,8 @@ pub async fn subscribe(st: &EdgeState, sess: &Arc<Session>, channel: &str) {
             return;
         }
     }
-    match st.channels.subscribe(sess, channel).await {
+    let gate = st.cfg.history_of(channel).map(|_| Arc::new(Gate::new()));
+    match st.channels.subscribe(sess, channel, gate.clone()).await {
         Ok(()) => {
             // Checked and recorded under the lock teardown takes to set `stopped` and empty
             // the set: either teardown sees this channel, or this sees `stopped`.
@@ -146,14 +151,103 @@ pub async fn subscribe(st: &EdgeState, sess: &Arc<Session>, channel: &str) {
                 // The session ended while the subscription was being made: undo it, or the hub
                 // would keep the session (and the bus subscription) forever.
                 st.channels.unsubscribe(sess, channel).await;
-            } else if sess.route.is_framed() {
-                sess.reply(framed::subscribed(channel));
+                return;
+            }
+            match gate {
+                Some(gate) => recover(st, sess, channel, start, &gate).await,
+                None if framed => {
+                    // No history: a client that asked to recover learns it cannot.
+                    let recovered = matches!(start, Start::Since { .. }).then_some(false);
+                    sess.reply(framed::subscribed_at(channel, &Position { log: None, recovered }));
+                }
+                None => {}
             }
         }
         Err(e) => {
-            if sess.route.is_framed() {
+            if framed {
                 sess.reply(framed::error("bus_unavailable", &e.to_string()));
             }
+        }
+    }
+}
+
+/// Takes the session off a channel it was just put on (the recovery failed).
+async fn leave(st: &EdgeState, sess: &Arc<Session>, channel: &str) {
+    if sess.channels.lock().remove(channel) {
+        st.channels.unsubscribe(sess, channel).await;
+    }
+}
+
+/// The history part of a subscribe to a channel with history: reads the log (the session is
+/// already live behind `gate`), answers `subscribed` with the epoch and newest offset, sends
+/// what `start` asked for, then opens the gate past the newest offset the read saw.
+async fn recover(st: &EdgeState, sess: &Arc<Session>, channel: &str, start: &Start, gate: &Gate) {
+    let max = st.cfg.max_recover;
+    let (query, limit) = match start {
+        Start::Live => (HistoryQuery::Last(0), 0),
+        // One more than allowed, to tell "too far behind" from "exactly max_recover behind".
+        Start::Since { offset, .. } => (HistoryQuery::After(*offset), max + 1),
+        Start::Rewind(k) => {
+            let k = usize::try_from(*k).unwrap_or(usize::MAX).min(max);
+            (HistoryQuery::Last(k), k)
+        }
+    };
+    let count = |result: &'static str| metrics::counter!(crate::metrics::RECOVERIES, "result" => result).increment(1);
+    let read = match st.bus.history(&st.cfg.naming.channel(channel), query, limit).await {
+        Ok(Some(read)) => read,
+        Ok(None) => {
+            // The bus keeps no log for it after all: live only, and said so.
+            gate.open(sess, &[], 0);
+            let recovered = matches!(start, Start::Since { .. }).then_some(false);
+            sess.reply(framed::subscribed_at(channel, &Position { log: None, recovered }));
+            return;
+        }
+        Err(e) => {
+            count("error");
+            leave(st, sess, channel).await;
+            if sess.route.is_framed() {
+                sess.reply(framed::error("bus_unavailable", &format!("history of {channel}: {e}")));
+            }
+            return;
+        }
+    };
+    let (recovered, messages) = match start {
+        Start::Since { epoch, .. } => {
+            let ok = *epoch == read.epoch && read.complete && read.messages.len() <= max;
+            count(if ok { "recovered" } else { "not_recovered" });
+            (Some(ok), if ok { read.messages } else { Vec::new() })
+        }
+        Start::Rewind(_) => {
+            count("rewind");
+            (None, read.messages)
+        }
+        Start::Live => (None, Vec::new()),
+    };
+    if sess.route.is_framed() {
+        sess.reply(framed::subscribed_at(
+            channel,
+            &Position {
+                log: Some((&read.epoch, read.last)),
+                recovered,
+            },
+        ));
+    }
+    let frames: Vec<Bytes> = messages
+        .iter()
+        .map(|m| Item::new(m).frame(channel, sess).clone())
+        .collect();
+    metrics::counter!(crate::metrics::RECOVERED_MESSAGES).increment(frames.len() as u64);
+    if !gate.open(sess, &frames, read.last) {
+        count("overrun");
+        leave(st, sess, channel).await;
+        if sess.route.is_framed() {
+            sess.reply(framed::error(
+                "recovery_overrun",
+                &format!(
+                    "more than {} live messages on {channel} arrived during the recovery; subscribe again",
+                    crate::channels::MAX_HELD
+                ),
+            ));
         }
     }
 }
