@@ -7,12 +7,12 @@ mod common;
 
 use bytes::Bytes;
 use common::{connect, next_json, unique, Running, Ws};
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
 use switchyard::config::Settings;
-use switchyard_bus::{Bus, Record};
+use switchyard_bus::Record;
 use switchyard_edge::config::ChannelConfig;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -109,7 +109,10 @@ async fn recovery(bus_url: &str) {
     let app = app(bus_url).await;
     let channel = unique("h.");
     let (mut ws, s) = subscribe(&app, &channel, json!({})).await;
-    let epoch = s["epoch"].as_str().expect("a channel with history has an epoch").to_owned();
+    let epoch = s["epoch"]
+        .as_str()
+        .expect("a channel with history has an epoch")
+        .to_owned();
     assert_eq!(s["offset"], 0, "nothing published yet: {s}");
     assert!(s.get("recovered").is_none(), "no `since`, no `recovered`: {s}");
     for n in 0..5 {
@@ -131,13 +134,19 @@ async fn recovery(bus_url: &str) {
         publish(&app, &channel, n).await;
     }
     expect_run(&mut ws, 505, 3).await;
-    assert!(until_marker(&app, &mut ws, &channel).await.is_empty(), "nothing twice at the seam");
+    assert!(
+        until_marker(&app, &mut ws, &channel).await.is_empty(),
+        "nothing twice at the seam"
+    );
 
     // Another epoch: recovered:false, live only.
     let (mut ws, s) = subscribe(&app, &channel, json!({"since": {"offset": last, "epoch": "another"}})).await;
     assert_eq!(s["recovered"], false, "{s}");
     assert_eq!(s["epoch"], epoch.as_str(), "the answer names the current epoch");
-    assert!(until_marker(&app, &mut ws, &channel).await.is_empty(), "no history after recovered:false");
+    assert!(
+        until_marker(&app, &mut ws, &channel).await.is_empty(),
+        "no history after recovered:false"
+    );
 
     // From the start: 510 behind is within max_recover (600), 610 is not.
     let (mut ws, s) = subscribe(&app, &channel, json!({"since": {"offset": 0, "epoch": epoch}})).await;
@@ -155,7 +164,11 @@ async fn recovery(bus_url: &str) {
     let (mut ws, s) = subscribe(&app, &channel, json!({"rewind": 1})).await;
     assert!(s.get("recovered").is_none(), "{s}");
     let (offset, n) = message(&mut ws).await;
-    assert_eq!((offset, n), (s["offset"].as_u64().unwrap(), 999_999_999), "the newest message");
+    assert_eq!(
+        (offset, n),
+        (s["offset"].as_u64().unwrap(), 999_999_999),
+        "the newest message"
+    );
     assert!(until_marker(&app, &mut ws, &channel).await.is_empty());
 
     // The history API: the same log.
@@ -327,5 +340,43 @@ mod memory {
         assert_eq!(s["recovered"], false, "{s}");
         assert_ne!(s["epoch"], epoch.as_str(), "a new log, a new epoch");
         second.stop().await;
+    }
+}
+
+mod nats {
+    fn url() -> String {
+        std::env::var("NATS_URL").expect("NATS_URL is not set: run ./scripts/test, which starts nats-server")
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn recovery() {
+        super::recovery(&url()).await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn beyond_retention() {
+        super::beyond_retention(&url()).await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn seam() {
+        super::seam(&url()).await
+    }
+}
+
+mod kafka {
+    fn url() -> String {
+        let brokers = std::env::var("KAFKA_BROKERS")
+            .expect("KAFKA_BROKERS is not set: run ./scripts/test, which starts a Kafka broker");
+        format!("kafka://{brokers}")
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn recovery() {
+        super::recovery(&url()).await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn beyond_retention() {
+        super::beyond_retention(&url()).await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn seam() {
+        super::seam(&url()).await
     }
 }

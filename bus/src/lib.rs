@@ -238,10 +238,18 @@ pub trait Bus: Send + Sync + 'static {
     /// pattern). Called at start, before anything is published there; the subscriptions and
     /// reads of those topics then carry offsets (see [`HistoryRead`]).
     async fn keep_history(&self, _pattern: &str, _limits: HistoryLimits) -> Result<(), BusError> {
-        Err(BusError::Other(format!("{}:// keeps no channel history", self.scheme())))
+        Err(BusError::Other(format!(
+            "{}:// keeps no channel history",
+            self.scheme()
+        )))
     }
     /// Reads a topic's history: `None` when the topic keeps none. At most `limit` messages.
-    async fn history(&self, _topic: &str, _query: HistoryQuery, _limit: usize) -> Result<Option<HistoryRead>, BusError> {
+    async fn history(
+        &self,
+        _topic: &str,
+        _query: HistoryQuery,
+        _limit: usize,
+    ) -> Result<Option<HistoryRead>, BusError> {
         Ok(None)
     }
 }

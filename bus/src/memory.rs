@@ -90,7 +90,10 @@ impl MemoryBus {
             next_id: AtomicU64::new(1),
             buffer: buffer.max(1),
             publish_timeout,
-            epoch: format!("m{:016x}", std::collections::hash_map::RandomState::new().hash_one(Instant::now())),
+            epoch: format!(
+                "m{:016x}",
+                std::collections::hash_map::RandomState::new().hash_one(Instant::now())
+            ),
             histories: RwLock::default(),
             logs: parking_lot::Mutex::default(),
         }
@@ -122,7 +125,12 @@ impl MemoryBus {
 
     /// Waits, up to the deadline and without holding the bus's lock, for room in the buffers
     /// that were full. Overflow when one stayed full.
-    async fn wait_for_room(&self, topic: &str, msg: &Message, full: Vec<mpsc::Sender<Message>>) -> Result<(), BusError> {
+    async fn wait_for_room(
+        &self,
+        topic: &str,
+        msg: &Message,
+        full: Vec<mpsc::Sender<Message>>,
+    ) -> Result<(), BusError> {
         let mut overflow = false;
         for tx in full {
             if tx.send_timeout(msg.clone(), self.publish_timeout).await.is_err() && !tx.is_closed() {

@@ -6,13 +6,18 @@
 //!   record. Core NATS subscribers receive the same records live.
 //! - Every other topic is a core NATS subject (at most once): outbound, node delivery,
 //!   channels, the session feed.
+//! - Channels with history ([`Bus::keep_history`]): one stream per pattern,
+//!   `<PREFIX>_CH_<hash>`, over the pattern's subjects with per-subject limits (count and age).
+//!   Publishes to them are acknowledged by the stream, subscriptions are ordered push
+//!   consumers from "new", and offsets are stream sequences. The epoch is a hash of the
+//!   stream's creation time: a recreated stream has a new one.
 //! - The session registry is the KV bucket `<prefix>_sessions` (see [`NatsRegistry`]).
 //! - While disconnected, up to `outage_buffer` publishes wait for the reconnection (each at
 //!   most `ack_timeout` for durable ones); past that, publish fails at once with `Unavailable`.
 
 use crate::{
-    check_name, Bus, BusAuth, BusError, BusOptions, Message, Record, RegistryEvent, SessionEntry, SessionRegistry,
-    SubscribeOptions, Subscription,
+    check_name, Bus, BusAuth, BusError, BusOptions, HistoryLimits, HistoryQuery, HistoryRead, Message, Record,
+    RegistryEvent, SessionEntry, SessionRegistry, SubscribeOptions, Subscription,
 };
 use async_nats::jetstream::{self, kv, stream};
 use async_nats::{HeaderMap, HeaderValue};
@@ -23,7 +28,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use switchyard_protocol::naming::partition_for;
-use switchyard_protocol::Headers;
+use switchyard_protocol::{Headers, Naming};
 use tokio::sync::mpsc;
 
 /// Header carrying the record key (NATS messages have none).
@@ -38,6 +43,17 @@ pub struct NatsBus {
     outage_buffer: usize,
     waiting: Arc<AtomicUsize>,
     registry: Arc<NatsRegistry>,
+    naming: Naming,
+    /// `keep_history` patterns, each with its stream.
+    histories: parking_lot::RwLock<Vec<History>>,
+}
+
+/// One channel pattern with history.
+#[derive(Clone)]
+struct History {
+    pattern: String,
+    limits: HistoryLimits,
+    stream: String,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BusError {
@@ -171,7 +187,116 @@ impl NatsBus {
             outage_buffer: opts.outage_buffer,
             waiting: Arc::default(),
             registry: Arc::new(NatsRegistry { kv }),
+            naming,
+            histories: parking_lot::RwLock::default(),
         })
+    }
+
+    /// The history pattern covering `topic` (a topic, not a pattern), if any.
+    fn history_of(&self, topic: &str) -> Option<History> {
+        if topic.contains(['*', '>']) {
+            return None;
+        }
+        self.histories
+            .read()
+            .iter()
+            .find(|h| switchyard_protocol::pattern_matches(&h.pattern, topic))
+            .cloned()
+    }
+
+    async fn stream(&self, name: &str) -> Result<stream::Stream, BusError> {
+        self.js
+            .get_stream(name)
+            .await
+            .map_err(|e| unavailable(format!("history stream {name}: {e}")))
+    }
+
+    /// A live subscription to a topic with history: an ordered push consumer from "new",
+    /// so every message has its stream sequence.
+    async fn subscribe_history(&self, topic: &str, h: &History) -> Result<Subscription, BusError> {
+        use jetstream::consumer::{push, DeliverPolicy};
+        let consumer = self
+            .stream(&h.stream)
+            .await?
+            .create_consumer(push::OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
+                filter_subject: topic.to_owned(),
+                deliver_policy: DeliverPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable(format!("history consumer on {topic}: {e}")))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| unavailable(format!("history consumer on {topic}: {e}")))?;
+        let (tx, rx) = mpsc::channel(self.buffer);
+        let name: Arc<str> = Arc::from(topic);
+        let topic = topic.to_owned();
+        let task = tokio::spawn(async move {
+            while let Some(m) = messages.next().await {
+                let m = match m {
+                    Ok(m) => m,
+                    Err(e) => {
+                        // The ordered consumer recreates itself after gaps and reconnects;
+                        // what it cannot recover from ends the subscription.
+                        tracing::warn!(%topic, error = %e, "history consumer ended");
+                        break;
+                    }
+                };
+                let seq = m.info().map(|i| i.stream_sequence).ok();
+                let mut msg = from_nats(m.message, name.clone());
+                msg.offset = seq;
+                if tx.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Subscription::new(rx, AbortOnDrop(task)))
+    }
+
+    /// Reads up to `want` messages of `topic` from `start`, none past `last`.
+    async fn read_history(
+        &self,
+        stream: &stream::Stream,
+        topic: &str,
+        start: jetstream::consumer::DeliverPolicy,
+        want: usize,
+        last: u64,
+    ) -> Result<(u64, Vec<Message>), BusError> {
+        use jetstream::consumer::pull;
+        let fail = |e: &dyn std::fmt::Display| unavailable(format!("reading the history of {topic}: {e}"));
+        let mut consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: topic.to_owned(),
+                deliver_policy: start,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| fail(&e))?;
+        let pending = consumer.info().await.map_err(|e| fail(&e))?.num_pending;
+        let mut out = Vec::new();
+        if want == 0 || pending == 0 {
+            return Ok((pending, out));
+        }
+        let name: Arc<str> = Arc::from(topic);
+        let mut messages = consumer.messages().await.map_err(|e| fail(&e))?;
+        while out.len() < want && (out.len() as u64) < pending {
+            let m = match tokio::time::timeout(HISTORY_READ_TIMEOUT, messages.next()).await {
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(e))) => return Err(fail(&e)),
+                Ok(None) => break,
+                Err(_) => return Err(fail(&"no message within 10 s")),
+            };
+            let seq = m.info().map_err(|e| fail(&e))?.stream_sequence;
+            if seq > last {
+                break;
+            }
+            let mut msg = from_nats(m.message, name.clone());
+            msg.offset = Some(seq);
+            out.push(msg);
+        }
+        Ok((pending, out))
     }
 
     fn connected(&self) -> bool {
@@ -274,7 +399,12 @@ impl Bus for NatsBus {
         check_name(topic, false)?;
         let _slot = self.admit()?;
         let headers = to_nats_headers(&record);
-        match self.inbound_subject(topic, record.key.as_deref()) {
+        // A channel with history: acknowledged by its stream, which gives the offset.
+        let durable = match self.inbound_subject(topic, record.key.as_deref()) {
+            Some(subject) => Some(subject),
+            None => self.history_of(topic).map(|_| topic.to_owned()),
+        };
+        match durable {
             Some(subject) => {
                 let ack = self
                     .js
@@ -296,6 +426,11 @@ impl Bus for NatsBus {
 
     async fn subscribe(&self, pattern: &str, opts: SubscribeOptions) -> Result<Subscription, BusError> {
         check_name(pattern, true)?;
+        if opts.group.is_none() {
+            if let Some(h) = self.history_of(pattern) {
+                return self.subscribe_history(pattern, &h).await;
+            }
+        }
         // An inbound topic means all of its partitions.
         let (subject, strip) = match pattern.strip_prefix(&self.inbound_prefix) {
             Some(rest) if !rest.contains('.') && !rest.contains(['*', '>']) => (format!("{pattern}.*"), true),
@@ -338,6 +473,130 @@ impl Bus for NatsBus {
     fn registry(&self) -> Option<Arc<dyn SessionRegistry>> {
         Some(self.registry.clone())
     }
+
+    async fn keep_history(&self, pattern: &str, limits: HistoryLimits) -> Result<(), BusError> {
+        check_name(pattern, true)?;
+        let name = self.naming.history_stream(pattern);
+        let config = stream::Config {
+            name: name.clone(),
+            subjects: vec![pattern.to_owned()],
+            max_messages_per_subject: i64::try_from(limits.size).unwrap_or(i64::MAX),
+            max_age: limits.ttl,
+            storage: stream::StorageType::File,
+            discard: stream::DiscardPolicy::Old,
+            allow_direct: true,
+            ..Default::default()
+        };
+        // Created by the first edge; the limits follow the config of the latest to start.
+        self.js
+            .create_or_update_stream(config)
+            .await
+            .map_err(|e| unavailable(format!("cannot create history stream {name} for {pattern}: {e}")))?;
+        self.histories.write().push(History {
+            pattern: pattern.to_owned(),
+            limits,
+            stream: name,
+        });
+        Ok(())
+    }
+
+    async fn history(&self, topic: &str, query: HistoryQuery, limit: usize) -> Result<Option<HistoryRead>, BusError> {
+        use jetstream::consumer::DeliverPolicy;
+        check_name(topic, false)?;
+        let Some(h) = self.history_of(topic) else {
+            return Ok(None);
+        };
+        let mut stream = self.stream(&h.stream).await?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| unavailable(format!("history stream {}: {e}", h.stream)))?
+            .clone();
+        let epoch = epoch_of(&h.stream, &format!("{:?}", info.created));
+        // The newest message of this channel: everything read is at or below it.
+        let last = match stream.get_last_raw_message_by_subject(topic).await {
+            Ok(m) => m.sequence,
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => 0,
+            Err(e) => return Err(unavailable(format!("history of {topic}: {e}"))),
+        };
+        let (messages, complete) = match query {
+            HistoryQuery::After(n) => {
+                let (pending, messages) = self
+                    .read_history(
+                        &stream,
+                        topic,
+                        DeliverPolicy::ByStartSequence { start_sequence: n + 1 },
+                        limit,
+                        last,
+                    )
+                    .await?;
+                // Nothing after `n` was dropped when: `n` is still stored (age removes the
+                // oldest first, so nothing newer aged out), and either `n` is this channel's
+                // own message (the per-channel limit removes a channel's oldest first) or
+                // fewer than the limit follow it (so the limit never removed one of them).
+                // `n` = 0 is "before the first": the stream must never have lost its front.
+                let under_limit = pending < h.limits.size as u64;
+                let complete = if n == 0 {
+                    info.state.first_sequence <= 1 && under_limit
+                } else if n > last {
+                    false
+                } else {
+                    match stream.get_raw_message(n).await {
+                        Ok(m) => m.subject.as_str() == topic || under_limit,
+                        Err(_) => false,
+                    }
+                };
+                (messages, complete)
+            }
+            HistoryQuery::Last(0) => (Vec::new(), true),
+            HistoryQuery::Last(1) => {
+                let messages = if last == 0 {
+                    Vec::new()
+                } else {
+                    self.read_history(
+                        &stream,
+                        topic,
+                        DeliverPolicy::ByStartSequence { start_sequence: last },
+                        1,
+                        last,
+                    )
+                    .await?
+                    .1
+                };
+                (messages, true)
+            }
+            HistoryQuery::Last(k) => {
+                // The stream cannot seek to "k from the end" of one subject: read them all
+                // (at most the pattern's history size) and keep the newest k.
+                let (_, mut all) = self
+                    .read_history(&stream, topic, DeliverPolicy::All, h.limits.size, last)
+                    .await?;
+                let drop = all.len().saturating_sub(k.min(limit));
+                all.drain(..drop);
+                (all, true)
+            }
+        };
+        Ok(Some(HistoryRead {
+            epoch,
+            last,
+            complete,
+            messages,
+        }))
+    }
+}
+
+/// How long one history read waits for its next message before giving up.
+const HISTORY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A short epoch from the stream's name and creation time (FNV-1a): the same on every edge,
+/// different for a recreated stream.
+fn epoch_of(stream: &str, created: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in stream.bytes().chain([0]).chain(created.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("j{h:016x}")
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

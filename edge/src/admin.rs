@@ -125,13 +125,19 @@ async fn history(
         return err(StatusCode::BAD_REQUEST, format!("invalid channel name {channel:?}"));
     }
     if let Some(k) = q.keys().find(|k| !matches!(k.as_str(), "since" | "limit")) {
-        return err(StatusCode::BAD_REQUEST, format!("unknown query parameter {k:?} (since, limit)"));
+        return err(
+            StatusCode::BAD_REQUEST,
+            format!("unknown query parameter {k:?} (since, limit)"),
+        );
     }
     let number = |name: &str, default: u64| match q.get(name) {
         None => Ok(default),
-        Some(v) => v
-            .parse::<u64>()
-            .map_err(|_| err(StatusCode::BAD_REQUEST, format!("`{name}` must be a non-negative integer"))),
+        Some(v) => v.parse::<u64>().map_err(|_| {
+            err(
+                StatusCode::BAD_REQUEST,
+                format!("`{name}` must be a non-negative integer"),
+            )
+        }),
     };
     let (since, limit) = match (number("since", 0), number("limit", 100)) {
         (Ok(a), Ok(b)) => (a, b),
@@ -145,7 +151,11 @@ async fn history(
     }
     let read = match s
         .bus
-        .history(&s.naming.channel(&channel), switchyard_bus::HistoryQuery::After(since), limit as usize)
+        .history(
+            &s.naming.channel(&channel),
+            switchyard_bus::HistoryQuery::After(since),
+            limit as usize,
+        )
         .await
     {
         Ok(Some(read)) => read,

@@ -33,7 +33,9 @@ pub const MAX_HELD: usize = 10_000;
 /// Where a gated member is: holding live frames back, or letting through those after `floor`.
 enum GateState {
     Holding(Vec<(u64, Bytes)>),
-    Open { floor: u64 },
+    Open {
+        floor: u64,
+    },
     /// More than [`MAX_HELD`] live messages came during the recovery.
     Overrun,
 }

@@ -135,7 +135,10 @@ impl ChannelConfig {
 pub fn validate_channels(channels: &[ChannelConfig]) -> Result<(), String> {
     for (i, c) in channels.iter().enumerate() {
         if !valid_pattern(&c.pattern) {
-            return Err(format!("[[channel]] pattern {:?} is not a valid channel pattern", c.pattern));
+            return Err(format!(
+                "[[channel]] pattern {:?} is not a valid channel pattern",
+                c.pattern
+            ));
         }
         if c.history_size == 0 || c.history_size > MAX_HISTORY_SIZE {
             return Err(format!(

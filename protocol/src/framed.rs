@@ -307,7 +307,11 @@ pub fn subscribed_at(channel: &str, at: &Position<'_>) -> String {
         out.push_str(&format!(r#","epoch":{},"offset":{offset}"#, q(epoch)));
     }
     if let Some(r) = at.recovered {
-        out.push_str(if r { r#","recovered":true"# } else { r#","recovered":false"# });
+        out.push_str(if r {
+            r#","recovered":true"#
+        } else {
+            r#","recovered":false"#
+        });
     }
     out.push('}');
     out
@@ -514,14 +518,20 @@ mod tests {
             let e = sub(bad).unwrap_err();
             assert_eq!(e.code(), "bad_request", "{bad}: {e}");
         }
-        let long = format!(r#"{{"op":"subscribe","channel":"t","since":{{"offset":1,"epoch":"{}"}}}}"#, "e".repeat(65));
+        let long = format!(
+            r#"{{"op":"subscribe","channel":"t","since":{{"offset":1,"epoch":"{}"}}}}"#,
+            "e".repeat(65)
+        );
         assert!(sub(&long).is_err());
         let at = |log, recovered| subscribed_at("t", &Position { log, recovered });
         assert_eq!(
             at(Some(("e1", 7)), Some(true)),
             r#"{"op":"subscribed","channel":"t","epoch":"e1","offset":7,"recovered":true}"#
         );
-        assert_eq!(at(None, Some(false)), r#"{"op":"subscribed","channel":"t","recovered":false}"#);
+        assert_eq!(
+            at(None, Some(false)),
+            r#"{"op":"subscribed","channel":"t","recovered":false}"#
+        );
         assert_eq!(at(None, None), subscribed("t"));
     }
 

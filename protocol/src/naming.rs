@@ -56,6 +56,19 @@ impl Naming {
     pub fn inbound_stream(&self) -> String {
         format!("{}_IN", self.undotted().to_uppercase())
     }
+    /// The compacted topic holding each Kafka channel topic's history epoch: `<prefix>.epochs`.
+    pub fn epochs(&self) -> String {
+        format!("{}.epochs", self.prefix)
+    }
+    /// The JetStream stream keeping the history of one channel pattern (NATS):
+    /// `<PREFIX>_CH_<murmur2 of the pattern, hex>` (stream names may not hold `.`, `*`, `>`).
+    pub fn history_stream(&self, pattern: &str) -> String {
+        format!(
+            "{}_CH_{:08X}",
+            self.undotted().to_uppercase(),
+            murmur2(pattern.as_bytes())
+        )
+    }
     /// The JetStream KV bucket of the durable session registry (NATS): `<prefix>_sessions`.
     pub fn registry_bucket(&self) -> String {
         format!("{}_sessions", self.undotted())

@@ -157,7 +157,7 @@ fn switchyard(a: &Args) -> anyhow::Result<u64> {
             let (read_half, write_half) = server.into_split();
             let write_half = Arc::new(write_half);
             sess.queue.set_direct(write_half.clone());
-            edge.state.channels.subscribe(&sess, CHANNEL).await?;
+            edge.state.channels.subscribe(&sess, CHANNEL, None).await?;
             let s2 = sess.clone();
             // Stand-in for the session's writer: what could not be written at once.
             tokio::spawn(async move {

@@ -12,15 +12,21 @@
 //! - Plain subscriptions share one assign-based consumer per process and start at the high
 //!   watermark resolved at subscribe time: everything published after `subscribe` returns is
 //!   delivered. [`StartFrom::Earliest`] starts at the log's beginning instead.
+//! - Channel topics' offsets are the Kafka offsets plus one (0 is "before the first" on every
+//!   bus); channel history is in [`history`].
 
 mod client;
+mod history;
 mod log;
 mod progress;
 
 pub use client::Security;
 pub use log::{LogRecord, Progress, SessionLog};
 
-use crate::{check_name, Ack, Bus, BusError, BusOptions, Message, Record, StartFrom, SubscribeOptions, Subscription};
+use crate::{
+    check_name, Ack, Bus, BusError, BusOptions, HistoryLimits, HistoryQuery, HistoryRead, Message, Record, StartFrom,
+    SubscribeOptions, Subscription,
+};
 use async_trait::async_trait;
 use bytes::Bytes;
 use client::{base, consumer_base, pattern_regex, probe, to_record};
@@ -67,6 +73,9 @@ pub struct KafkaBus {
     ack_timeout: Duration,
     ready: Arc<std::sync::atomic::AtomicBool>,
     _fanout_task: AbortOnDrop,
+    histories: Arc<history::Histories>,
+    /// Follows `<prefix>.epochs` once a pattern keeps history.
+    epochs_follower: Mutex<Option<AbortOnDrop>>,
 }
 
 /// Keeps `ready` current: true while the broker answers a metadata request (every second).
@@ -139,7 +148,8 @@ impl KafkaBus {
             .map_err(unavailable)?;
         let fanout = Arc::new(fanout);
         let senders: Senders = Arc::default();
-        let task = tokio::spawn(pump_fanout(fanout.clone(), senders.clone()));
+        let naming = opts.naming()?;
+        let task = tokio::spawn(pump_fanout(fanout.clone(), senders.clone(), naming.clone()));
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
         watch_readiness(producer.clone(), Arc::downgrade(&ready));
         Ok(Self {
@@ -153,35 +163,47 @@ impl KafkaBus {
             created: Mutex::new(HashSet::new()),
             creating: tokio::sync::Mutex::new(()),
             prefix: opts.prefix.clone(),
-            naming: opts.naming()?,
+            naming,
             partitions: opts.partitions.max(1) as i32,
             buffer: opts.buffer.max(1),
             ack_timeout: opts.ack_timeout,
             ready,
             _fanout_task: AbortOnDrop(task),
+            histories: Arc::default(),
+            epochs_follower: Mutex::new(None),
         })
     }
 
     /// Creates `topic` if this process has not seen it yet (an existing topic is fine).
-    async fn ensure_topic(&self, topic: &str) -> Result<(), BusError> {
+    /// True when this call created it.
+    async fn ensure_topic(&self, topic: &str) -> Result<bool, BusError> {
         if self.created.lock().contains(topic) {
-            return Ok(());
+            return Ok(false);
         }
         let _one_at_a_time = self.creating.lock().await;
         if self.created.lock().contains(topic) {
-            return Ok(());
+            return Ok(false);
         }
 
         let class = self.naming.classify(topic);
-        // Node delivery and channels: one partition (one order, one offset sequence).
+        let epochs = topic == self.naming.epochs();
+        // Node delivery, channels and epochs: one partition (one order, one offset sequence).
         let partitions = match class {
             TopicClass::Node | TopicClass::Channel => 1,
+            _ if epochs => 1,
             _ => self.partitions,
         };
 
         let mut nt = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-        if class == TopicClass::Sessions {
+        if class == TopicClass::Sessions || epochs {
             nt = nt.set("cleanup.policy", "compact");
+        }
+        let retention = self
+            .histories
+            .limits_of(topic)
+            .map(|l| l.ttl.as_millis().max(1).to_string());
+        if let Some(ms) = &retention {
+            nt = nt.set("retention.ms", ms);
         }
         let res = self
             .admin
@@ -191,14 +213,76 @@ impl KafkaBus {
             )
             .await
             .map_err(unavailable)?;
+        let mut created = false;
         for r in res {
             match r {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Ok(_) => created = true,
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((t, code)) => return Err(unavailable(format!("cannot create topic {t}: {code}"))),
             }
         }
         self.created.lock().insert(topic.to_owned());
+        Ok(created)
+    }
+
+    /// Makes sure a channel topic with history exists; a topic this call created starts a
+    /// new log, so it gets a new epoch.
+    async fn ensure_channel(&self, topic: &str) -> Result<(), BusError> {
+        if self.ensure_topic(topic).await? && self.histories.limits_of(topic).is_some() {
+            self.write_epoch(topic, &history::new_epoch()).await?;
+        }
         Ok(())
+    }
+
+    /// Records `epoch` for `topic` on `<prefix>.epochs` (and here at once).
+    async fn write_epoch(&self, topic: &str, epoch: &str) -> Result<(), BusError> {
+        let epochs = self.naming.epochs();
+        let fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&epochs)
+            .key(topic.as_bytes())
+            .payload(epoch.as_bytes());
+        self.producer
+            .send(fr, self.ack_timeout)
+            .await
+            .map_err(|(e, _)| map_err(e))?;
+        self.histories.epochs.lock().insert(topic.to_owned(), epoch.to_owned());
+        Ok(())
+    }
+
+    /// Waits until the follower has applied every `<prefix>.epochs` record written so far.
+    async fn epochs_caught_up(&self) -> Result<(), BusError> {
+        let c = self.fanout.clone();
+        let t = self.naming.epochs();
+        let (_, high) = tokio::task::spawn_blocking(move || c.fetch_watermarks(&t, 0, Duration::from_secs(10)))
+            .await
+            .map_err(unavailable)?
+            .map_err(unavailable)?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let changed = self.histories.changed.notified();
+            if self.histories.applied.load(Ordering::Acquire) >= high {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(unavailable(format!(
+                    "{} not read up to offset {high} within 10 s",
+                    self.naming.epochs()
+                )));
+            }
+        }
+    }
+
+    /// The epoch of a channel topic with history: the one on `<prefix>.epochs`, or a new one.
+    async fn epoch_of(&self, topic: &str) -> Result<String, BusError> {
+        if let Some(e) = self.histories.epochs.lock().get(topic) {
+            return Ok(e.clone());
+        }
+        self.epochs_caught_up().await?;
+        if let Some(e) = self.histories.epochs.lock().get(topic) {
+            return Ok(e.clone());
+        }
+        let e = history::new_epoch();
+        self.write_epoch(topic, &e).await?;
+        Ok(e)
     }
 
     /// Partitions of an existing topic. A topic just created may not be in the metadata the
@@ -351,11 +435,17 @@ impl KafkaBus {
     }
 }
 
-async fn pump_fanout(consumer: Arc<StreamConsumer>, senders: Senders) {
+async fn pump_fanout(consumer: Arc<StreamConsumer>, senders: Senders, naming: Naming) {
     let mut stream = consumer.stream();
     while let Some(m) = stream.next().await {
         let m = match m {
-            Ok(m) => to_record(&m),
+            Ok(m) => {
+                let mut m = to_record(&m);
+                if naming.classify(&m.topic) == TopicClass::Channel {
+                    m.offset = m.offset.map(|o| o + 1);
+                }
+                m
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "kafka consumer error");
                 continue;
@@ -411,7 +501,12 @@ impl Bus for KafkaBus {
 
     async fn publish(&self, topic: &str, record: Record) -> Result<Option<u64>, BusError> {
         check_name(topic, false)?;
-        self.ensure_topic(topic).await?;
+        let channel = self.naming.classify(topic) == TopicClass::Channel;
+        if channel {
+            self.ensure_channel(topic).await?;
+        } else {
+            self.ensure_topic(topic).await?;
+        }
         let mut h = OwnedHeaders::new_with_capacity(record.headers.len());
         for (k, v) in record.headers.iter() {
             h = h.insert(Header {
@@ -424,7 +519,7 @@ impl Bus for KafkaBus {
             fr = fr.key(&k[..]);
         }
         match self.producer.send(fr, self.ack_timeout).await {
-            Ok(delivery) => Ok(u64::try_from(delivery.offset).ok()),
+            Ok(delivery) => Ok(u64::try_from(delivery.offset).ok().map(|o| o + u64::from(channel))),
             Err((e, _)) => Err(match map_err(e) {
                 BusError::Overflow { .. } => BusError::Overflow {
                     topic: topic.to_owned(),
@@ -454,7 +549,11 @@ impl Bus for KafkaBus {
             let g = format!("p-{}", process_unique(self.next_id.fetch_add(1, Ordering::Relaxed)));
             return self.group_subscription(pattern, &g, "latest", false).await;
         }
-        self.ensure_topic(pattern).await?;
+        if self.naming.classify(pattern) == TopicClass::Channel {
+            self.ensure_channel(pattern).await?;
+        } else {
+            self.ensure_topic(pattern).await?;
+        }
         let (tx, rx) = mpsc::channel(self.buffer);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let first = {
@@ -489,6 +588,67 @@ impl Bus for KafkaBus {
 
     fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+
+    async fn keep_history(&self, pattern: &str, limits: HistoryLimits) -> Result<(), BusError> {
+        check_name(pattern, true)?;
+        if self.naming.classify(pattern) != TopicClass::Channel {
+            return Err(BusError::InvalidTopic(pattern.chars().take(80).collect()));
+        }
+        if !self.histories.add(pattern, limits) {
+            return Ok(());
+        }
+        // The first pattern: follow `<prefix>.epochs` from its beginning.
+        let epochs = self.naming.epochs();
+        self.ensure_topic(&epochs).await?;
+        let mut sub = self
+            .subscribe(
+                &epochs,
+                SubscribeOptions {
+                    start: StartFrom::Earliest,
+                    ..SubscribeOptions::default()
+                },
+            )
+            .await?;
+        let h = self.histories.clone();
+        let task = tokio::spawn(async move {
+            while let Some(m) = sub.recv().await {
+                h.apply(&m);
+            }
+        });
+        *self.epochs_follower.lock() = Some(AbortOnDrop(task));
+        self.epochs_caught_up().await
+    }
+
+    async fn history(&self, topic: &str, query: HistoryQuery, limit: usize) -> Result<Option<HistoryRead>, BusError> {
+        check_name(topic, false)?;
+        let Some(limits) = self.histories.limits_of(topic) else {
+            return Ok(None);
+        };
+        self.ensure_channel(topic).await?;
+        let epoch = self.epoch_of(topic).await?;
+        let mut reader = self.histories.reader.lock().await;
+        let consumer = match &*reader {
+            Some(c) => c.clone(),
+            None => {
+                let c: rdkafka::consumer::BaseConsumer =
+                    consumer_base(&self.brokers, "switchyard-history", &self.security)
+                        .set("group.id", format!("{}-history-{}", self.prefix, std::process::id()))
+                        .set("enable.auto.commit", "false")
+                        .set("enable.partition.eof", "false")
+                        .create()
+                        .map_err(unavailable)?;
+                let c = Arc::new(c);
+                *reader = Some(c.clone());
+                c
+            }
+        };
+        let t = topic.to_owned();
+        let read = tokio::task::spawn_blocking(move || history::read(&consumer, &t, limits, epoch, query, limit))
+            .await
+            .map_err(unavailable)??;
+        drop(reader);
+        Ok(Some(read))
     }
 
     async fn flush(&self) -> Result<(), BusError> {
