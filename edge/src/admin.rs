@@ -130,18 +130,18 @@ async fn history(
             format!("unknown query parameter {k:?} (since, limit)"),
         );
     }
-    let number = |name: &str, default: u64| match q.get(name) {
+    let number = |name: &'static str, default: u64| match q.get(name) {
         None => Ok(default),
-        Some(v) => v.parse::<u64>().map_err(|_| {
-            err(
-                StatusCode::BAD_REQUEST,
-                format!("`{name}` must be a non-negative integer"),
-            )
-        }),
+        Some(v) => v.parse::<u64>().map_err(|_| name),
     };
     let (since, limit) = match (number("since", 0), number("limit", 100)) {
         (Ok(a), Ok(b)) => (a, b),
-        (Err(r), _) | (_, Err(r)) => return r,
+        (Err(name), _) | (_, Err(name)) => {
+            return err(
+                StatusCode::BAD_REQUEST,
+                format!("`{name}` must be a non-negative integer"),
+            )
+        }
     };
     if limit == 0 || limit > HISTORY_LIMIT_MAX as u64 {
         return err(

@@ -510,6 +510,44 @@ mod tests {
     }
 
     #[test]
+    fn channel_history_tables() {
+        let (routes, channels) = parse_route_file(
+            "[[route]]\npath='/ws'\ntopic='t'\nmode='framed'\n\
+             [[channel]]\npattern='ticker.*'\nhistory_size=1000\nhistory_ttl='10m'\n",
+        )
+        .unwrap();
+        assert_eq!(routes.len(), 1);
+        assert_eq!(channels[0].history_ttl, Duration::from_secs(600));
+        let mut c = EdgeConfig::new("n1");
+        c.channels = channels;
+        c.validate().unwrap();
+        assert_eq!(c.history_of("ticker.AAPL").map(|h| h.history_size), Some(1000));
+        assert!(c.history_of("dash.x").is_none());
+        let table = |p: &str, n: usize, ttl: u64| ChannelConfig {
+            pattern: p.into(),
+            history_size: n,
+            history_ttl: Duration::from_secs(ttl),
+        };
+        for (channels, want) in [
+            (vec![table("a..b", 1, 60)], "not a valid channel pattern"),
+            (vec![table("a.*", 0, 60)], "history_size 0 out of range"),
+            (vec![table("a.*", 100_001, 60)], "history_size 100001 out of range"),
+            (vec![table("a.*", 10, 0)], "history_ttl"),
+            (vec![table("a.*", 10, 60), table("a.b", 10, 60)], "overlap"),
+        ] {
+            let mut c = EdgeConfig::new("n1");
+            c.channels = channels;
+            let e = c.validate().unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
+        let e = parse_route_file("[[channel]]\npattern='a'\nhistory_size=1\nhistory_ttl='soon'\n").unwrap_err();
+        assert!(e.contains("soon"), "{e}");
+        let mut c = EdgeConfig::new("n1");
+        c.max_recover = 0;
+        assert!(c.validate().unwrap_err().contains("--max-recover"));
+    }
+
+    #[test]
     fn cidr_rules() {
         let mut c = EdgeConfig::new("n1");
         let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
