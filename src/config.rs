@@ -73,6 +73,10 @@ pub struct Options {
     /// File holding the key (>= 32 bytes) for `sy-sig`, an HMAC-SHA256 on every inbound record
     #[arg(long, env = "SWITCHYARD_IDENTITY_HMAC_KEY_FILE", global = true)]
     pub identity_hmac_key_file: Option<PathBuf>,
+    /// File holding the key (>= 16 bytes) resume tokens are signed with, shared by the cluster
+    /// (default: one drawn per process, so tokens work only on the edge that issued them)
+    #[arg(long, env = "SWITCHYARD_RESUME_KEY_FILE", global = true)]
+    pub resume_key_file: Option<PathBuf>,
     /// TLS to the broker: PEM CA bundle to trust (NATS: TLS required once any --bus-tls-* is set)
     #[arg(long, env = "SWITCHYARD_BUS_TLS_CA", global = true)]
     pub bus_tls_ca: Option<PathBuf>,
@@ -328,6 +332,13 @@ impl Cli {
                 key: key.clone(),
             }),
             _ => None,
+        };
+        edge.resume_key = match &o.resume_key_file {
+            Some(p) => {
+                let k = std::fs::read(p).map_err(|e| format!("cannot read resume key {}: {e}", p.display()))?;
+                Some(std::sync::Arc::new(k.trim_ascii().to_vec()))
+            }
+            None => None,
         };
         edge.identity_hmac_key = match &o.identity_hmac_key_file {
             Some(p) => {

@@ -272,6 +272,11 @@ impl Item {
         }
     }
 
+    /// Sent as a binary frame to raw subscribers (marked so, or not UTF-8).
+    fn binary(&self) -> bool {
+        self.marked_binary || std::str::from_utf8(&self.payload).is_err()
+    }
+
     /// The frame for `sess`: the framed wrapper, or the payload as is.
     pub fn frame(&self, channel: &str, sess: &Session) -> &Bytes {
         if sess.route.is_framed() {
@@ -307,6 +312,11 @@ async fn fan_out(channel: &str, shard: &Shard, items: &[Item], frames: &mut Vec<
         if let Some(gate) = gate {
             for item in items {
                 gate.pass(s, item.offset, item.frame(channel, s));
+            }
+        } else if !s.route.is_framed() && s.cont.keeps() {
+            // On a raw route every server frame is a delivery, kept for a resume.
+            for item in items {
+                s.cont.deliver(&item.payload, item.binary());
             }
         } else if let [one] = items {
             s.deliver_tallied(one.frame(channel, s), &mut tally);

@@ -226,6 +226,18 @@ pub struct EdgeConfig {
     /// recovered:false (and `rewind` is capped at it)
     #[arg(long, env = "SWITCHYARD_MAX_RECOVER", default_value_t = 1000, global = true)]
     pub max_recover: usize,
+    /// How long a session whose socket dropped waits for the client to resume it (0 turns
+    /// resume off): no disconnect is published meanwhile
+    #[arg(long, env = "SWITCHYARD_RESUME_WINDOW", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    pub resume_window: Duration,
+    /// Backend deliveries kept per session for a resume; more while the client is away and
+    /// the resume is refused (resumed:false)
+    #[arg(long, env = "SWITCHYARD_RESUME_BUFFER", default_value_t = 1000, global = true)]
+    pub resume_buffer: usize,
+    /// The key resume tokens are signed with (from `--resume-key-file`); without one, each
+    /// process draws its own (tokens then work on this process only)
+    #[arg(skip)]
+    pub resume_key: Option<std::sync::Arc<Vec<u8>>>,
     /// Default largest client message in bytes (bigger closes with 1009)
     #[arg(long, env = "SWITCHYARD_MAX_MESSAGE_SIZE", default_value_t = 1 << 20, global = true)]
     pub max_message_size: usize,
@@ -367,6 +379,18 @@ impl EdgeConfig {
             return Err("no routes configured".into());
         }
         validate_channels(&self.channels)?;
+        if self.resume_buffer == 0 || self.resume_buffer > MAX_HISTORY_SIZE {
+            return Err(format!(
+                "--resume-buffer {} out of range 1..={MAX_HISTORY_SIZE}",
+                self.resume_buffer
+            ));
+        }
+        if self.resume_window > Duration::from_secs(3600) {
+            return Err(format!("--resume-window {:?} out of range 0..=1h", self.resume_window));
+        }
+        if self.resume_key.as_ref().is_some_and(|k| k.len() < 16) {
+            return Err("--resume-key-file: the key must be at least 16 bytes".into());
+        }
         if self.max_recover == 0 || self.max_recover > MAX_HISTORY_SIZE {
             return Err(format!(
                 "--max-recover {} out of range 1..={MAX_HISTORY_SIZE}",

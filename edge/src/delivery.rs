@@ -36,12 +36,8 @@ pub async fn run(st: Arc<EdgeState>, mut sub: Subscription) {
                     // The backend's trace context is honoured in the delivery's log line.
                     tracing::debug!(session = %env.session, trace_id = %t.trace_id(), "delivering a backend record");
                 }
-                // Text that is not UTF-8 goes out as binary: a text frame must be valid UTF-8.
-                let f = match env.opcode {
-                    Opcode::Text if std::str::from_utf8(&env.payload).is_ok() => crate::frame::text(&env.payload),
-                    _ => crate::frame::binary(&env.payload),
-                };
-                sess.deliver(&f);
+                // Numbered and kept for a resume; text that is not UTF-8 goes out as binary.
+                sess.cont.deliver(&env.payload, env.opcode == Opcode::Binary);
             }
             (Kind::Control, Some(op)) => {
                 control.increment(1);

@@ -25,6 +25,9 @@ pub const RATE_LIMITED: &str = "switchyard_rate_limited_total";
 pub const FORBIDDEN: &str = "switchyard_forbidden_total";
 pub const DRAINING: &str = "switchyard_draining";
 pub const RECOVERIES: &str = "switchyard_recoveries_total";
+pub const RESUMES: &str = "switchyard_resumes_total";
+pub const SESSIONS_PARKED: &str = "switchyard_sessions_parked";
+pub const DUPLICATES: &str = "switchyard_duplicates_suppressed_total";
 pub const RECOVERED_MESSAGES: &str = "switchyard_recovered_messages_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -88,6 +91,18 @@ fn describe() {
     describe_counter!(
         RECOVERIES,
         "Subscribes with since or rewind, by result (recovered, not_recovered, rewind, overrun, error)"
+    );
+    describe_counter!(
+        RESUMES,
+        "Handshakes that asked to resume a session, by result (resumed, or why not)"
+    );
+    describe_gauge!(
+        SESSIONS_PARKED,
+        "Sessions whose socket dropped, waiting for a resume within --resume-window"
+    );
+    describe_counter!(
+        DUPLICATES,
+        "send/publish ops whose id the session had already accepted (acked, not published again)"
     );
     describe_counter!(
         RECOVERED_MESSAGES,

@@ -109,6 +109,11 @@ impl EdgeState {
                 .map(|n| RateLimiter::keyed(Quota::per_second(n).allow_burst(n))),
             close_all: CancellationToken::new(),
             disconnects_refused: Default::default(),
+            resume_key: cfg.resume_key.clone().unwrap_or_else(|| {
+                let mut k = vec![0u8; 32];
+                getrandom::fill(&mut k).expect("the OS random source works");
+                Arc::new(k)
+            }),
             cfg,
         }
     }
@@ -138,4 +143,6 @@ pub struct EdgeState {
     pub close_all: CancellationToken,
     /// Disconnect records the bus refused (their backends were not told the session ended).
     pub disconnects_refused: std::sync::atomic::AtomicU64,
+    /// Signs and checks resume tokens: `--resume-key-file`, or drawn for this process.
+    pub resume_key: Arc<Vec<u8>>,
 }

@@ -10,8 +10,63 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use switchyard_protocol::TraceContext;
+use switchyard_protocol::envelope::now_ms;
+use switchyard_protocol::{framed, resume, TraceContext};
 use tracing::Instrument;
+
+/// How long a resume token stays valid after the handshake that issued it (each resume
+/// issues a new one). The resume window, not this, bounds how long a session waits.
+pub const RESUME_TOKEN_TTL_SECS: u64 = 24 * 3600;
+
+/// The resume a handshake asks for: `?resume=TOKEN&delivered=N`, or the headers
+/// `x-switchyard-resume` / `x-switchyard-delivered` (either form on any route).
+fn resume_request<'a>(query: Option<&'a str>, headers: &'a HeaderMap) -> Option<(&'a str, Option<u64>)> {
+    let param = |name: &str| {
+        query?
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+    };
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let token = param("resume").or_else(|| header("x-switchyard-resume"))?;
+    let delivered = param("delivered")
+        .or_else(|| header("x-switchyard-delivered"))
+        .and_then(|v| v.trim().parse().ok());
+    Some((token, delivered))
+}
+
+/// How long a resume waits for the session's old socket to close and park (a client can come
+/// back before the edge has noticed its old connection is dead).
+const TAKEOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Takes a parked session over for a resume, or says why not (the reason the client sees). A
+/// session whose old socket still looks alive is closed there (1001) and taken once parked.
+async fn try_resume(
+    st: &EdgeState,
+    route: &str,
+    subject: Option<&str>,
+    token: &str,
+    delivered: Option<u64>,
+) -> Result<(Arc<Session>, u64), &'static str> {
+    if st.cfg.resume_window.is_zero() {
+        return Err("resume_off");
+    }
+    let claims = resume::verify(&st.resume_key, token, route, subject, now_ms() / 1000).map_err(|e| e.code())?;
+    let delivered = delivered.ok_or("bad_delivered")?;
+    let old = st
+        .sessions
+        .get(&claims.session)
+        .map(|s| s.clone())
+        .ok_or("not_parked")?;
+    if old.cont.is_live() {
+        old.queue
+            .close(switchyard_protocol::close::GOING_AWAY, "resumed on another connection");
+        if !old.cont.wait_parked(TAKEOVER_WAIT).await {
+            return Err("not_parked");
+        }
+    }
+    old.cont.take(delivered).map_err(|e| e.code())?;
+    Ok((old, delivered))
+}
 
 /// Does a comma-separated header hold `token` (case-insensitive)?
 fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
@@ -107,10 +162,67 @@ pub(crate) async fn upgrade(
             TraceContext::parse(tp, ts).ok()
         })
         .unwrap_or_else(new_trace);
-    let offered_v1 = has_token(headers, header::SEC_WEBSOCKET_PROTOCOL, "switchyard.v1");
-    let id = ulid::Ulid::new().to_string();
+    // `switchyard.v2` (framed routes): deliveries are wrapped and numbered.
+    let v2 = route.is_framed() && has_token(headers, header::SEC_WEBSOCKET_PROTOCOL, "switchyard.v2");
+    let offered_v1 = !v2 && has_token(headers, header::SEC_WEBSOCKET_PROTOCOL, "switchyard.v1");
+    let subject = verified.as_ref().map(|v| v.identity.subject.clone());
+    let asked = resume_request(parts.uri.query(), headers);
+    let resumed = match asked {
+        Some((token, delivered)) => Some(try_resume(&st, &route.cfg.path, subject.as_deref(), token, delivered).await),
+        None => None,
+    };
+    if let Some(r) = &resumed {
+        let result = match r {
+            Ok(_) => "resumed",
+            Err(why) => why,
+        };
+        metrics::counter!(m::RESUMES, "result" => result).increment(1);
+    }
+    let old = match &resumed {
+        Some(Ok((old, delivered))) => Some((old.clone(), *delivered)),
+        _ => None,
+    };
+    let id = old
+        .as_ref()
+        .map_or_else(|| ulid::Ulid::new().to_string(), |(o, _)| o.id.clone());
     let span = tracing::info_span!("session", session = %id, route = %route.cfg.path, trace_id = %trace.trace_id());
     let mut sess = Session::new(id.clone(), route.clone(), trace);
+    sess.v2 = v2;
+    let resume_on = !st.cfg.resume_window.is_zero();
+    match &old {
+        Some((o, delivered)) => {
+            sess.cont = o.cont.clone();
+            sess.continue_seq(o);
+            sess.resumed_after = Some(*delivered);
+            // A raw session kept its channels while away; its new socket takes them over.
+            *sess.channels.lock() = o.channels.lock().clone();
+        }
+        None => {
+            let keep = if resume_on { st.cfg.resume_buffer } else { 0 };
+            sess.cont = Arc::new(session::resume::Continuity::new(keep));
+        }
+    }
+    let resume_token = resume_on.then(|| {
+        resume::issue(
+            &st.resume_key,
+            &resume::Claims {
+                session: id.clone(),
+                route: route.cfg.path.clone(),
+                subject: subject.clone(),
+                expires: now_ms() / 1000 + RESUME_TOKEN_TTL_SECS,
+            },
+        )
+    });
+    if route.is_framed() {
+        sess.welcome = Some(framed::welcome_with(
+            &id,
+            &framed::Welcome {
+                resumed: resumed.as_ref().map(Result::is_ok),
+                reason: resumed.as_ref().and_then(|r| r.as_ref().err().copied()),
+                resume_token: resume_token.as_deref(),
+            },
+        ));
+    }
     if let Some(v) = verified {
         sess.identity = Some(v.identity);
         sess.expires_at = v.expires_at;
@@ -139,7 +251,12 @@ pub(crate) async fn upgrade(
                     }
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                if sess.resumed_after.is_some() {
+                    session::abandon(&st2, &sess).await;
+                }
+            }
         }
         drop(token);
         drop(slot);
@@ -156,14 +273,27 @@ pub(crate) async fn upgrade(
         )
         .body(axum::body::Body::empty())
         .expect("static response parts");
-    if offered_v1 {
+    if v2 || offered_v1 {
         resp.headers_mut().insert(
             header::SEC_WEBSOCKET_PROTOCOL,
-            HeaderValue::from_static("switchyard.v1"),
+            HeaderValue::from_static(if v2 { "switchyard.v2" } else { "switchyard.v1" }),
         );
     }
+    let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&id) {
-        resp.headers_mut().insert("x-switchyard-session", v);
+        h.insert("x-switchyard-session", v);
+    }
+    if let Some(r) = &resumed {
+        h.insert(
+            "x-switchyard-resumed",
+            HeaderValue::from_static(if r.is_ok() { "true" } else { "false" }),
+        );
+        if let Err(why) = r {
+            h.insert("x-switchyard-resume-reason", HeaderValue::from_static(why));
+        }
+    }
+    if let Some(t) = resume_token.as_deref().and_then(|t| HeaderValue::from_str(t).ok()) {
+        h.insert("x-switchyard-resume-token", t);
     }
     resp
 }

@@ -81,6 +81,9 @@ pub enum Kind {
     Deliver,
     /// A control operation on a session (backend → router → edge).
     Control,
+    /// A session came back within its resume window (edge → backend), on the node in
+    /// `sy-node`: the same session id, `sy-seq` continuing. No disconnect came before it.
+    Resume,
 }
 
 impl Kind {
@@ -91,6 +94,7 @@ impl Kind {
             Kind::Disconnect => "disconnect",
             Kind::Deliver => "deliver",
             Kind::Control => "control",
+            Kind::Resume => "resume",
         }
     }
     pub fn parse(s: &str) -> Result<Self, DecodeError> {
@@ -100,6 +104,7 @@ impl Kind {
             "disconnect" => Kind::Disconnect,
             "deliver" => Kind::Deliver,
             "control" => Kind::Control,
+            "resume" => Kind::Resume,
             _ => return Err(DecodeError::invalid(header::KIND, s)),
         })
     }

@@ -284,6 +284,52 @@ pub fn welcome(session: &str) -> String {
     format!(r#"{{"op":"welcome","session":{}}}"#, q(session))
 }
 
+/// What a `welcome` says about resuming.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Welcome<'a> {
+    /// `Some(true)`: the session came back; `Some(false)`: the client asked and could not
+    /// (with `reason`); `None`: it did not ask.
+    pub resumed: Option<bool>,
+    pub reason: Option<&'a str>,
+    /// The token for the next resume (absent when resume is off).
+    pub resume_token: Option<&'a str>,
+}
+
+/// `{"op":"welcome","session":ID,"resumed":B,"reason":R,"resume_token":T}` (fields present as
+/// given).
+pub fn welcome_with(session: &str, w: &Welcome<'_>) -> String {
+    let mut out = format!(r#"{{"op":"welcome","session":{}"#, q(session));
+    if let Some(r) = w.resumed {
+        out.push_str(if r { r#","resumed":true"# } else { r#","resumed":false"# });
+    }
+    if let Some(r) = w.reason {
+        out.push_str(&format!(r#","reason":{}"#, q(r)));
+    }
+    if let Some(t) = w.resume_token {
+        out.push_str(&format!(r#","resume_token":{}"#, q(t)));
+    }
+    out.push('}');
+    out
+}
+
+/// `{"op":"deliver","n":K,"data":D}` (`switchyard.v2`): backend delivery number K of the
+/// session, `data` as in channel messages (JSON as-is, other text as a string, else
+/// `data_b64`). A payload marked binary is always `data_b64`.
+pub fn deliver(n: u64, payload: &[u8], binary: bool) -> String {
+    let mut out = String::with_capacity(payload.len() + 40);
+    out.push_str(r#"{"op":"deliver","n":"#);
+    out.push_str(&n.to_string());
+    push_data(&mut out, payload, binary);
+    out.push('}');
+    out
+}
+
+/// `{"op":"ack","id":ID,"duplicate":true}`: the session had already accepted this `id`; the
+/// message was not published again.
+pub fn ack_duplicate(id: &str) -> String {
+    format!(r#"{{"op":"ack","id":{id},"duplicate":true}}"#)
+}
+
 /// `{"op":"subscribed","channel":C}` — sent once the channel subscription is live on the bus.
 pub fn subscribed(channel: &str) -> String {
     format!(r#"{{"op":"subscribed","channel":{}}}"#, q(channel))
@@ -356,24 +402,33 @@ pub fn channel_message(channel: &str, offset: Option<u64>, payload: &[u8]) -> St
         out.push_str(r#","offset":"#);
         out.push_str(&o.to_string());
     }
-    let text = std::str::from_utf8(payload);
+    push_data(&mut out, payload, false);
+    out.push('}');
+    out
+}
+
+/// `,"data":D` (JSON as-is, other UTF-8 as a string) or `,"data_b64":"…"`.
+fn push_data(out: &mut String, payload: &[u8], binary: bool) {
+    let text = if binary {
+        None
+    } else {
+        std::str::from_utf8(payload).ok()
+    };
     match text {
-        Ok(t) if serde_json::from_str::<serde::de::IgnoredAny>(t).is_ok() => {
+        Some(t) if serde_json::from_str::<serde::de::IgnoredAny>(t).is_ok() => {
             out.push_str(r#","data":"#);
             out.push_str(t.trim());
         }
-        Ok(t) => {
+        Some(t) => {
             out.push_str(r#","data":"#);
             out.push_str(&q(t));
         }
-        Err(_) => {
+        None => {
             out.push_str(r#","data_b64":""#);
             out.push_str(&base64::engine::general_purpose::STANDARD.encode(payload));
             out.push('"');
         }
     }
-    out.push('}');
-    out
 }
 
 #[cfg(test)]
@@ -533,6 +588,33 @@ mod tests {
             r#"{"op":"subscribed","channel":"t","recovered":false}"#
         );
         assert_eq!(at(None, None), subscribed("t"));
+    }
+
+    #[test]
+    fn v2_and_resume_shapes() {
+        assert_eq!(
+            deliver(3, br#"{"a":1}"#, false),
+            r#"{"op":"deliver","n":3,"data":{"a":1}}"#
+        );
+        assert_eq!(deliver(4, b"hi", false), r#"{"op":"deliver","n":4,"data":"hi"}"#);
+        assert_eq!(deliver(5, b"hi", true), r#"{"op":"deliver","n":5,"data_b64":"aGk="}"#);
+        assert_eq!(
+            deliver(6, &[0xff], false),
+            r#"{"op":"deliver","n":6,"data_b64":"/w=="}"#
+        );
+        assert_eq!(ack_duplicate("\"a\""), r#"{"op":"ack","id":"a","duplicate":true}"#);
+        assert_eq!(welcome_with("S", &Welcome::default()), welcome("S"));
+        assert_eq!(
+            welcome_with(
+                "S",
+                &Welcome {
+                    resumed: Some(false),
+                    reason: Some("expired"),
+                    resume_token: Some("t.k")
+                }
+            ),
+            r#"{"op":"welcome","session":"S","resumed":false,"reason":"expired","resume_token":"t.k"}"#
+        );
     }
 
     #[test]

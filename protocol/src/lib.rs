@@ -18,6 +18,7 @@ pub mod close;
 pub mod envelope;
 pub mod framed;
 pub mod naming;
+pub mod resume;
 pub mod sign;
 pub mod ws;
 

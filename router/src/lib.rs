@@ -250,7 +250,8 @@ impl Routing {
         }
         match Envelope::from_record(r.key.as_deref(), &r.headers, r.payload.clone()) {
             Ok(e) => match (e.kind, e.node) {
-                (Kind::Connect, Some(node)) => {
+                // A resume moves the session to the node it came back on.
+                (Kind::Connect | Kind::Resume, Some(node)) => {
                     let route = e.route.as_deref().unwrap_or("");
                     let inbound = r
                         .headers

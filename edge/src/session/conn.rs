@@ -79,7 +79,14 @@ where
         let (st2, sess2) = (st.clone(), sess.clone());
         let job = Job {
             connect: true,
-            fut: Box::pin(async move { lifecycle(&st2, &sess2, Kind::Connect, None).await }),
+            fut: Box::pin(async move {
+                let kind = if sess2.resumed_after.is_some() {
+                    Kind::Resume
+                } else {
+                    Kind::Connect
+                };
+                lifecycle(&st2, &sess2, kind, None).await
+            }),
         };
         Self {
             st,

@@ -18,12 +18,19 @@
 //! - [`conn`]: the hand-written future that reads, writes and keeps the timers;
 //! - [`ending`]: its two states of ending (the writer's, the session's);
 //! - [`ops`]: the framed protocol's ops (subscribe, unsubscribe, publish, send);
-//! - [`publish`]: envelope stamping and the inbound, lifecycle and registry publishes.
+//! - [`publish`]: envelope stamping and the inbound, lifecycle and registry publishes;
+//! - [`resume`]: what survives a reconnect (numbered deliveries, accepted ids, the phase).
+//!
+//! A socket that drops (1006, or 1001 going away) with resume on is parked instead of ended:
+//! the task keeps the session (deliveries are kept, no disconnect is published) until a resume
+//! takes it over, its `--resume-window` ends, or the node drains; then it ends as usual, with
+//! the original close code.
 
 mod conn;
 mod ending;
 mod ops;
 mod publish;
+pub mod resume;
 #[cfg(test)]
 mod tests;
 
@@ -70,6 +77,14 @@ pub struct Session {
     pub grants: crate::auth::Grants,
     /// The route's message rate for this session, when it has one.
     rate: Option<governor::DefaultDirectRateLimiter>,
+    /// What survives a reconnect (shared with the sockets that resume this session).
+    pub cont: Arc<resume::Continuity>,
+    /// The socket negotiated `switchyard.v2`: deliveries are wrapped and numbered.
+    pub v2: bool,
+    /// This socket resumed the session after the client had received this many deliveries.
+    pub resumed_after: Option<u64>,
+    /// The framed `welcome` text (built at the handshake, where the resume was decided).
+    pub welcome: Option<String>,
 }
 
 impl Session {
@@ -89,6 +104,27 @@ impl Session {
             grants: Default::default(),
             rate: route.rate.map(crate::limits::direct_limiter),
             route,
+            cont: Arc::new(resume::Continuity::new(0)),
+            v2: false,
+            resumed_after: None,
+            welcome: None,
+        }
+    }
+
+    /// Continues `old`'s inbound seq (a resumed session's records carry on where it stopped).
+    pub fn continue_seq(&self, old: &Session) {
+        self.seq.store(old.seq.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// The frame of backend delivery `n` for this socket: wrapped on `switchyard.v2`, else the
+    /// payload as is (binary when marked so or not UTF-8).
+    pub fn delivery_frame(&self, n: u64, payload: &[u8], binary: bool) -> Bytes {
+        if self.v2 {
+            resume::v2_frame(n, payload, binary)
+        } else if binary || std::str::from_utf8(payload).is_err() {
+            frame::binary(payload)
+        } else {
+            frame::text(payload)
         }
     }
 
@@ -226,7 +262,20 @@ where
     sess.route.open.increment(1.0);
     // Welcome first: a backend may answer the connect event before the publish returns.
     if sess.route.cfg.mode == Mode::Framed {
-        sess.reply(framed::welcome(&sess.id));
+        let w = sess.welcome.clone().unwrap_or_else(|| framed::welcome(&sess.id));
+        sess.reply(w);
+    }
+    // Then, on a resume, the deliveries the client missed; then live ones.
+    sess.cont.live();
+    sess.cont.attach(&sess, sess.resumed_after);
+    if sess.resumed_after.is_some() && !sess.route.is_framed() {
+        // The raw session's channels, which it kept while away, now feed this socket.
+        let channels: Vec<String> = sess.channels.lock().iter().cloned().collect();
+        for c in channels {
+            if st.channels.subscribe(&sess, &c, None).await.is_err() {
+                sess.channels.lock().remove(&c);
+            }
+        }
     }
     let mut conn = Conn::new(st.clone(), sess.clone(), stream, writer);
     let ended = (&mut conn).await;
@@ -240,6 +289,21 @@ where
     };
     sess.queue.close(code, &ended.reason);
     conn.flush_close().await;
+    if resumable(&st, &ended) && sess.cont.park() {
+        sess.route.open.decrement(1.0);
+        let taken = park(&st, &sess).await;
+        sess.route.open.increment(1.0);
+        if taken {
+            // A new socket carries the session on: no disconnect, and its channels and its
+            // entry in `sessions` are the new socket's now.
+            metrics::counter!(crate::metrics::CLOSES, "route" => sess.route.cfg.path.clone(), "code" => ended.code.to_string())
+                .increment(1);
+            sess.route.open.decrement(1.0);
+            return;
+        }
+    } else {
+        sess.cont.expire();
+    }
     let channels: Vec<String> = {
         let mut chans = sess.channels.lock();
         sess.stopped.store(true, Ordering::Release);
@@ -248,7 +312,7 @@ where
     for c in channels {
         Box::pin(st.channels.unsubscribe(&sess, &c)).await;
     }
-    st.sessions.remove(&sess.id);
+    st.sessions.remove_if(&sess.id, |_, s| Arc::ptr_eq(s, &sess));
     sess.route.open.decrement(1.0);
     metrics::counter!(crate::metrics::CLOSES, "route" => sess.route.cfg.path.clone(), "code" => ended.code.to_string())
         .increment(1);
@@ -257,6 +321,53 @@ where
         st.disconnects_refused.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(session = %sess.id, error = %e, "bus refused disconnect event: its backend is not told the session ended");
     }
+}
+
+/// A resume whose upgrade failed after it took the parked session over: the session ends
+/// here, and its disconnect is published (code 1006).
+pub async fn abandon(st: &EdgeState, sess: &Arc<Session>) {
+    sess.cont.end();
+    st.sessions.remove_if(&sess.id, |_, s| Arc::ptr_eq(&s.cont, &sess.cont));
+    let channels: Vec<String> = sess.channels.lock().drain().collect();
+    for c in channels {
+        Box::pin(st.channels.unsubscribe(sess, &c)).await;
+    }
+    let ended = Ended::new(close::ABNORMAL, "resume upgrade failed");
+    if let Err(e) = Box::pin(lifecycle(st, sess, Kind::Disconnect, Some(&ended))).await {
+        st.disconnects_refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(session = %sess.id, error = %e, "bus refused disconnect event: its backend is not told the session ended");
+    }
+}
+
+/// Whether a session that ended this way waits for a resume: the socket dropped (1006) or went
+/// away (1001), resume is on, and the node is not draining.
+fn resumable(st: &EdgeState, ended: &Ended) -> bool {
+    !st.cfg.resume_window.is_zero()
+        && matches!(ended.code, close::ABNORMAL | close::GOING_AWAY)
+        && !st.close_all.is_cancelled()
+        && !st.shutdown.is_cancelled()
+}
+
+/// Waits, parked, for a resume (true), the end of the window or the drain (false).
+async fn park(st: &EdgeState, sess: &Arc<Session>) -> bool {
+    let parked = metrics::gauge!(crate::metrics::SESSIONS_PARKED);
+    parked.increment(1.0);
+    // Framed clients resubscribe (with `since`) when they resume; raw sessions keep their
+    // channels, whose messages are deliveries kept like the backend's.
+    if sess.route.is_framed() {
+        let channels: Vec<String> = sess.channels.lock().drain().collect();
+        for c in channels {
+            Box::pin(st.channels.unsubscribe(sess, &c)).await;
+        }
+    }
+    let taken = tokio::select! {
+        _ = sess.cont.taken.notified() => true,
+        _ = tokio::time::sleep(st.cfg.resume_window) => false,
+        _ = st.close_all.cancelled() => false,
+    };
+    parked.decrement(1.0);
+    // A resume may win the race with the window: then it has the session.
+    taken || !sess.cont.expire()
 }
 
 fn count(sess: &Session, route: &Route, n: u64, bytes: u64) {

@@ -59,6 +59,14 @@ pub(super) async fn handle_op(
             return Ok(());
         }
     };
+    // A resent id the session already accepted: acknowledged again, not published again.
+    if let (Some(id), ClientOp::Send { .. } | ClientOp::Publish { .. }) = (id, &op) {
+        if sess.cont.seen(id) {
+            metrics::counter!(crate::metrics::DUPLICATES).increment(1);
+            sess.reply(framed::ack_duplicate(id));
+            return Ok(());
+        }
+    }
     let res = match op {
         ClientOp::Subscribe { channel, start } => {
             if !forbidden(sess, false, &channel, id) {
@@ -102,7 +110,10 @@ pub(super) async fn handle_op(
         ClientOp::Send { data } => publish_frame(st, sess, data, Opcode::Text).await,
     };
     match (&res, id) {
-        (Ok(()), Some(id)) => sess.reply(framed::ack(id)),
+        (Ok(()), Some(id)) => {
+            sess.cont.accepted(id);
+            sess.reply(framed::ack(id))
+        }
         (Ok(()), None) => {}
         (Err(e), id) => sess.reply(framed::error_with_id(bus_code(e), &e.to_string(), id)),
     }

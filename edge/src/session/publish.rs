@@ -80,7 +80,7 @@ pub(super) async fn lifecycle(
     let sessions = st.cfg.naming.sessions();
     let inbound = &sess.route.inbound;
     let durable = st.bus.registry();
-    if kind == Kind::Connect {
+    if matches!(kind, Kind::Connect | Kind::Resume) {
         if let Some(d) = &durable {
             let entry = SessionEntry {
                 node: st.cfg.node_id.clone(),

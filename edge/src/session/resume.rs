@@ -1,0 +1,270 @@
+//! What a session keeps across a reconnect to the same edge: its backend deliveries (numbered
+//! from 1, the newest `--resume-buffer` kept for a resume), the `id`s of its last accepted
+//! sends and publishes (duplicates are acknowledged, not published again), and its phase
+//! (live, parked while the client is away, resumed by a new socket, or ended).
+//!
+//! One [`Continuity`] is shared by every socket of a session: a resume builds a new
+//! [`Session`] around the same one. Deliveries always go to the current socket (the sink), so
+//! a delivery racing a resume is neither lost nor sent twice.
+
+use super::Session;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Weak};
+use switchyard_protocol::framed;
+
+/// Where a session is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Live,
+    /// The socket is gone; the session waits for a resume until its window ends.
+    Parked,
+    /// A new socket took it over.
+    Resumed,
+    /// It ended (its disconnect is or was published).
+    Ended,
+}
+
+/// One kept delivery.
+struct Kept {
+    n: u64,
+    payload: Bytes,
+    binary: bool,
+}
+
+struct Deliveries {
+    /// The next delivery's number (1-based).
+    next: u64,
+    kept: VecDeque<Kept>,
+    cap: usize,
+    /// While a resume is being attached: nothing after this number may be dropped.
+    pinned: Option<u64>,
+    /// The socket deliveries go to (none while parked).
+    sink: Weak<Session>,
+}
+
+/// The last `cap` accepted ids, for duplicate suppression.
+struct RecentIds {
+    order: VecDeque<String>,
+    set: HashSet<String>,
+    cap: usize,
+}
+
+/// Most ids remembered per session.
+pub const RECENT_IDS: usize = 1000;
+
+/// Why a resume cannot happen here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotHere {
+    /// Not parked on this edge: the window ended, the session is still connected elsewhere on
+    /// this node, or another edge holds it.
+    NotParked,
+    /// The client says it received more deliveries than were sent.
+    AheadOfServer,
+    /// More deliveries came while it was away than the resume buffer keeps.
+    BufferExceeded,
+}
+
+impl NotHere {
+    pub fn code(self) -> &'static str {
+        match self {
+            NotHere::NotParked => "not_parked",
+            NotHere::AheadOfServer => "delivered_ahead",
+            NotHere::BufferExceeded => "buffer_exceeded",
+        }
+    }
+}
+
+pub struct Continuity {
+    /// Deliveries kept for a resume (0: resume is off).
+    keep: usize,
+    phase: Mutex<Phase>,
+    deliveries: Mutex<Deliveries>,
+    ids: Mutex<RecentIds>,
+    /// Woken when a resume takes the parked session over.
+    pub(super) taken: tokio::sync::Notify,
+    /// Woken when the session parks.
+    parked: tokio::sync::Notify,
+}
+
+impl Continuity {
+    /// `keep`: deliveries kept for a resume (0 when resume is off).
+    pub fn new(keep: usize) -> Self {
+        Self {
+            keep,
+            phase: Mutex::new(Phase::Live),
+            deliveries: Mutex::new(Deliveries {
+                next: 1,
+                kept: VecDeque::new(),
+                cap: keep,
+                pinned: None,
+                sink: Weak::new(),
+            }),
+            ids: Mutex::new(RecentIds {
+                order: VecDeque::new(),
+                set: HashSet::new(),
+                cap: RECENT_IDS,
+            }),
+            taken: tokio::sync::Notify::new(),
+            parked: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Waits until the session has parked (true), up to `within`.
+    pub async fn wait_parked(&self, within: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let parked = self.parked.notified();
+            match *self.phase.lock() {
+                Phase::Parked => return true,
+                Phase::Live => {}
+                Phase::Resumed | Phase::Ended => return false,
+            }
+            if tokio::time::timeout_at(deadline, parked).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// True while a socket is live for the session.
+    pub fn is_live(&self) -> bool {
+        *self.phase.lock() == Phase::Live
+    }
+
+    /// True when deliveries are kept for a resume.
+    pub fn keeps(&self) -> bool {
+        self.keep > 0
+    }
+
+    /// Numbers a delivery, keeps it, and sends it to the session's current socket.
+    pub fn deliver(&self, payload: &Bytes, binary: bool) {
+        let mut d = self.deliveries.lock();
+        let n = d.next;
+        d.next += 1;
+        if d.cap > 0 {
+            d.kept.push_back(Kept {
+                n,
+                payload: payload.clone(),
+                binary,
+            });
+            while d.kept.len() > d.cap && d.pinned.is_none_or(|p| d.kept.front().is_some_and(|k| k.n <= p)) {
+                d.kept.pop_front();
+            }
+        }
+        if let Some(s) = d.sink.upgrade() {
+            s.deliver(&s.delivery_frame(n, payload, binary));
+        }
+    }
+
+    /// Makes `sess` the socket deliveries go to; after a resume, first sends it every kept
+    /// delivery after the `after`-th, in order (under the same lock as new deliveries, so none
+    /// is missed or sent twice at the seam).
+    pub(super) fn attach(&self, sess: &Arc<Session>, after: Option<u64>) {
+        let mut d = self.deliveries.lock();
+        if let Some(after) = after {
+            let frames: Vec<Bytes> = d
+                .kept
+                .iter()
+                .filter(|k| k.n > after)
+                .map(|k| sess.delivery_frame(k.n, &k.payload, k.binary))
+                .collect();
+            if !frames.is_empty() {
+                sess.deliver_all(&frames);
+            }
+            d.pinned = None;
+            while d.kept.len() > d.cap {
+                d.kept.pop_front();
+            }
+        }
+        d.sink = Arc::downgrade(sess);
+    }
+
+    /// The socket is gone: park, if the session is live. False when something else already
+    /// decided its fate.
+    pub(super) fn park(&self) -> bool {
+        let mut p = self.phase.lock();
+        if *p != Phase::Live {
+            return false;
+        }
+        *p = Phase::Parked;
+        self.deliveries.lock().sink = Weak::new();
+        drop(p);
+        self.parked.notify_waiters();
+        true
+    }
+
+    /// A resume with `delivered` deliveries received takes a parked session over.
+    pub fn take(&self, delivered: u64) -> Result<(), NotHere> {
+        let mut p = self.phase.lock();
+        if *p != Phase::Parked {
+            return Err(NotHere::NotParked);
+        }
+        let mut d = self.deliveries.lock();
+        let sent = d.next - 1;
+        if delivered > sent {
+            return Err(NotHere::AheadOfServer);
+        }
+        let kept_from = d.kept.front().map_or(d.next, |k| k.n);
+        if delivered < sent && kept_from > delivered + 1 {
+            return Err(NotHere::BufferExceeded);
+        }
+        d.pinned = Some(delivered);
+        *p = Phase::Resumed;
+        drop(d);
+        drop(p);
+        self.taken.notify_one();
+        Ok(())
+    }
+
+    /// The parked session's window ended (or the node drains): it ends, unless a resume took
+    /// it first. True when it ended here.
+    pub(super) fn expire(&self) -> bool {
+        let mut p = self.phase.lock();
+        match *p {
+            Phase::Parked | Phase::Live => {
+                *p = Phase::Ended;
+                true
+            }
+            Phase::Resumed | Phase::Ended => false,
+        }
+    }
+
+    /// Ends the session whatever its phase (a resume whose upgrade then failed).
+    pub(super) fn end(&self) {
+        *self.phase.lock() = Phase::Ended;
+    }
+
+    /// A new socket is live for this session.
+    pub(super) fn live(&self) {
+        *self.phase.lock() = Phase::Live;
+    }
+
+    /// Kept deliveries (the resume buffer's occupancy).
+    pub fn kept(&self) -> usize {
+        self.deliveries.lock().kept.len()
+    }
+
+    /// True when `id` was accepted already (a resend).
+    pub fn seen(&self, id: &str) -> bool {
+        self.ids.lock().set.contains(id)
+    }
+
+    /// Remembers an accepted `id` (the oldest is forgotten past [`RECENT_IDS`]).
+    pub fn accepted(&self, id: &str) {
+        let mut ids = self.ids.lock();
+        if ids.set.insert(id.to_owned()) {
+            ids.order.push_back(id.to_owned());
+            if ids.order.len() > ids.cap {
+                if let Some(old) = ids.order.pop_front() {
+                    ids.set.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+/// A delivery's frame for a framed v2 socket: `{"op":"deliver","n":K,"data":D}`.
+pub(super) fn v2_frame(n: u64, payload: &[u8], binary: bool) -> Bytes {
+    crate::frame::text(framed::deliver(n, payload, binary).as_bytes())
+}
