@@ -19,7 +19,16 @@ use tokio_tungstenite::tungstenite::Message;
 const KEY: &[u8] = b"resume-key-for-the-tests-0123456789";
 
 async fn app(window: Duration) -> Running {
+    app_on("memory://", window).await
+}
+
+/// The app with the demo backends on `bus_url` (a fresh prefix on a shared broker).
+async fn app_on(bus_url: &str, window: Duration) -> Running {
     let mut s = Settings::for_tests();
+    s.bus_url = bus_url.into();
+    s.bus.prefix = unique("r");
+    s.naming = s.bus.naming().unwrap();
+    s.edge.naming = s.naming.clone();
     s.edge.resume_window = window;
     s.edge.resume_key = Some(std::sync::Arc::new(KEY.to_vec()));
     common::start(s).await
@@ -120,7 +129,27 @@ async fn inbound(app: &Running, topic: &str) -> Subscription {
 /// id is acknowledged as a duplicate and not published again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_v2_session_resumes_with_every_delivery_once_in_order() {
-    let app = app(Duration::from_secs(30)).await;
+    dropped_v2_session_resumes("memory://").await
+}
+
+/// The same on NATS: the resume record, the router's registry (JetStream KV) and the replies
+/// go through the real broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_v2_session_resumes_on_nats() {
+    let url = std::env::var("NATS_URL").expect("NATS_URL is not set: run ./scripts/test, which starts nats-server");
+    dropped_v2_session_resumes(&url).await
+}
+
+/// The same on Kafka.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_v2_session_resumes_on_kafka() {
+    let brokers =
+        std::env::var("KAFKA_BROKERS").expect("KAFKA_BROKERS is not set: run ./scripts/test, which starts Kafka");
+    dropped_v2_session_resumes(&format!("kafka://{brokers}")).await
+}
+
+async fn dropped_v2_session_resumes(bus_url: &str) {
+    let app = app_on(bus_url, Duration::from_secs(30)).await;
     let mut backend = inbound(&app, "app").await;
     let (mut ws, w) = v2_client(&app, "").await;
     let session = w["session"].as_str().unwrap().to_owned();
@@ -313,5 +342,30 @@ async fn resume_off_issues_no_token() {
         (w["resumed"].clone(), w["reason"].clone()),
         (json!(false), json!("resume_off"))
     );
+    app.stop().await;
+}
+
+/// A client back before the edge noticed its old connection died: the resume closes the old
+/// socket (1001) and takes the session over; nothing is lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_takes_over_a_socket_that_still_looks_alive() {
+    let app = app(Duration::from_secs(30)).await;
+    let (mut old, w) = v2_client(&app, "").await;
+    let session = w["session"].as_str().unwrap().to_owned();
+    let token = w["resume_token"].as_str().unwrap().to_owned();
+    send(&mut old, 1, json!(1)).await;
+    let (got, _) = deliveries(&mut old, 1).await;
+    assert_eq!(got, vec![(1, json!({"echo": 1}))]);
+    let (mut ws, w) = v2_client(&app, &format!("?resume={token}&delivered=1")).await;
+    assert_eq!(w["resumed"], true, "{w}");
+    assert_eq!(w["session"], session.as_str());
+    assert_eq!(
+        common::close_code(&mut old).await,
+        Some(1001),
+        "the old socket is closed"
+    );
+    push(&app, &session, json!({"after": 2})).await;
+    let (got, _) = deliveries(&mut ws, 1).await;
+    assert_eq!(got, vec![(2, json!({"after": 2}))]);
     app.stop().await;
 }

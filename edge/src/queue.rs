@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
 use tokio::io::AsyncWrite;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -74,6 +74,8 @@ struct State {
     /// The front item is the rest of a frame cut by a direct write: not counted against the cap
     /// (its frame was accepted already).
     rest: bool,
+    /// The socket, for the direct path (plain TCP only; TLS goes through the writer task).
+    direct: Option<Arc<OwnedWriteHalf>>,
 }
 
 impl State {
@@ -106,8 +108,6 @@ pub struct OutQueue {
     waker: atomic_waker::AtomicWaker,
     cap: usize,
     policy: SlowPolicy,
-    /// The socket, for the direct path (plain TCP only; TLS goes through the writer task).
-    direct: OnceLock<Arc<OwnedWriteHalf>>,
 }
 
 impl OutQueue {
@@ -118,17 +118,22 @@ impl OutQueue {
                 closing: false,
                 writing: false,
                 rest: false,
+                direct: None,
             }),
             waker: atomic_waker::AtomicWaker::new(),
             cap: cap.max(1),
             policy,
-            direct: OnceLock::new(),
         }
     }
 
     /// Enables the direct path: producers may write to this socket themselves.
     pub fn set_direct(&self, socket: Arc<OwnedWriteHalf>) {
-        let _ = self.direct.set(socket);
+        self.state.lock().direct = Some(socket);
+    }
+
+    /// Lets go of the socket (the session outlives it while it waits for a resume).
+    pub fn drop_direct(&self) {
+        self.state.lock().direct = None;
     }
 
     /// Writes `frame` now if nothing is ahead of it. `None` when it must be queued.
@@ -136,7 +141,7 @@ impl OutQueue {
         if !s.items.is_empty() || s.writing {
             return None;
         }
-        let socket = self.direct.get()?;
+        let socket = s.direct.clone()?;
         match socket.try_write(frame) {
             Ok(n) if n == frame.len() => Some(Push::Written),
             Ok(n) if n > 0 => {
@@ -198,7 +203,7 @@ impl OutQueue {
         let mut s = self.state.lock();
         let mut rest = frames;
         if !s.closing && s.items.is_empty() && !s.writing {
-            if let Some(socket) = self.direct.get() {
+            if let Some(socket) = s.direct.clone() {
                 let mut slices = [std::io::IoSlice::new(&[]); 64];
                 let k = frames
                     .iter()

@@ -58,6 +58,7 @@ async fn try_resume(
         .map(|s| s.clone())
         .ok_or("not_parked")?;
     if old.cont.is_live() {
+        old.cont.start_takeover();
         old.queue
             .close(switchyard_protocol::close::GOING_AWAY, "resumed on another connection");
         if !old.cont.wait_parked(TAKEOVER_WAIT).await {

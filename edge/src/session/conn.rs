@@ -282,6 +282,11 @@ where
     fn on_signals(&mut self) -> Option<Ended> {
         // Here too, not only on the timer: a client that always has a frame buffered would
         // otherwise keep publishing past our close for as long as it likes.
+        // A resume is taking the session over: this socket ends now (its close frame, already
+        // queued, goes out if it can), without waiting for the client's answer.
+        if self.sess.cont.taken_over() {
+            return Some(Ended::new(close::GOING_AWAY, "resumed on another connection"));
+        }
         // (The clock is read only when a deadline is running: this runs before every frame.)
         if !self.ending.is_open() {
             if let Some(e) = self.close_timed_out(Instant::now()) {

@@ -279,6 +279,9 @@ where
     }
     let mut conn = Conn::new(st.clone(), sess.clone(), stream, writer);
     let ended = (&mut conn).await;
+    // A close this side had started (a backend, the admin API, a limit, the drain) is final;
+    // the takeover by a resume is not.
+    let final_close = sess.queue.is_closing() && !sess.cont.taken_over();
 
     // Teardown: send our close frame if one is still owed, leave channels, forget the session,
     // then tell the backend. 1005/1006/1015 are never sent on the wire.
@@ -289,7 +292,8 @@ where
     };
     sess.queue.close(code, &ended.reason);
     conn.flush_close().await;
-    if resumable(&st, &ended) && sess.cont.park() {
+    if !final_close && resumable(&st, &ended) && sess.cont.park() {
+        sess.queue.drop_direct();
         sess.route.open.decrement(1.0);
         let taken = park(&st, &sess).await;
         sess.route.open.increment(1.0);
@@ -340,7 +344,8 @@ pub async fn abandon(st: &EdgeState, sess: &Arc<Session>) {
 }
 
 /// Whether a session that ended this way waits for a resume: the socket dropped (1006) or went
-/// away (1001), resume is on, and the node is not draining.
+/// away (1001: the client said so, the idle timeout, or a resume took it over), resume is on,
+/// and the node is not draining.
 fn resumable(st: &EdgeState, ended: &Ended) -> bool {
     !st.cfg.resume_window.is_zero()
         && matches!(ended.code, close::ABNORMAL | close::GOING_AWAY)

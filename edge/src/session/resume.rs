@@ -86,6 +86,8 @@ pub struct Continuity {
     pub(super) taken: tokio::sync::Notify,
     /// Woken when the session parks.
     parked: tokio::sync::Notify,
+    /// A resume is closing the old socket to take the session over.
+    takeover: std::sync::atomic::AtomicBool,
 }
 
 impl Continuity {
@@ -108,7 +110,18 @@ impl Continuity {
             }),
             taken: tokio::sync::Notify::new(),
             parked: tokio::sync::Notify::new(),
+            takeover: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// A resume is about to close the live socket to take the session over.
+    pub fn start_takeover(&self) {
+        self.takeover.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// True while a resume is taking the session over from a live socket.
+    pub fn taken_over(&self) -> bool {
+        self.takeover.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Waits until the session has parked (true), up to `within`.
@@ -238,6 +251,7 @@ impl Continuity {
     /// A new socket is live for this session.
     pub(super) fn live(&self) {
         *self.phase.lock() = Phase::Live;
+        self.takeover.store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// Kept deliveries (the resume buffer's occupancy).

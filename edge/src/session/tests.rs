@@ -241,7 +241,8 @@ impl tokio::io::AsyncWrite for BrokenWriter {
 
 #[tokio::test(start_paused = true)]
 async fn a_failed_write_ends_the_session_at_once() {
-    let mut h = harness("/ws/echo", |_| {}, None).await;
+    // Resume off: the session ends with its socket (with resume on it would wait, parked).
+    let mut h = harness("/ws/echo", |c| c.resume_window = Duration::ZERO, None).await;
     // Replace the harness's session by one whose writer fails; the reader stays open (the
     // client says nothing), so only the write failure can end it.
     h.task.abort();
@@ -293,5 +294,35 @@ async fn a_control_frame_flood_closes_1008() {
     assert_eq!(close.close_code(), Some(1008), "{close:?}");
     assert_eq!(&close.payload[2..], b"control frame flood");
     assert_eq!(h.lifecycle().await, (Kind::Disconnect, Some(1008)));
+    h.ended().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_socket_waits_for_the_resume_window_then_ends_with_its_code() {
+    let mut h = harness("/ws/echo", |c| c.resume_window = Duration::from_secs(30), None).await;
+    let t0 = tokio::time::Instant::now();
+    h.hang_up();
+    // Parked: still in the node's sessions, no disconnect yet.
+    assert!(h.sess.cont.wait_parked(Duration::from_secs(1)).await);
+    assert!(h.st.sessions.contains_key(&h.sess.id));
+    assert_eq!(h.lifecycle().await, (Kind::Disconnect, Some(1006)));
+    assert_eq!(
+        t0.elapsed(),
+        Duration::from_secs(30),
+        "the disconnect waited exactly the window"
+    );
+    assert!(!h.st.sessions.contains_key(&h.sess.id));
+    h.ended().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_close_the_server_started_is_final_even_with_resume_on() {
+    let mut h = harness("/ws/echo", |c| c.resume_window = Duration::from_secs(30), None).await;
+    let t0 = tokio::time::Instant::now();
+    // A backend closes the session; the client then vanishes without answering.
+    h.sess.queue.close(4000, "bye");
+    h.hang_up();
+    assert_eq!(h.lifecycle().await.0, Kind::Disconnect);
+    assert_eq!(t0.elapsed(), Duration::ZERO, "not parked");
     h.ended().await;
 }
