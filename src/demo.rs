@@ -18,6 +18,15 @@ use switchyard_protocol::{Envelope, Kind, Naming};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// The dashboard served at `GET /` with `--demo`: clients/js/demo/index.html and the built
+/// SDK (clients/js/dist/switchyard.min.js, committed; `npm run build` in clients/js remakes it).
+pub fn page() -> switchyard_edge::config::Page {
+    switchyard_edge::config::Page {
+        html: include_str!("../clients/js/demo/index.html"),
+        script: include_str!("../clients/js/dist/switchyard.min.js"),
+    }
+}
+
 /// The demo's ticker channel.
 pub const TICKER: &str = "demo.ticker";
 

@@ -168,6 +168,9 @@ impl Settings {
         if runs_demo && edge_cfg.history_of(demo::TICKER).is_none() {
             edge_cfg.channels.push(demo::history());
         }
+        if runs_demo {
+            edge_cfg.page = Some(Arc::new(demo::page()));
+        }
         if runs_edge || runs_demo {
             for c in &edge_cfg.channels {
                 bus.keep_history(&self.naming.channel(&c.pattern), c.limits())

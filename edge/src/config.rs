@@ -238,6 +238,10 @@ pub struct EdgeConfig {
     /// process draws its own (tokens then work on this process only)
     #[arg(skip)]
     pub resume_key: Option<std::sync::Arc<Vec<u8>>>,
+    /// A page served at `GET /` (and its script at `GET /switchyard.js`) on the client
+    /// listener: the demo's dashboard. `None`: no page is served.
+    #[arg(skip)]
+    pub page: Option<std::sync::Arc<Page>>,
     /// Default largest client message in bytes (bigger closes with 1009)
     #[arg(long, env = "SWITCHYARD_MAX_MESSAGE_SIZE", default_value_t = 1 << 20, global = true)]
     pub max_message_size: usize,
@@ -315,6 +319,13 @@ pub struct EdgeConfig {
     /// frames are answered bad_request and not published
     #[arg(long, env = "SWITCHYARD_MAX_JSON_DEPTH", default_value_t = switchyard_protocol::framed::DEFAULT_MAX_DEPTH, global = true)]
     pub max_json_depth: usize,
+}
+
+/// A static page and its script, served on the client listener (the demo's dashboard).
+#[derive(Debug)]
+pub struct Page {
+    pub html: &'static str,
+    pub script: &'static str,
 }
 
 /// What [`EdgeConfig::validate`] read from disk, taken by [`crate::Edge::start`] so that nothing

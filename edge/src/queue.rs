@@ -76,6 +76,9 @@ struct State {
     rest: bool,
     /// The socket, for the direct path (plain TCP only; TLS goes through the writer task).
     direct: Option<Arc<OwnedWriteHalf>>,
+    /// Someone decided to end the session ([`OutQueue::close`]), rather than the socket
+    /// failing under it ([`OutQueue::stop`]).
+    deliberate: bool,
 }
 
 impl State {
@@ -119,6 +122,7 @@ impl OutQueue {
                 writing: false,
                 rest: false,
                 direct: None,
+                deliberate: false,
             }),
             waker: atomic_waker::AtomicWaker::new(),
             cap: cap.max(1),
@@ -286,11 +290,28 @@ impl OutQueue {
     /// Asks the writer to close the socket after what is already queued. Returns false when a
     /// close was already requested.
     pub fn close(&self, code: u16, reason: &str) -> bool {
+        self.close_as(code, reason, true)
+    }
+
+    /// [`OutQueue::close`] for a socket that failed or went silent: the session may still
+    /// be resumed.
+    pub fn stop(&self, code: u16, reason: &str) -> bool {
+        self.close_as(code, reason, false)
+    }
+
+    /// True when the session was closed on purpose (a backend, a limit, the drain), not
+    /// because its socket failed.
+    pub fn closed_deliberately(&self) -> bool {
+        self.state.lock().deliberate
+    }
+
+    fn close_as(&self, code: u16, reason: &str, deliberate: bool) -> bool {
         let mut s = self.state.lock();
         if s.closing {
             return false;
         }
         s.closing = true;
+        s.deliberate = deliberate;
         s.items.push_back(Out::Close(code, reason.to_owned()));
         drop(s);
         self.waker.wake();

@@ -89,6 +89,11 @@ pub(crate) async fn upgrade(
 ) -> Response {
     let (mut parts, _body) = req.into_parts();
     let headers = &parts.headers;
+    if let Some(page) = &st.cfg.page {
+        if let Some(r) = serve_page(page, &parts.method, parts.uri.path(), headers) {
+            return r;
+        }
+    }
     let Some(route) = st.routes.get(parts.uri.path()).cloned() else {
         metrics::counter!(m::HANDSHAKE_REJECTED, "reason" => "unknown_path").increment(1);
         return (StatusCode::NOT_FOUND, "no such route\n").into_response();
@@ -297,6 +302,29 @@ pub(crate) async fn upgrade(
         h.insert("x-switchyard-resume-token", t);
     }
     resp
+}
+
+/// The demo's page: `GET /` and `GET /switchyard.js` (not an upgrade), nothing else.
+fn serve_page(page: &crate::config::Page, method: &Method, path: &str, headers: &HeaderMap) -> Option<Response> {
+    if method != Method::GET || has_token(headers, header::UPGRADE, "websocket") {
+        return None;
+    }
+    let (body, kind) = match path {
+        "/" | "/index.html" => (page.html, "text/html; charset=utf-8"),
+        "/switchyard.js" => (page.script, "text/javascript; charset=utf-8"),
+        _ => return None,
+    };
+    let mut r = (StatusCode::OK, body).into_response();
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    // Everything comes from this origin (no CDN, no external fonts); sockets to any edge.
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'unsafe-inline'; connect-src ws: wss:"),
+    );
+    Some(r)
 }
 
 /// A reader that first yields what the HTTP parser had already read past the upgrade request

@@ -59,6 +59,7 @@ fuzz_target!(|frame: &[u8]| {
                     assert!(ref_valid_channel(channel), "accepted channel {channel:?}");
                     assert!(serde_json::from_slice::<IgnoredAny>(data).is_ok(), "data is not JSON");
                 }
+                ClientOp::Ping => {}
                 ClientOp::Send { data } => {
                     assert!(serde_json::from_slice::<IgnoredAny>(data).is_ok(), "data is not JSON")
                 }

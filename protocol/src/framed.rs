@@ -21,6 +21,9 @@ pub enum ClientOp {
     Unsubscribe { channel: String },
     Publish { channel: String, data: Bytes },
     Send { data: Bytes },
+    /// Answered `{"op":"pong"}` at once: lets a client that cannot see WebSocket pings (a
+    /// browser) tell a live connection from a dead one.
+    Ping,
 }
 
 /// Where a subscription starts, for channels with history.
@@ -244,6 +247,7 @@ pub fn decode_client(frame: &[u8]) -> Result<ClientOp, FramedError> {
             data: data()?,
         }),
         "send" => Ok(ClientOp::Send { data: data()? }),
+        "ping" => Ok(ClientOp::Ping),
         other => {
             let mut o = other.to_owned();
             o.truncate(o.char_indices().nth(32).map_or(o.len(), |(i, _)| i));
@@ -272,6 +276,7 @@ pub fn encode_client(op: &ClientOp) -> String {
             format!(r#"{{"op":"publish","channel":{},"data":{}}}"#, q(channel), data(d))
         }
         ClientOp::Send { data: d } => format!(r#"{{"op":"send","data":{}}}"#, data(d)),
+        ClientOp::Ping => r#"{"op":"ping"}"#.to_owned(),
     }
 }
 
@@ -361,6 +366,14 @@ pub fn subscribed_at(channel: &str, at: &Position<'_>) -> String {
     }
     out.push('}');
     out
+}
+
+/// `{"op":"pong"}`, or `{"op":"pong","id":ID}` for a ping that carried an `id`.
+pub fn pong(id: Option<&str>) -> String {
+    match id {
+        Some(id) => format!(r#"{{"op":"pong","id":{id}}}"#),
+        None => r#"{"op":"pong"}"#.to_owned(),
+    }
 }
 
 /// `{"op":"unsubscribed","channel":C}`
@@ -459,6 +472,8 @@ mod tests {
             })
         );
         assert_eq!(decode_client(br#"{"op":"send"}"#), Err(FramedError::Missing("data")));
+        assert_eq!(decode_client(br#"{"op":"ping"}"#), Ok(ClientOp::Ping));
+        assert_eq!(pong(Some("7")), r#"{"op":"pong","id":7}"#);
         assert_eq!(decode_client(br#"{"channel":"x"}"#), Err(FramedError::Missing("op")));
         assert!(matches!(decode_client(b"nope"), Err(FramedError::NotJson(_))));
         assert!(matches!(
@@ -641,7 +656,7 @@ mod tests {
         }
 
         #[test]
-        fn round_trip(channel in "[a-z0-9]{1,10}(\\.[a-z0-9]{1,10}){0,3}", n in any::<i64>(), s in "\\PC{0,40}", which in 0usize..4) {
+        fn round_trip(channel in "[a-z0-9]{1,10}(\\.[a-z0-9]{1,10}){0,3}", n in any::<i64>(), s in "\\PC{0,40}", which in 0usize..5) {
             let data = Bytes::from(serde_json::json!({"n": n, "s": s}).to_string());
             let op = match which {
                 0 => ClientOp::Subscribe { channel, start: match n.rem_euclid(3) {
@@ -651,6 +666,7 @@ mod tests {
                 } },
                 1 => ClientOp::Unsubscribe { channel },
                 2 => ClientOp::Publish { channel, data },
+                3 => ClientOp::Ping,
                 _ => ClientOp::Send { data },
             };
             prop_assert_eq!(decode_client(encode_client(&op).as_bytes()), Ok(op));

@@ -161,7 +161,7 @@ where
                 failed: res.is_err(),
             };
             // Nothing more will be written: refuse further pushes.
-            self.sess.queue.close(close::GOING_AWAY, "writer stopped");
+            self.sess.queue.stop(close::GOING_AWAY, "writer stopped");
         }
     }
 
@@ -270,7 +270,7 @@ where
             return None;
         }
         if now >= self.last_read + self.st.cfg.idle_timeout {
-            self.sess.queue.close(close::GOING_AWAY, "idle timeout");
+            self.sess.queue.stop(close::GOING_AWAY, "idle timeout");
             return Some(Ended::new(close::GOING_AWAY, "idle timeout"));
         }
         None

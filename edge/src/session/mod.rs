@@ -281,7 +281,7 @@ where
     let ended = (&mut conn).await;
     // A close this side had started (a backend, the admin API, a limit, the drain) is final;
     // the takeover by a resume is not.
-    let final_close = sess.queue.is_closing() && !sess.cont.taken_over();
+    let final_close = sess.queue.closed_deliberately() && !sess.cont.taken_over();
 
     // Teardown: send our close frame if one is still owed, leave channels, forget the session,
     // then tell the backend. 1005/1006/1015 are never sent on the wire.

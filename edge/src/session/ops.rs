@@ -108,6 +108,10 @@ pub(super) async fn handle_op(
             st.bus.publish(&st.cfg.naming.channel(&channel), rec).await.map(|_| ())
         }
         ClientOp::Send { data } => publish_frame(st, sess, data, Opcode::Text).await,
+        ClientOp::Ping => {
+            sess.reply(framed::pong(id));
+            return Ok(());
+        }
     };
     match (&res, id) {
         (Ok(()), Some(id)) => {

@@ -1,0 +1,149 @@
+// SDK tests against a real gateway (memory bus, demo backends), with Node's WebSocket from `ws`.
+import { test, after } from "node:test";
+import assert from "node:assert/strict";
+import WebSocket from "ws";
+import { Client, SwitchyardError } from "../dist/index.js";
+import { start, post, next } from "./gateway.mjs";
+
+const gw = await start();
+after(() => gw.stop());
+
+function client(extra = {}) {
+  const c = new Client({ urls: gw.ws("/ws"), WebSocket, backoff: { base: 50, cap: 200 }, ...extra });
+  return c;
+}
+
+/** Drops the client's socket without a close handshake (the server sees the TCP end). */
+function dropSocket(c) {
+  // The `ws` object behind the client (test-only access to a private field).
+  c.ws._socket.destroy();
+}
+
+test("backoff: full jitter between 0 and min(cap, base * 2^attempt)", () => {
+  const b = { base: 100, cap: 5000 };
+  for (let a = 0; a < 20; a++) {
+    const hi = Math.min(5000, 100 * 2 ** a);
+    assert.equal(Client.backoffDelay(a, b, () => 0), 0);
+    assert.equal(Client.backoffDelay(a, b, () => 0.999999), Math.floor(0.999999 * hi));
+    for (let i = 0; i < 50; i++) {
+      const d = Client.backoffDelay(a, b);
+      assert.ok(d >= 0 && d < hi, `attempt ${a}: ${d} not in [0, ${hi})`);
+    }
+  }
+});
+
+test("send is acknowledged and answered; a dropped socket resumes the session with every delivery once", async () => {
+  const c = client();
+  const got = [];
+  c.on("message", (m) => m.kind === "delivery" && got.push(m));
+  c.connect();
+  const first = await next(c, "connected");
+  assert.equal(first.resumed, false);
+  const one = next(c, "message", (m) => m.kind === "delivery" && m.n === 1);
+  const ack = await c.send({ n: 1 });
+  assert.deepEqual(ack, { duplicate: false });
+  await one;
+  const resumed = next(c, "resumed");
+  dropSocket(c);
+  const r = await resumed;
+  assert.equal(r.resumed, true, JSON.stringify(r));
+  assert.equal(c.sessionId, first.session, "the same session after the resume");
+  const two = next(c, "message", (m) => m.kind === "delivery" && m.n === 2);
+  await c.send({ n: 2 });
+  await two;
+  assert.deepEqual(got.map((m) => [m.n, m.data]), [[1, { echo: { n: 1 } }], [2, { echo: { n: 2 } }]]);
+  c.close();
+});
+
+test("channel recovery: messages published while away arrive after the reconnect, contiguous, recovered:true", async () => {
+  const channel = `demo.t${Date.now()}`;
+  const c = client();
+  const offsets = [];
+  c.on("message", (m) => m.kind === "channel" && m.channel === channel && offsets.push([m.offset, m.data.i]));
+  c.connect();
+  await c.subscribe(channel);
+  for (let i = 0; i < 3; i++) await post(gw.admin("/api/publish"), { channel, data: { i } });
+  await next(c, "message", (m) => m.channel === channel && m.data.i === 2);
+  // The client stays away until these are published: its reconnect waits for `away`.
+  let back;
+  const away = new Promise((r) => (back = r));
+  const rec = next(c, "recovered", (r) => r.channel === channel);
+  const last = next(c, "message", (m) => m.channel === channel && m.data.i === 7);
+  c.o.getToken = async () => {
+    await away;
+    return undefined;
+  };
+  dropSocket(c);
+  for (let i = 3; i < 8; i++) await post(gw.admin("/api/publish"), { channel, data: { i } });
+  back();
+  assert.equal((await rec).recovered, true);
+  await last;
+  assert.deepEqual(offsets.map((o) => o[1]), [0, 1, 2, 3, 4, 5, 6, 7], "each once, in order");
+  for (let k = 1; k < offsets.length; k++) assert.equal(offsets[k][0], offsets[k - 1][0] + 1, "contiguous offsets");
+  c.close();
+});
+
+test("rewind:1 gives the last value first", async () => {
+  const channel = `demo.r${Date.now()}`;
+  for (let i = 0; i < 3; i++) await post(gw.admin("/api/publish"), { channel, data: { i } });
+  const c = client();
+  c.connect();
+  const m = next(c, "message", (m) => m.channel === channel);
+  await c.subscribe(channel, { rewind: 1 });
+  assert.deepEqual((await m).data, { i: 2 });
+  c.close();
+});
+
+test("unacknowledged sends are resent after a resume with their ids; the backend sees each once", async () => {
+  const c = client();
+  const echoes = [];
+  c.on("message", (m) => m.kind === "delivery" && echoes.push(m.data.echo.k));
+  c.connect();
+  await next(c, "connected");
+  // Queued while connected, then the socket drops before any ack can arrive.
+  const sends = [c.send({ k: "a" }), c.send({ k: "b" }), c.send({ k: "c" })];
+  dropSocket(c);
+  const acks = await Promise.all(sends);
+  assert.equal(acks.length, 3);
+  const end = next(c, "message", (m) => m.kind === "delivery" && m.data.echo.k === "end");
+  await c.send({ k: "end" });
+  await end;
+  for (const k of ["a", "b", "c"]) {
+    assert.equal(echoes.filter((e) => e === k).length, 1, `${k} reached the backend once: ${echoes}`);
+  }
+  c.close();
+});
+
+test("the offline queue is bounded, with a clear error", async () => {
+  const c = new Client({ urls: "ws://127.0.0.1:1/ws", WebSocket, offlineQueue: 2, backoff: { base: 10000 } });
+  c.connect();
+  const a = c.send(1);
+  const b = c.send(2);
+  await assert.rejects(c.send(3), (e) => e instanceof SwitchyardError && e.code === "offline_queue_full");
+  c.close();
+  await assert.rejects(a, (e) => e.code === "closed");
+  await assert.rejects(b, (e) => e.code === "closed");
+});
+
+test("a dead connection (no answer at all) is detected by silence and retried", async () => {
+  // A TCP server that accepts and never answers the upgrade.
+  const net = await import("node:net");
+  const sockets = [];
+  const srv = net.createServer((s) => sockets.push(s)).listen(0, "127.0.0.1");
+  await new Promise((r) => srv.once("listening", r));
+  const c = new Client({
+    urls: `ws://127.0.0.1:${srv.address().port}/ws`,
+    WebSocket,
+    silenceTimeout: 300,
+    pingInterval: 100,
+    backoff: { base: 50, cap: 100, maxAttempts: 3 },
+  });
+  const seen = [];
+  c.on("disconnected", (d) => seen.push(d));
+  c.connect();
+  await next(c, "state", (s) => s.state === "closed", 10_000);
+  assert.equal(seen.length, 4, "three retries, then it gives up");
+  assert.ok(seen.every((d) => d.code === 1006));
+  for (const s of sockets) s.destroy();
+  srv.close();
+});
