@@ -38,7 +38,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -81,6 +81,7 @@ pub struct KafkaBus {
 /// Keeps `ready` current: true while the broker answers a metadata request (every second).
 /// Stops when the bus is dropped.
 fn watch_readiness(producer: FutureProducer, ready: std::sync::Weak<std::sync::atomic::AtomicBool>) {
+    use rdkafka::producer::Producer as _;
     std::thread::Builder::new()
         .name("kafka-readiness".into())
         .spawn(move || {
@@ -249,13 +250,12 @@ impl KafkaBus {
 
     /// Waits until the follower has applied every `<prefix>.epochs` record written so far.
     async fn epochs_caught_up(&self) -> Result<(), BusError> {
-        let c = self.producer.clone();
+        let c = self.fanout.clone();
         let t = self.naming.epochs();
-        let (_, high) =
-            tokio::task::spawn_blocking(move || c.client().fetch_watermarks(&t, 0, Duration::from_secs(10)))
-                .await
-                .map_err(unavailable)?
-                .map_err(unavailable)?;
+        let (_, high) = tokio::task::spawn_blocking(move || c.fetch_watermarks(&t, 0, Duration::from_secs(10)))
+            .await
+            .map_err(unavailable)?
+            .map_err(unavailable)?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let changed = self.histories.changed.notified();
@@ -289,18 +289,19 @@ impl KafkaBus {
     /// broker serves yet (Apache Kafka answers with no partitions for a moment): asked again
     /// until [`METADATA_PROPAGATION`] has passed.
     ///
-    /// Metadata and watermarks are asked through the producer's client, not a consumer's: a
-    /// broker answers one connection's requests in order, so on a consumer's connection they
-    /// wait behind its fetch held open at the end of the log (`fetch.wait.max.ms`, 500 ms).
-    /// Measured (scripts/bench-recovery): a first subscribe to a channel took about 500 ms.
+    /// Asked on the fanout consumer itself: on its connection this waits behind its fetch held
+    /// at the end of the log (up to `fetch.wait.max.ms`, 500 ms: a broker answers a connection
+    /// in order), but leaves the consumer knowing the topic's leader, so it fetches a partition
+    /// it is then assigned at once. Asked through the producer's client instead, subscribe got
+    /// ~500 ms faster but the first live messages came up to ~1 s late (continuity's
+    /// `kafka::seam` failed 3 runs of 4).
     async fn partitions_of(&self, topic: &str) -> Result<Vec<i32>, BusError> {
-        let c = self.producer.clone();
+        let c = self.fanout.clone();
         let t = topic.to_owned();
         tokio::task::spawn_blocking(move || {
             let deadline = std::time::Instant::now() + METADATA_PROPAGATION;
             loop {
                 let md = c
-                    .client()
                     .fetch_metadata(Some(&t), Duration::from_secs(10))
                     .map_err(unavailable)?;
                 let all: Vec<_> = md.topics().iter().flat_map(|t| t.partitions()).collect();
@@ -323,8 +324,7 @@ impl KafkaBus {
     /// (or the beginning).
     async fn start_offsets(&self, topic: &str, start: StartFrom) -> Result<TopicPartitionList, BusError> {
         let parts = self.partitions_of(topic).await?;
-        // The producer's client, as in `partitions_of`.
-        let c = self.producer.clone();
+        let c = self.fanout.clone();
         let t = topic.to_owned();
         tokio::task::spawn_blocking(move || {
             let mut tpl = TopicPartitionList::new();
@@ -334,7 +334,7 @@ impl KafkaBus {
                     StartFrom::Earliest => Offset::Beginning,
                     StartFrom::Latest => loop {
                         // A leader elected a moment ago may not answer yet: asked again.
-                        match c.client().fetch_watermarks(&t, p, Duration::from_secs(10)) {
+                        match c.fetch_watermarks(&t, p, Duration::from_secs(10)) {
                             Ok((_, high)) => break Offset::Offset(high),
                             Err(e) if std::time::Instant::now() >= deadline => return Err(unavailable(e)),
                             Err(_) => std::thread::sleep(METADATA_RETRY),
@@ -665,6 +665,7 @@ impl Bus for KafkaBus {
     }
 
     async fn flush(&self) -> Result<(), BusError> {
+        use rdkafka::producer::Producer as _;
         let p = self.producer.clone();
         tokio::task::spawn_blocking(move || p.flush(Duration::from_secs(10)))
             .await
