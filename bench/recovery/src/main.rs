@@ -61,6 +61,12 @@ struct Args {
     /// Timed recoveries (R), each on a new connection; as many baseline reads.
     #[arg(long, default_value_t = 20)]
     runs: usize,
+    /// Keep the plain subscribe's connection (subscribed to the channel) open during the runs,
+    /// so the edge already has the channel's live subscription when each timed subscribe comes
+    /// (a channel with other subscribers on the edge); without it each timed subscribe is the
+    /// channel's first subscriber on the edge.
+    #[arg(long)]
+    hold: bool,
     /// Size of each message's `data` JSON (bytes).
     #[arg(long, default_value_t = 100)]
     payload: usize,
@@ -144,8 +150,9 @@ async fn send(ws: &mut Ws, v: serde_json::Value) -> Result<()> {
     Ok(())
 }
 
-/// A plain subscribe: the channel's (epoch, newest offset).
-async fn position(a: &Args, channel: &str) -> Result<(String, u64)> {
+/// A plain subscribe: the channel's (epoch, newest offset), and its connection (still
+/// subscribed: dropping it leaves the channel).
+async fn position(a: &Args, channel: &str) -> Result<(String, u64, Ws)> {
     let timeout = Duration::from_secs_f64(a.timeout);
     let mut ws = connect(&a.url, timeout).await?;
     send(&mut ws, json!({"op": "subscribe", "channel": channel})).await?;
@@ -156,8 +163,7 @@ async fn position(a: &Args, channel: &str) -> Result<(String, u64)> {
         bail!("no epoch/offset in {t}: does a [[channel]] pattern with history cover {channel}?");
     };
     let epoch = epoch.into_owned();
-    let _ = ws.close(None).await;
-    Ok((epoch, offset))
+    Ok((epoch, offset, ws))
 }
 
 /// One timed recovery of the `m` messages after `since` (newest `cur`) on a new connection.
@@ -382,7 +388,13 @@ async fn main() -> Result<()> {
     let t = Instant::now();
     let published = publish(&a, &channel).await?;
     let publish_s = t.elapsed().as_secs_f64();
-    let (epoch, cur) = position(&a, &channel).await?;
+    let (epoch, cur, mut holder) = position(&a, &channel).await?;
+    if !a.hold {
+        // Each timed subscribe is then the edge's only subscriber of the channel.
+        let _ = holder.close(None).await;
+        drop(holder);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     eprintln!("published {m} to {channel} in {publish_s:.2} s; epoch {epoch}, newest offset {cur}");
     ensure!(
         cur >= m as u64,
@@ -422,6 +434,7 @@ async fn main() -> Result<()> {
     out.insert("messages".into(), json!(m));
     out.insert("runs".into(), json!(a.runs));
     out.insert("payload".into(), json!(a.payload));
+    out.insert("hold".into(), json!(a.hold));
     out.insert("channel".into(), json!(channel));
     out.insert("offset".into(), json!(cur));
     out.insert("publish_s".into(), json!((publish_s * 1000.0).round() / 1000.0));
