@@ -8,9 +8,13 @@ import path from "node:path";
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
 export const BIN = process.env.SWITCHYARD_BIN || path.join(root, "target/debug/switchyard");
 
-/** Starts `switchyard` with `args` on free loopback ports; resolves once it serves. */
+/** Starts `switchyard` with `args` on free loopback ports (unless `args` names
+ * `--listen`/`--admin`); resolves once it serves. */
 export async function start(args = ["--demo"], env = {}) {
-  const child = spawn(BIN, ["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", ...args], {
+  const ports = [];
+  if (!args.includes("--listen") && !args[0]?.match(/^(router|demo)$/)) ports.push("--listen", "127.0.0.1:0");
+  if (!args.includes("--admin")) ports.push("--admin", "127.0.0.1:0");
+  const child = spawn(BIN, [...args, ...ports], {
     env: { ...process.env, SWITCHYARD_LOG_FORMAT: "json", ...env },
     stdio: ["ignore", "ignore", "pipe"],
   });
@@ -45,7 +49,7 @@ export async function start(args = ["--demo"], env = {}) {
     admin: (p) => `http://${f.admin}${p}`,
     /** SIGTERM (or `sig`), resolved when it exited. */
     async stop(sig = "SIGTERM") {
-      if (child.exitCode !== null) return;
+      if (child.exitCode !== null || child.signalCode !== null) return;
       child.kill(sig);
       await once(child, "exit");
     },
