@@ -322,7 +322,9 @@ fn serve_page(page: &crate::config::Page, method: &Method, path: &str, headers: 
     // Everything comes from this origin (no CDN, no external fonts); sockets to any edge.
     h.insert(
         "content-security-policy",
-        HeaderValue::from_static("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'unsafe-inline'; connect-src ws: wss:"),
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'unsafe-inline'; connect-src ws: wss:",
+        ),
     );
     Some(r)
 }

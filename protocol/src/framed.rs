@@ -17,10 +17,20 @@ use crate::naming::valid_channel;
 /// A decoded client operation. `data` is the raw JSON text of the `data` field.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientOp {
-    Subscribe { channel: String, start: Start },
-    Unsubscribe { channel: String },
-    Publish { channel: String, data: Bytes },
-    Send { data: Bytes },
+    Subscribe {
+        channel: String,
+        start: Start,
+    },
+    Unsubscribe {
+        channel: String,
+    },
+    Publish {
+        channel: String,
+        data: Bytes,
+    },
+    Send {
+        data: Bytes,
+    },
     /// Answered `{"op":"pong"}` at once: lets a client that cannot see WebSocket pings (a
     /// browser) tell a live connection from a dead one.
     Ping,

@@ -128,6 +128,7 @@ export declare class Client {
     private readonly channels;
     private readonly listeners;
     private tokenAge;
+    private connectedAt;
     private stopped;
     constructor(options: Options);
     /** The connection's state. */

@@ -12,6 +12,8 @@ export class SwitchyardError extends Error {
     }
 }
 const OPEN = 1;
+/** A connection that lasted this long (ms) resets the backoff. */
+const STABLE_MS = 5000;
 /** One client: one logical session over successive sockets. */
 export class Client {
     constructor(options) {
@@ -26,6 +28,7 @@ export class Client {
         this.channels = new Map();
         this.listeners = {};
         this.tokenAge = 0;
+        this.connectedAt = 0;
         this.stopped = false;
         const WS = options.WebSocket ?? globalThis.WebSocket;
         if (!WS)
@@ -259,7 +262,7 @@ export class Client {
         }
         this.session = session;
         this.resumeToken = typeof m.resume_token === "string" ? m.resume_token : undefined;
-        this.attempt = 0;
+        this.connectedAt = Date.now();
         this.setState("connected");
         this.emit("connected", { url, session, resumed });
         // Everything unacknowledged goes (again) with its original id: a duplicate is acked, not
@@ -308,6 +311,11 @@ export class Client {
         this.clearTimers();
         if (this.stopped)
             return;
+        // The backoff starts over only after a connection that lasted: a server that accepts and
+        // closes at once must not get a tight reconnect loop.
+        if (this.connectedAt && Date.now() - this.connectedAt >= STABLE_MS)
+            this.attempt = 0;
+        this.connectedAt = 0;
         // Codes that must not be retried as they are (docs in README).
         if (code === 1008 || code === 1009) {
             this.emit("disconnected", { code, reason, willRetry: false });
@@ -325,8 +333,8 @@ export class Client {
             this.setState("closed");
             return;
         }
-        if (code >= 4000 && code < 5000 && code !== 4001 && code !== 4008) {
-            // An application close (a backend or the admin API ended the session): final.
+        if (code === 1000 || (code >= 4000 && code < 5000 && code !== 4001 && code !== 4008)) {
+            // The server ended the session on purpose (a backend or the admin API): final.
             this.emit("disconnected", { code, reason, willRetry: false });
             this.failPending("closed", reason);
             this.stopped = true;

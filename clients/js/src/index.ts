@@ -107,6 +107,8 @@ interface Chan {
 type Listener<K extends keyof Events> = (ev: Events[K]) => void;
 
 const OPEN = 1;
+/** A connection that lasted this long (ms) resets the backoff. */
+const STABLE_MS = 5000;
 
 /** One client: one logical session over successive sockets. */
 export class Client {
@@ -128,6 +130,7 @@ export class Client {
   private readonly channels = new Map<string, Chan>();
   private readonly listeners: { [K in keyof Events]?: Array<Listener<K>> } = {};
   private tokenAge = 0;
+  private connectedAt = 0;
   private stopped = false;
 
   constructor(options: Options) {
@@ -355,7 +358,7 @@ export class Client {
     }
     this.session = session;
     this.resumeToken = typeof m.resume_token === "string" ? m.resume_token : undefined;
-    this.attempt = 0;
+    this.connectedAt = Date.now();
     this.setState("connected");
     this.emit("connected", { url, session, resumed });
     // Everything unacknowledged goes (again) with its original id: a duplicate is acked, not
@@ -401,6 +404,10 @@ export class Client {
   private onClose(code: number, reason: string): void {
     this.clearTimers();
     if (this.stopped) return;
+    // The backoff starts over only after a connection that lasted: a server that accepts and
+    // closes at once must not get a tight reconnect loop.
+    if (this.connectedAt && Date.now() - this.connectedAt >= STABLE_MS) this.attempt = 0;
+    this.connectedAt = 0;
     // Codes that must not be retried as they are (docs in README).
     if (code === 1008 || code === 1009) {
       this.emit("disconnected", { code, reason, willRetry: false });
@@ -418,8 +425,8 @@ export class Client {
       this.setState("closed");
       return;
     }
-    if (code >= 4000 && code < 5000 && code !== 4001 && code !== 4008) {
-      // An application close (a backend or the admin API ended the session): final.
+    if (code === 1000 || (code >= 4000 && code < 5000 && code !== 4001 && code !== 4008)) {
+      // The server ended the session on purpose (a backend or the admin API): final.
       this.emit("disconnected", { code, reason, willRetry: false });
       this.failPending("closed", reason);
       this.stopped = true;

@@ -147,3 +147,60 @@ test("a dead connection (no answer at all) is detected by silence and retried", 
   for (const s of sockets) s.destroy();
   srv.close();
 });
+
+/** A hostile server: `ws` on a free port, doing `onConnection` to each socket. Returns the
+ * URL, a counter of connections and a stop function. */
+async function hostile(onConnection) {
+  const { WebSocketServer } = await import("ws");
+  const wss = new WebSocketServer({ host: "127.0.0.1", port: 0, handleProtocols: (p) => [...p][0] });
+  await new Promise((r) => wss.once("listening", r));
+  const seen = { n: 0 };
+  wss.on("connection", (sock) => {
+    seen.n += 1;
+    onConnection(sock, seen.n);
+  });
+  return { url: `ws://127.0.0.1:${wss.address().port}/ws`, seen, stop: () => new Promise((r) => wss.close(r)) };
+}
+
+test("a server that closes every socket after 100 ms gets a bounded, growing backoff, not a tight loop", async () => {
+  const srv = await hostile((sock, n) => {
+    sock.send(JSON.stringify({ op: "welcome", session: `S${n}` }));
+    setTimeout(() => sock.close(1011, "boom"), 100);
+  });
+  const c = new Client({ urls: srv.url, WebSocket, backoff: { base: 100, cap: 1000 } });
+  const started = Date.now();
+  c.connect();
+  // Bounded by the clock of the test (4 s): count what happened.
+  await new Promise((r) => setTimeout(r, 4000));
+  c.close();
+  const secs = (Date.now() - started) / 1000;
+  const perMinute = (srv.seen.n / secs) * 60;
+  console.log(`# closes-after-100ms server: ${srv.seen.n} connections in ${secs.toFixed(1)} s (${perMinute.toFixed(0)}/min)`);
+  // 100 ms of life + a growing jittered delay: far fewer than the 40 a 0 ms retry would make.
+  assert.ok(srv.seen.n >= 3 && srv.seen.n <= 20, `${srv.seen.n} connections`);
+  await srv.stop();
+});
+
+test("a 4001 mid-session calls getToken and reconnects at once, and a server that keeps sending 4001 is backed off", async () => {
+  let tokens = 0;
+  const srv = await hostile((sock, n) => {
+    sock.send(JSON.stringify({ op: "welcome", session: `S${n}` }));
+    setTimeout(() => sock.close(4001, "token expired"), 100);
+  });
+  const c = new Client({
+    urls: srv.url,
+    WebSocket,
+    backoff: { base: 200, cap: 1000 },
+    getToken: () => `t${++tokens}`,
+  });
+  const closes = [];
+  c.on("disconnected", (d) => closes.push(d));
+  c.connect();
+  await new Promise((r) => setTimeout(r, 3000));
+  c.close();
+  console.log(`# always-4001 server: ${srv.seen.n} connections, ${tokens} tokens in 3 s`);
+  assert.equal(tokens, srv.seen.n, "a fresh token before every connect");
+  assert.ok(closes.every((d) => d.code === 4001 && d.willRetry));
+  assert.ok(srv.seen.n >= 2 && srv.seen.n <= 15, `${srv.seen.n} connections`);
+  await srv.stop();
+});
