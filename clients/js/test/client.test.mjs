@@ -1,5 +1,5 @@
 // SDK tests against a real gateway (memory bus, demo backends), with Node's WebSocket from `ws`.
-import { test, after } from "node:test";
+import { test, after, afterEach } from "node:test";
 import assert from "node:assert/strict";
 import WebSocket from "ws";
 import { Client, SwitchyardError } from "../dist/index.js";
@@ -8,8 +8,20 @@ import { start, post, next } from "./gateway.mjs";
 const gw = await start();
 after(() => gw.stop());
 
+// Every client a test makes is closed after it, passed or failed: a failed test must not leave
+// a client reconnecting forever (it would hold the test process open).
+const made = [];
+afterEach(() => {
+  for (const c of made.splice(0)) c.close();
+});
+
+/** A client of the test gateway, closed after the test. */
 function client(extra = {}) {
-  const c = new Client({ urls: gw.ws("/ws"), WebSocket, backoff: { base: 50, cap: 200 }, ...extra });
+  return track(new Client({ urls: gw.ws("/ws"), WebSocket, backoff: { base: 50, cap: 200 }, ...extra }));
+}
+
+function track(c) {
+  made.push(c);
   return c;
 }
 
@@ -62,8 +74,10 @@ test("channel recovery: messages published while away arrive after the reconnect
   c.on("message", (m) => m.kind === "channel" && m.channel === channel && offsets.push([m.offset, m.data.i]));
   c.connect();
   await c.subscribe(channel);
+  // Listening before publishing: the delivery can beat the HTTP answer.
+  const third = next(c, "message", (m) => m.channel === channel && m.data.i === 2);
   for (let i = 0; i < 3; i++) await post(gw.admin("/api/publish"), { channel, data: { i } });
-  await next(c, "message", (m) => m.channel === channel && m.data.i === 2);
+  await third;
   // The client stays away until these are published: its reconnect waits for `away`.
   let back;
   const away = new Promise((r) => (back = r));
@@ -115,7 +129,7 @@ test("unacknowledged sends are resent after a resume with their ids; the backend
 });
 
 test("the offline queue is bounded, with a clear error", async () => {
-  const c = new Client({ urls: "ws://127.0.0.1:1/ws", WebSocket, offlineQueue: 2, backoff: { base: 10000 } });
+  const c = track(new Client({ urls: "ws://127.0.0.1:1/ws", WebSocket, offlineQueue: 2, backoff: { base: 10000 } }));
   c.connect();
   const a = c.send(1);
   const b = c.send(2);
@@ -131,13 +145,13 @@ test("a dead connection (no answer at all) is detected by silence and retried", 
   const sockets = [];
   const srv = net.createServer((s) => sockets.push(s)).listen(0, "127.0.0.1");
   await new Promise((r) => srv.once("listening", r));
-  const c = new Client({
+  const c = track(new Client({
     urls: `ws://127.0.0.1:${srv.address().port}/ws`,
     WebSocket,
     silenceTimeout: 300,
     pingInterval: 100,
     backoff: { base: 50, cap: 100, maxAttempts: 3 },
-  });
+  }));
   const seen = [];
   c.on("disconnected", (d) => seen.push(d));
   c.connect();
@@ -152,14 +166,23 @@ test("a dead connection (no answer at all) is detected by silence and retried", 
  * URL, a counter of connections and a stop function. */
 async function hostile(onConnection) {
   const { WebSocketServer } = await import("ws");
-  const wss = new WebSocketServer({ host: "127.0.0.1", port: 0, handleProtocols: (p) => [...p][0] });
-  await new Promise((r) => wss.once("listening", r));
+  const { createServer } = await import("node:http");
+  // Our own HTTP server, so that stop can end every TCP connection, including one still in its
+  // upgrade (`WebSocketServer.close` waits for those and would hold the test open).
+  const http = createServer();
+  const wss = new WebSocketServer({ server: http, handleProtocols: (p) => [...p][0] });
+  await new Promise((r) => http.listen(0, "127.0.0.1", r));
   const seen = { n: 0 };
   wss.on("connection", (sock) => {
     seen.n += 1;
     onConnection(sock, seen.n);
   });
-  return { url: `ws://127.0.0.1:${wss.address().port}/ws`, seen, stop: () => new Promise((r) => wss.close(r)) };
+  const stop = async () => {
+    for (const sock of wss.clients) sock.terminate();
+    http.closeAllConnections();
+    await new Promise((r) => wss.close(() => http.close(r)));
+  };
+  return { url: `ws://127.0.0.1:${http.address().port}/ws`, seen, stop };
 }
 
 test("a server that closes every socket after 100 ms gets a bounded, growing backoff, not a tight loop", async () => {
@@ -167,7 +190,7 @@ test("a server that closes every socket after 100 ms gets a bounded, growing bac
     sock.send(JSON.stringify({ op: "welcome", session: `S${n}` }));
     setTimeout(() => sock.close(1011, "boom"), 100);
   });
-  const c = new Client({ urls: srv.url, WebSocket, backoff: { base: 100, cap: 1000 } });
+  const c = track(new Client({ urls: srv.url, WebSocket, backoff: { base: 100, cap: 1000 } }));
   const started = Date.now();
   c.connect();
   // Bounded by the clock of the test (4 s): count what happened.
@@ -187,12 +210,12 @@ test("a 4001 mid-session calls getToken and reconnects at once, and a server tha
     sock.send(JSON.stringify({ op: "welcome", session: `S${n}` }));
     setTimeout(() => sock.close(4001, "token expired"), 100);
   });
-  const c = new Client({
+  const c = track(new Client({
     urls: srv.url,
     WebSocket,
     backoff: { base: 200, cap: 1000 },
     getToken: () => `t${++tokens}`,
-  });
+  }));
   const closes = [];
   c.on("disconnected", (d) => closes.push(d));
   c.connect();
