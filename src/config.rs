@@ -275,6 +275,9 @@ impl Settings {
     pub fn for_tests() -> Self {
         let mut edge = EdgeConfig::new(generated_node_id());
         edge.shutdown_grace = Duration::from_secs(1);
+        // In-process apps stop at the end of each test: no handover wait (tests/handover.rs
+        // runs edges as processes with it).
+        edge.handover_grace = Duration::ZERO;
         Self {
             command: Command::Standalone,
             bus_url: "memory://".into(),

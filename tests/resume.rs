@@ -229,6 +229,7 @@ async fn misused_tokens_get_a_new_session_and_none_of_the_old_data() {
         .unwrap()
         .as_secs();
     let claims = |route: &str, subject: Option<&str>, expires: u64| resume::Claims {
+        node: None,
         session: session.clone(),
         route: route.into(),
         subject: subject.map(str::to_owned),

@@ -316,7 +316,8 @@ async fn fan_out(channel: &str, shard: &Shard, items: &[Item], frames: &mut Vec<
         } else if !s.route.is_framed() && s.cont.keeps() {
             // On a raw route every server frame is a delivery, kept for a resume.
             for item in items {
-                s.cont.deliver(&item.payload, item.binary());
+                // (None once handed over to another node: the session follows it there.)
+                let _ = s.cont.deliver(&item.payload, item.binary());
             }
         } else if let [one] = items {
             s.deliver_tallied(one.frame(channel, s), &mut tally);

@@ -10,6 +10,7 @@
 //! - [`session`]: one socket = one reader loop + one writer task.
 //! - [`channels`]: one bus subscription per channel with local subscribers; encode once, share.
 //! - [`delivery`]: the node delivery subscription (backend replies and control ops).
+//! - [`handover`]: a session moving to another edge (a resume there).
 //! - [`listener`]: the accept loop: CIDR rules, TLS, header timeouts and limits.
 //! - [`tls`]: wss:// certificates, reloaded when their files change or on SIGHUP.
 //! - [`decode`]: the socket reader: client frames in, messages out (over `protocol::ws`).
@@ -30,6 +31,7 @@ pub mod config;
 pub mod decode;
 pub mod delivery;
 pub mod frame;
+pub mod handover;
 pub mod limits;
 pub mod listener;
 pub mod metrics;

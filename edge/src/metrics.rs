@@ -27,6 +27,7 @@ pub const DRAINING: &str = "switchyard_draining";
 pub const RECOVERIES: &str = "switchyard_recoveries_total";
 pub const RESUMES: &str = "switchyard_resumes_total";
 pub const SESSIONS_PARKED: &str = "switchyard_sessions_parked";
+pub const HANDOVERS: &str = "switchyard_handovers_total";
 pub const DUPLICATES: &str = "switchyard_duplicates_suppressed_total";
 pub const RECOVERED_MESSAGES: &str = "switchyard_recovered_messages_total";
 
@@ -99,6 +100,10 @@ fn describe() {
     describe_gauge!(
         SESSIONS_PARKED,
         "Sessions whose socket dropped, waiting for a resume within --resume-window"
+    );
+    describe_counter!(
+        HANDOVERS,
+        "Steps of sessions moving between edges, by step (take, give, forward, end, hold, state) and result"
     );
     describe_counter!(
         DUPLICATES,

@@ -175,7 +175,13 @@ impl Edge {
         for s in self.state.sessions.iter() {
             s.queue.wake();
         }
-        let grace = self.state.cfg.shutdown_grace + SESSION_END_SLACK;
+        // Sessions closed with 1012 may wait the handover grace for a resume on another edge.
+        let handover = if crate::session::hands_over(&self.state) {
+            self.state.cfg.handover_grace
+        } else {
+            std::time::Duration::ZERO
+        };
+        let grace = self.state.cfg.shutdown_grace + handover + SESSION_END_SLACK;
         let deadline = tokio::time::Instant::now() + grace;
         let mut server = self.server;
         if tokio::time::timeout_at(deadline, &mut server).await.is_err() {

@@ -114,6 +114,7 @@ impl EdgeState {
                 getrandom::fill(&mut k).expect("the OS random source works");
                 Arc::new(k)
             }),
+            handovers: Default::default(),
             cfg,
         }
     }
@@ -145,4 +146,6 @@ pub struct EdgeState {
     pub disconnects_refused: std::sync::atomic::AtomicU64,
     /// Signs and checks resume tokens: `--resume-key-file`, or drawn for this process.
     pub resume_key: Arc<Vec<u8>>,
+    /// Sessions on their way here from another node, and those that left for one.
+    pub handovers: crate::handover::Handovers,
 }

@@ -38,25 +38,44 @@ fn resume_request<'a>(query: Option<&'a str>, headers: &'a HeaderMap) -> Option<
 /// back before the edge has noticed its old connection is dead).
 const TAKEOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Takes a parked session over for a resume, or says why not (the reason the client sees). A
-/// session whose old socket still looks alive is closed there (1001) and taken once parked.
+/// What a resume takes over: the session's id, continuity, inbound seq and channels.
+struct Taken {
+    id: String,
+    cont: Arc<session::resume::Continuity>,
+    seq: u64,
+    channels: std::collections::HashSet<String>,
+}
+
+/// Takes a session over for a resume, or says why not (the reason the client sees): a parked
+/// session of this node (one whose old socket still looks alive is closed there, 1001, and
+/// taken once parked), or one the token's node hands over (crate::handover).
 async fn try_resume(
     st: &EdgeState,
     route: &str,
     subject: Option<&str>,
     token: &str,
     delivered: Option<u64>,
-) -> Result<(Arc<Session>, u64), &'static str> {
+) -> Result<(Taken, u64), &'static str> {
     if st.cfg.resume_window.is_zero() {
         return Err("resume_off");
     }
     let claims = resume::verify(&st.resume_key, token, route, subject, now_ms() / 1000).map_err(|e| e.code())?;
     let delivered = delivered.ok_or("bad_delivered")?;
-    let old = st
-        .sessions
-        .get(&claims.session)
-        .map(|s| s.clone())
-        .ok_or("not_parked")?;
+    let Some(old) = st.sessions.get(&claims.session).map(|s| s.clone()) else {
+        return match claims.node.as_deref() {
+            Some(node) if node != st.cfg.node_id => {
+                let r = crate::handover::request(st, node, &claims.session, route, delivered).await?;
+                let taken = Taken {
+                    id: claims.session,
+                    cont: r.cont,
+                    seq: r.seq,
+                    channels: r.channels,
+                };
+                Ok((taken, delivered))
+            }
+            _ => Err("not_parked"),
+        };
+    };
     if old.cont.is_live() {
         old.cont.start_takeover();
         old.queue
@@ -66,7 +85,14 @@ async fn try_resume(
         }
     }
     old.cont.take(delivered).map_err(|e| e.code())?;
-    Ok((old, delivered))
+    let taken = Taken {
+        id: old.id.clone(),
+        cont: old.cont.clone(),
+        seq: old.seq(),
+        // A raw session kept its channels while away; its new socket takes them over.
+        channels: old.channels.lock().clone(),
+    };
+    Ok((taken, delivered))
 }
 
 /// Does a comma-separated header hold `token` (case-insensitive)?
@@ -173,7 +199,7 @@ pub(crate) async fn upgrade(
     let offered_v1 = !v2 && has_token(headers, header::SEC_WEBSOCKET_PROTOCOL, "switchyard.v1");
     let subject = verified.as_ref().map(|v| v.identity.subject.clone());
     let asked = resume_request(parts.uri.query(), headers);
-    let resumed = match asked {
+    let resumed: Option<Result<(Taken, u64), &str>> = match asked {
         Some((token, delivered)) => Some(try_resume(&st, &route.cfg.path, subject.as_deref(), token, delivered).await),
         None => None,
     };
@@ -184,9 +210,10 @@ pub(crate) async fn upgrade(
         };
         metrics::counter!(m::RESUMES, "result" => result).increment(1);
     }
-    let old = match &resumed {
-        Some(Ok((old, delivered))) => Some((old.clone(), *delivered)),
-        _ => None,
+    let (resumed, old) = match resumed {
+        Some(Ok((taken, delivered))) => (Some(Ok(())), Some((taken, delivered))),
+        Some(Err(why)) => (Some(Err(why)), None),
+        None => (None, None),
     };
     let id = old
         .as_ref()
@@ -198,10 +225,9 @@ pub(crate) async fn upgrade(
     match &old {
         Some((o, delivered)) => {
             sess.cont = o.cont.clone();
-            sess.continue_seq(o);
+            sess.continue_seq(o.seq);
             sess.resumed_after = Some(*delivered);
-            // A raw session kept its channels while away; its new socket takes them over.
-            *sess.channels.lock() = o.channels.lock().clone();
+            *sess.channels.lock() = o.channels.clone();
         }
         None => {
             let keep = if resume_on { st.cfg.resume_buffer } else { 0 };
@@ -216,6 +242,7 @@ pub(crate) async fn upgrade(
                 route: route.cfg.path.clone(),
                 subject: subject.clone(),
                 expires: now_ms() / 1000 + RESUME_TOKEN_TTL_SECS,
+                node: Some(st.cfg.node_id.clone()),
             },
         )
     });
@@ -223,8 +250,8 @@ pub(crate) async fn upgrade(
         sess.welcome = Some(framed::welcome_with(
             &id,
             &framed::Welcome {
-                resumed: resumed.as_ref().map(Result::is_ok),
-                reason: resumed.as_ref().and_then(|r| r.as_ref().err().copied()),
+                resumed: resumed.map(|r| r.is_ok()),
+                reason: resumed.and_then(|r| r.err()),
                 resume_token: resume_token.as_deref(),
             },
         ));

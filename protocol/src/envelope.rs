@@ -30,6 +30,10 @@ pub mod header {
     pub const REASON: &str = "sy-reason";
     pub const SYNTHETIC: &str = "sy-synthetic";
     pub const REPLAYED: &str = "sy-replayed";
+    /// On a `handover` record: the step (`take`, `state`, `end`, `moved`).
+    pub const HANDOVER: &str = "sy-handover";
+    /// On a record an edge passes on to the node a session moved to: the node it came from.
+    pub const FORWARDED: &str = "sy-forwarded";
     /// On lifecycle records: the route's inbound topic (routers use it for synthetic disconnects).
     pub const INBOUND: &str = "sy-inbound";
     pub const TRACEPARENT: &str = "traceparent";
@@ -84,6 +88,9 @@ pub enum Kind {
     /// A session came back within its resume window (edge → backend), on the node in
     /// `sy-node`: the same session id, `sy-seq` continuing. No disconnect came before it.
     Resume,
+    /// Between edges and from routers to edges, on node delivery subjects only (never on a
+    /// backend's topics): a session moving from one edge to another (`sy-handover` = the step).
+    Handover,
 }
 
 impl Kind {
@@ -95,6 +102,7 @@ impl Kind {
             Kind::Deliver => "deliver",
             Kind::Control => "control",
             Kind::Resume => "resume",
+            Kind::Handover => "handover",
         }
     }
     pub fn parse(s: &str) -> Result<Self, DecodeError> {
@@ -105,6 +113,7 @@ impl Kind {
             "deliver" => Kind::Deliver,
             "control" => Kind::Control,
             "resume" => Kind::Resume,
+            "handover" => Kind::Handover,
             _ => return Err(DecodeError::invalid(header::KIND, s)),
         })
     }

@@ -9,6 +9,7 @@
 //!   headers + an unchanged payload.
 //! - [`naming`]: topic / subject names for inbound, outbound, registry, node delivery and channels.
 //! - [`framed`]: the small JSON protocol spoken on `framed` routes.
+//! - [`handover`]: the records that move a session from one edge to another.
 //! - [`close`]: WebSocket close codes Switchyard uses, in one place.
 //! - [`sign`]: the optional `sy-sig` HMAC an edge puts on every inbound record.
 //! - [`ws`]: the WebSocket frame parser for client bytes (messages out, flood budgets charged
@@ -17,6 +18,7 @@
 pub mod close;
 pub mod envelope;
 pub mod framed;
+pub mod handover;
 pub mod naming;
 pub mod resume;
 pub mod sign;

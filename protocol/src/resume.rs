@@ -1,7 +1,8 @@
 //! Resume tokens: what a client shows to get its session back after a reconnect.
 //!
 //! `<claims>.<mac>`, both base64url without padding: `claims` is the JSON object
-//! `{"s":SESSION,"r":ROUTE,"u":SUBJECT|null,"e":EXPIRY}` (expiry in Unix seconds) and `mac` is
+//! `{"s":SESSION,"r":ROUTE,"u":SUBJECT|null,"e":EXPIRY,"n":NODE}` (expiry in Unix seconds; the
+//! node that issued it, which holds the session, so another edge knows whom to ask) and `mac` is
 //! HMAC-SHA256 over the claims' base64 text with the cluster's resume key. The token is opaque
 //! to clients: they store it and send it back. It cannot be made without the key, and it names
 //! the route and the verified subject, so it is no use on another route or for another identity.
@@ -27,6 +28,9 @@ pub struct Claims {
     /// Expiry, Unix seconds.
     #[serde(rename = "e")]
     pub expires: u64,
+    /// The edge node that issued the token (and holds the session).
+    #[serde(rename = "n", default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// Why a token was refused: the `reason` a client is told.
@@ -111,6 +115,7 @@ mod tests {
             route: "/ws".into(),
             subject: Some("alice".into()),
             expires: 1_000,
+            node: Some("node-a".into()),
         }
     }
 

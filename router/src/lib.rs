@@ -238,7 +238,7 @@ impl Routing {
     }
 
     /// Returns the session a connect record announced.
-    fn apply(&self, m: &Message) -> Option<String> {
+    fn apply(&mut self, m: &Message) -> Option<String> {
         let r = &m.record;
         if r.headers.is_empty() && r.payload.is_empty() {
             // A tombstone (Kafka): the session ended; compaction may already have removed its
@@ -257,7 +257,9 @@ impl Routing {
                         .headers
                         .get(switchyard_protocol::envelope::header::INBOUND)
                         .unwrap_or("");
-                    self.registry.insert(&e.session, &node, route, inbound);
+                    if let Some(from) = self.registry.insert(&e.session, &node, route, inbound) {
+                        self.moved(&e.session, &from, &node);
+                    }
                     return Some(e.session);
                 }
                 (Kind::Disconnect, _) => self.registry.remove(&e.session),
@@ -268,13 +270,37 @@ impl Routing {
         None
     }
 
+    /// A session moved from node `from` to `to` (it resumed there): tells `from`, behind every
+    /// record this router sent it for the session (the pipeline keeps a session's order), so
+    /// the old edge knows nothing more comes from this router in order (docs/continuity.md).
+    fn moved(&mut self, session: &str, from: &str, to: &str) {
+        let mut e = Envelope::new(session.to_owned(), Kind::Handover, Bytes::new());
+        e.node = Some(to.to_owned());
+        e.timestamp_ms = now_ms();
+        let mut headers = e.headers();
+        headers.insert(
+            switchyard_protocol::envelope::header::HANDOVER,
+            switchyard_protocol::handover::MOVED,
+        );
+        let rec = Record {
+            key: Some(e.key()),
+            headers,
+            payload: Bytes::new(),
+        };
+        tracing::debug!(%session, %from, %to, "session moved: telling its old node");
+        self.pipeline
+            .push(self.cfg.naming.node(from), rec, (session.to_owned(), None));
+    }
+
     fn apply_durable(&mut self, e: RegistryEvent) {
         match e {
             RegistryEvent::Session {
                 session,
                 entry: Some(en),
             } => {
-                self.registry.insert(&session, &en.node, &en.route, &en.inbound);
+                if let Some(from) = self.registry.insert(&session, &en.node, &en.route, &en.inbound) {
+                    self.moved(&session, &from, &en.node);
+                }
             }
             RegistryEvent::Session { session, entry: None } => self.registry.remove(&session),
             RegistryEvent::Heartbeat { node, revision, .. } => {

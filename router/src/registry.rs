@@ -39,15 +39,19 @@ impl Registry {
         }
     }
 
-    pub fn insert(&self, session: &str, node: &str, route: &str, inbound: &str) {
-        self.open.insert(
-            session.to_owned(),
-            Entry {
-                node: node.into(),
-                route: route.into(),
-                inbound: inbound.into(),
-            },
-        );
+    /// Registers `session` on `node`; returns the node it was on before, if another.
+    pub fn insert(&self, session: &str, node: &str, route: &str, inbound: &str) -> Option<Arc<str>> {
+        self.open
+            .insert(
+                session.to_owned(),
+                Entry {
+                    node: node.into(),
+                    route: route.into(),
+                    inbound: inbound.into(),
+                },
+            )
+            .map(|old| old.node)
+            .filter(|old| &**old != node)
     }
 
     /// Sessions currently registered on `node`.

@@ -66,7 +66,7 @@ pub struct Session {
     pub frames_out: AtomicU64,
     pub channels: Mutex<HashSet<String>>,
     /// Set when the session is torn down: a subscription completed after this is undone.
-    stopped: AtomicBool,
+    pub(crate) stopped: AtomicBool,
     /// The per-session seq of the last inbound record (connect = 1).
     seq: AtomicU64,
     /// Verified identity, stamped into every inbound record.
@@ -111,9 +111,14 @@ impl Session {
         }
     }
 
-    /// Continues `old`'s inbound seq (a resumed session's records carry on where it stopped).
-    pub fn continue_seq(&self, old: &Session) {
-        self.seq.store(old.seq.load(Ordering::Relaxed), Ordering::Relaxed);
+    /// The inbound seq of the session's last record.
+    pub fn seq(&self) -> u64 {
+        self.seq.load(Ordering::Relaxed)
+    }
+
+    /// Continues at `seq` (a resumed session's records carry on where it stopped).
+    pub fn continue_seq(&self, seq: u64) {
+        self.seq.store(seq, Ordering::Relaxed);
     }
 
     /// The frame of backend delivery `n` for this socket: wrapped on `switchyard.v2`, else the
@@ -281,7 +286,10 @@ where
     let ended = (&mut conn).await;
     // A close this side had started (a backend, the admin API, a limit, the drain) is final;
     // the takeover by a resume is not.
-    let final_close = sess.queue.closed_deliberately() && !sess.cont.taken_over();
+    // The drain's 1012 is not final when another edge can take the session over.
+    let final_close = sess.queue.closed_deliberately()
+        && !sess.cont.taken_over()
+        && !(ended.code == close::SERVICE_RESTART && hands_over(&st));
 
     // Teardown: send our close frame if one is still owed, leave channels, forget the session,
     // then tell the backend. 1005/1006/1015 are never sent on the wire.
@@ -343,14 +351,24 @@ pub async fn abandon(st: &EdgeState, sess: &Arc<Session>) {
     }
 }
 
-/// Whether a session that ended this way waits for a resume: the socket dropped (1006) or went
-/// away (1001: the client said so, the idle timeout, or a resume took it over), resume is on,
-/// and the node is not draining.
+/// Whether a session that ended this way waits for a resume: resume is on, and the socket
+/// dropped (1006) or went away (1001: the client said so, the idle timeout, or a resume took
+/// it over), or the drain closed it (1012) and another edge can take it ([`hands_over`]).
 fn resumable(st: &EdgeState, ended: &Ended) -> bool {
-    !st.cfg.resume_window.is_zero()
-        && matches!(ended.code, close::ABNORMAL | close::GOING_AWAY)
-        && !st.close_all.is_cancelled()
-        && !st.shutdown.is_cancelled()
+    if st.cfg.resume_window.is_zero() {
+        return false;
+    }
+    if st.close_all.is_cancelled() {
+        matches!(ended.code, close::ABNORMAL | close::GOING_AWAY | close::SERVICE_RESTART) && hands_over(st)
+    } else {
+        matches!(ended.code, close::ABNORMAL | close::GOING_AWAY) && !st.shutdown.is_cancelled()
+    }
+}
+
+/// Draining, a session closed with 1012 waits for a resume on another edge for the handover
+/// grace: when one is set, the bus is shared (not memory://) and the bus is up.
+pub(crate) fn hands_over(st: &EdgeState) -> bool {
+    st.close_all.is_cancelled() && !st.cfg.handover_grace.is_zero() && st.bus.scheme() != "memory" && st.bus.is_ready()
 }
 
 /// Waits, parked, for a resume (true), the end of the window or the drain (false).
@@ -365,10 +383,27 @@ async fn park(st: &EdgeState, sess: &Arc<Session>) -> bool {
             Box::pin(st.channels.unsubscribe(sess, &c)).await;
         }
     }
+    // Draining: only for the handover grace (counted from when the drain closed it).
+    let wait = if st.close_all.is_cancelled() {
+        st.cfg.handover_grace.min(st.cfg.resume_window)
+    } else {
+        st.cfg.resume_window
+    };
+    let drained = async {
+        if st.close_all.is_cancelled() {
+            // Parked by the drain: `wait` bounds it.
+            return std::future::pending::<()>().await;
+        }
+        st.close_all.cancelled().await;
+        // The drain began while it was parked: it may still be taken for the handover grace.
+        if hands_over(st) {
+            tokio::time::sleep(st.cfg.handover_grace).await
+        }
+    };
     let taken = tokio::select! {
         _ = sess.cont.taken.notified() => true,
-        _ = tokio::time::sleep(st.cfg.resume_window) => false,
-        _ = st.close_all.cancelled() => false,
+        _ = tokio::time::sleep(wait) => false,
+        _ = drained => false,
     };
     parked.decrement(1.0);
     // A resume may win the race with the window: then it has the session.

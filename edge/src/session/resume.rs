@@ -8,11 +8,13 @@
 //! a delivery racing a resume is neither lost nor sent twice.
 
 use super::Session;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Weak};
-use switchyard_protocol::framed;
+use switchyard_protocol::{framed, handover};
 
 /// Where a session is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +44,8 @@ struct Deliveries {
     pinned: Option<u64>,
     /// The socket deliveries go to (none while parked).
     sink: Weak<Session>,
+    /// Handed over to this node: deliveries are passed on there, not numbered here.
+    forward: Option<Arc<str>>,
 }
 
 /// The last `cap` accepted ids, for duplicate suppression.
@@ -102,6 +106,7 @@ impl Continuity {
                 cap: keep,
                 pinned: None,
                 sink: Weak::new(),
+                forward: None,
             }),
             ids: Mutex::new(RecentIds {
                 order: VecDeque::new(),
@@ -150,9 +155,15 @@ impl Continuity {
         self.keep > 0
     }
 
-    /// Numbers a delivery, keeps it, and sends it to the session's current socket.
-    pub fn deliver(&self, payload: &Bytes, binary: bool) {
+    /// Numbers a delivery, keeps it, and sends it to the session's current socket. Once the
+    /// session was handed over to another node, returns that node instead (the caller passes
+    /// the record on).
+    #[must_use = "a handed-over session's records are passed on by the caller"]
+    pub fn deliver(&self, payload: &Bytes, binary: bool) -> Option<Arc<str>> {
         let mut d = self.deliveries.lock();
+        if let Some(node) = &d.forward {
+            return Some(node.clone());
+        }
         let n = d.next;
         d.next += 1;
         if d.cap > 0 {
@@ -168,6 +179,78 @@ impl Continuity {
         if let Some(s) = d.sink.upgrade() {
             s.deliver(&s.delivery_frame(n, payload, binary));
         }
+        None
+    }
+
+    /// The node this session was handed over to, if it was.
+    pub fn forwarded_to(&self) -> Option<Arc<str>> {
+        self.deliveries.lock().forward.clone()
+    }
+
+    /// Hands a parked session over to `node` for a client that has had `delivered`
+    /// deliveries: what it kept after those, its next delivery number and its accepted ids.
+    /// From here on [`Continuity::deliver`] names `node` instead of delivering, so nothing is
+    /// kept here that the snapshot missed.
+    pub fn hand_over(&self, delivered: u64, node: &str) -> Result<handover::State, NotHere> {
+        let mut p = self.phase.lock();
+        if *p != Phase::Parked {
+            return Err(NotHere::NotParked);
+        }
+        let mut d = self.deliveries.lock();
+        check_resumable(&d, delivered)?;
+        let kept = d
+            .kept
+            .iter()
+            .filter(|k| k.n > delivered)
+            .map(|k| handover::Kept {
+                n: k.n,
+                data_b64: B64.encode(&k.payload),
+                binary: k.binary,
+            })
+            .collect();
+        d.forward = Some(node.into());
+        d.kept.clear();
+        let next = d.next;
+        *p = Phase::Resumed;
+        drop(d);
+        drop(p);
+        let ids = self.ids.lock().order.iter().cloned().collect();
+        self.taken.notify_one();
+        Ok(handover::State {
+            refused: None,
+            next,
+            kept,
+            seq: 0,
+            ids,
+            channels: Vec::new(),
+        })
+    }
+
+    /// The continuity another edge handed over (`state`), taken by a client that has had
+    /// `delivered` deliveries. `None` when the state is inconsistent with `delivered`.
+    pub fn restore(keep: usize, state: &handover::State, delivered: u64) -> Option<Self> {
+        let c = Self::new(keep);
+        {
+            let mut d = c.deliveries.lock();
+            d.next = state.next.max(1);
+            if delivered >= d.next {
+                return None;
+            }
+            for k in &state.kept {
+                let payload = B64.decode(&k.data_b64).ok()?;
+                d.kept.push_back(Kept {
+                    n: k.n,
+                    payload: Bytes::from(payload),
+                    binary: k.binary,
+                });
+            }
+            d.pinned = Some(delivered);
+        }
+        for id in &state.ids {
+            c.accepted(id);
+        }
+        *c.phase.lock() = Phase::Resumed;
+        Some(c)
     }
 
     /// Makes `sess` the socket deliveries go to; after a resume, first sends it every kept
@@ -214,14 +297,7 @@ impl Continuity {
             return Err(NotHere::NotParked);
         }
         let mut d = self.deliveries.lock();
-        let sent = d.next - 1;
-        if delivered > sent {
-            return Err(NotHere::AheadOfServer);
-        }
-        let kept_from = d.kept.front().map_or(d.next, |k| k.n);
-        if delivered < sent && kept_from > delivered + 1 {
-            return Err(NotHere::BufferExceeded);
-        }
+        check_resumable(&d, delivered)?;
         d.pinned = Some(delivered);
         *p = Phase::Resumed;
         drop(d);
@@ -276,6 +352,19 @@ impl Continuity {
             }
         }
     }
+}
+
+/// Can a client that has had `delivered` deliveries resume from what `d` kept?
+fn check_resumable(d: &Deliveries, delivered: u64) -> Result<(), NotHere> {
+    let sent = d.next - 1;
+    if delivered > sent {
+        return Err(NotHere::AheadOfServer);
+    }
+    let kept_from = d.kept.front().map_or(d.next, |k| k.n);
+    if delivered < sent && kept_from > delivered + 1 {
+        return Err(NotHere::BufferExceeded);
+    }
+    Ok(())
 }
 
 /// A delivery's frame for a framed v2 socket: `{"op":"deliver","n":K,"data":D}`.

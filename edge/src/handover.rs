@@ -1,0 +1,401 @@
+//! Resume on another edge: the session moves between nodes over their delivery subjects
+//! (`protocol::handover` has the steps).
+//!
+//! - The new edge ([`request`]) asks the node named in the resume token to `take`, and holds
+//!   every record the router sends it for the session until the old node says `end`.
+//! - The old edge ([`give`]) takes the session from its socket (or from where it was parked),
+//!   answers with its `state`, then passes every record that still reaches it for the session
+//!   on to the new node (`sy-forwarded`), and says `end` once the router said `moved`.
+//!
+//! So the client gets every kept and every later delivery once, in order, and the backend
+//! sees one `resume` and no disconnect. When the old node does not answer (it was killed),
+//! the resume is refused (`node_unreachable`): its deliveries were in its memory.
+
+use crate::session::resume::Continuity;
+use crate::state::EdgeState;
+use bytes::Bytes;
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use switchyard_bus::{Message, Record};
+use switchyard_protocol::envelope::header;
+use switchyard_protocol::handover::{self, State, Take};
+use switchyard_protocol::{Envelope, Kind, Opcode};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+/// How long a new edge waits for the old node's `state`.
+pub const STATE_WAIT: Duration = Duration::from_secs(3);
+/// How long a new edge holds the router's records for the session, waiting for `end` (past
+/// it they are delivered; a forward that comes later still is delivered when it comes).
+pub const END_WAIT: Duration = Duration::from_secs(5);
+/// How long an old edge waits for a still-open socket of the session to close.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
+/// Records held per incoming session (past it, the oldest are dropped and counted).
+const MAX_HELD: usize = 10_000;
+
+/// What a new edge got: the session's continuity, its inbound seq and its channels.
+pub struct Restored {
+    pub cont: Arc<Continuity>,
+    pub seq: u64,
+    pub channels: HashSet<String>,
+}
+
+/// A session on its way here from another node.
+struct Incoming {
+    answer: Option<oneshot::Sender<Result<Restored, String>>>,
+    cont: Option<Arc<Continuity>>,
+    /// What the resuming client has had.
+    delivered: u64,
+    /// Forwards that came before the state.
+    early: Vec<Message>,
+    /// The router's records, held until `end`.
+    held: Vec<Message>,
+}
+
+/// A session that left this node, and until when its records are passed on.
+struct Moved {
+    node: Arc<str>,
+    until: Instant,
+}
+
+#[derive(Default)]
+pub struct Handovers {
+    incoming: DashMap<String, Arc<Mutex<Incoming>>>,
+    moved: DashMap<String, Moved>,
+}
+
+fn count(step: &'static str, result: &'static str) {
+    metrics::counter!(crate::metrics::HANDOVERS, "step" => step, "result" => result).increment(1);
+}
+
+/// A handover record for `session`.
+fn record(session: &str, step: &str, node: &str, payload: Bytes) -> Record {
+    let mut e = Envelope::new(session.to_owned(), Kind::Handover, payload.clone());
+    e.node = Some(node.to_owned());
+    e.timestamp_ms = switchyard_protocol::envelope::now_ms();
+    let mut headers = e.headers();
+    headers.insert(header::HANDOVER, step);
+    Record {
+        key: Some(e.key()),
+        headers,
+        payload,
+    }
+}
+
+/// The reasons a client can be told (the welcome's `reason` is a static label).
+fn reason(why: &str) -> &'static str {
+    match why {
+        "not_parked" => "not_parked",
+        "delivered_ahead" => "delivered_ahead",
+        "buffer_exceeded" => "buffer_exceeded",
+        "other_route" => "other_route",
+        _ => "refused",
+    }
+}
+
+/// New edge: asks `node` to hand `session` over to this node, for a client on `route` that has
+/// had `delivered` deliveries.
+pub async fn request(
+    st: &EdgeState,
+    node: &str,
+    session: &str,
+    route: &str,
+    delivered: u64,
+) -> Result<Restored, &'static str> {
+    let (tx, rx) = oneshot::channel();
+    let entry = Arc::new(Mutex::new(Incoming {
+        answer: Some(tx),
+        cont: None,
+        delivered,
+        early: Vec::new(),
+        held: Vec::new(),
+    }));
+    if st.handovers.incoming.contains_key(session) {
+        // Two resumes of one session at once: the second is refused.
+        return Err("not_parked");
+    }
+    st.handovers.incoming.insert(session.to_owned(), entry);
+    let take = serde_json::to_vec(&Take {
+        delivered,
+        route: route.to_owned(),
+    })
+    .expect("a take serialises");
+    let rec = record(session, handover::TAKE, &st.cfg.node_id, take.into());
+    if let Err(e) = st.bus.publish(&st.cfg.naming.node(node), rec).await {
+        tracing::warn!(%session, %node, error = %e, "could not ask the session's node for it");
+        st.handovers.incoming.remove(session);
+        count("take", "bus_error");
+        return Err("node_unreachable");
+    }
+    match tokio::time::timeout(STATE_WAIT, rx).await {
+        Ok(Ok(Ok(r))) => {
+            count("take", "ok");
+            Ok(r)
+        }
+        Ok(Ok(Err(why))) => {
+            st.handovers.incoming.remove(session);
+            count("take", "refused");
+            Err(reason(&why))
+        }
+        _ => {
+            st.handovers.incoming.remove(session);
+            count("take", "no_answer");
+            Err("node_unreachable")
+        }
+    }
+}
+
+/// The node delivery loop's first look at a record: handover steps, and records of a session
+/// on its way here (held) or gone from here (passed on). True when it was handled.
+pub async fn intercept(st: &Arc<EdgeState>, env: &Envelope, msg: &Message) -> bool {
+    if env.kind == Kind::Handover {
+        let step = msg.record.headers.get(header::HANDOVER).unwrap_or("");
+        let from = env.node.clone().unwrap_or_default();
+        match step {
+            handover::TAKE => match serde_json::from_slice::<Take>(&msg.record.payload) {
+                Ok(take) if !from.is_empty() => {
+                    tokio::spawn(give(st.clone(), env.session.clone(), from, take));
+                }
+                _ => tracing::debug!(session = %env.session, "malformed take"),
+            },
+            handover::STATE => on_state(st, &env.session, &msg.record.payload),
+            handover::END => finish(st, &env.session),
+            handover::MOVED => {
+                let to = st.handovers.moved.get(&env.session).map(|m| m.node.clone());
+                if let Some(to) = to {
+                    let rec = record(&env.session, handover::END, &st.cfg.node_id, Bytes::new());
+                    if let Err(e) = st.bus.publish(&st.cfg.naming.node(&to), rec).await {
+                        tracing::warn!(session = %env.session, error = %e, "could not send a handover end");
+                    }
+                }
+            }
+            _ => tracing::debug!(session = %env.session, %step, "unknown handover step"),
+        }
+        return true;
+    }
+    if let Some(entry) = st.handovers.incoming.get(&env.session).map(|e| e.clone()) {
+        let forwarded = msg.record.headers.get(header::FORWARDED).is_some();
+        let now = {
+            let mut inc = entry.lock();
+            match (&inc.cont, forwarded) {
+                (Some(cont), true) => Some(cont.clone()),
+                (None, true) => {
+                    hold(&mut inc.early, msg);
+                    None
+                }
+                (_, false) => {
+                    hold(&mut inc.held, msg);
+                    None
+                }
+            }
+        };
+        if let Some(cont) = now {
+            deliver_to(st, &cont, env).await;
+        }
+        return true;
+    }
+    let to = st.handovers.moved.get(&env.session).map(|m| (m.node.clone(), m.until));
+    if let Some((to, until)) = to {
+        if Instant::now() < until {
+            pass_on(st, &to, msg).await;
+            return true;
+        }
+        st.handovers.moved.remove(&env.session);
+    }
+    false
+}
+
+fn hold(q: &mut Vec<Message>, msg: &Message) {
+    if q.len() >= MAX_HELD {
+        q.remove(0);
+        count("hold", "dropped");
+    }
+    q.push(msg.clone());
+}
+
+/// Passes a record of a session that moved on to its new node.
+pub(crate) async fn pass_on(st: &EdgeState, to: &str, msg: &Message) {
+    let mut rec = (*msg.record).clone();
+    rec.headers.insert(header::FORWARDED, st.cfg.node_id.as_str());
+    match st.bus.publish(&st.cfg.naming.node(to), rec).await {
+        Ok(_) => count("forward", "ok"),
+        Err(e) => {
+            count("forward", "bus_error");
+            tracing::warn!(%to, error = %e, "could not pass a record on to the session's new node");
+        }
+    }
+}
+
+/// A record of a session that arrived here: a delivery goes into its continuity (to the
+/// socket once attached); anything else takes the usual path once the session runs here.
+async fn deliver_to(st: &Arc<EdgeState>, cont: &Continuity, env: &Envelope) {
+    if env.kind == Kind::Deliver {
+        let _ = cont.deliver(&env.payload, env.opcode == Opcode::Binary);
+    } else if let Some(sess) = st.sessions.get(&env.session).map(|s| s.clone()) {
+        let _ = crate::delivery::handle(st, &sess, env).await;
+    } else {
+        tracing::debug!(session = %env.session, kind = env.kind.as_str(), "control op for a session still arriving: dropped");
+    }
+}
+
+/// New edge: the old node's answer.
+fn on_state(st: &Arc<EdgeState>, session: &str, payload: &[u8]) {
+    let Some(entry) = st.handovers.incoming.get(session).map(|e| e.clone()) else {
+        // Too late (the resume gave up): the old node ends the session when its window ends.
+        count("state", "late");
+        return;
+    };
+    let state = serde_json::from_slice::<State>(payload);
+    let mut inc = entry.lock();
+    let Some(answer) = inc.answer.take() else { return };
+    let state = match state {
+        Ok(s) if s.refused.is_none() => s,
+        Ok(s) => {
+            let _ = answer.send(Err(s.refused.unwrap_or_default()));
+            return;
+        }
+        Err(_) => {
+            let _ = answer.send(Err("refused".into()));
+            return;
+        }
+    };
+    let keep = st.cfg.resume_buffer;
+    let Some(cont) = Continuity::restore(keep, &state, inc.delivered).map(Arc::new) else {
+        let _ = answer.send(Err("delivered_ahead".into()));
+        return;
+    };
+    inc.cont = Some(cont.clone());
+    let early = std::mem::take(&mut inc.early);
+    drop(inc);
+    for m in &early {
+        if let Ok(env) = Envelope::from_record(m.record.key.as_deref(), &m.record.headers, m.record.payload.clone()) {
+            if env.kind == Kind::Deliver {
+                let _ = cont.deliver(&env.payload, env.opcode == Opcode::Binary);
+            }
+        }
+    }
+    let restored = Restored {
+        cont,
+        seq: state.seq,
+        channels: state.channels.into_iter().collect(),
+    };
+    if answer.send(Ok(restored)).is_ok() {
+        // The router's records wait for `end`, at most END_WAIT.
+        let st = st.clone();
+        let session = session.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(END_WAIT).await;
+            if st.handovers.incoming.contains_key(&session) {
+                count("end", "timeout");
+                finish(&st, &session);
+            }
+        });
+    } else {
+        st.handovers.incoming.remove(session);
+    }
+}
+
+/// New edge: the old node will pass nothing more on in order; the held records go out.
+fn finish(st: &Arc<EdgeState>, session: &str) {
+    let Some((_, entry)) = st.handovers.incoming.remove(session) else {
+        return;
+    };
+    let mut inc = entry.lock();
+    let Some(cont) = inc.cont.clone() else { return };
+    let held = std::mem::take(&mut inc.held);
+    drop(inc);
+    count("end", "ok");
+    // Deliveries go in order at once; from the first control op on, the rest go in order on
+    // a task (a control op is handled on the usual path).
+    let mut rest = Vec::new();
+    for m in held {
+        match Envelope::from_record(m.record.key.as_deref(), &m.record.headers, m.record.payload.clone()) {
+            Ok(env) if env.kind == Kind::Deliver && rest.is_empty() => {
+                let _ = cont.deliver(&env.payload, env.opcode == Opcode::Binary);
+            }
+            Ok(env) => rest.push(env),
+            Err(_) => {}
+        }
+    }
+    if !rest.is_empty() {
+        let st = st.clone();
+        tokio::spawn(async move {
+            for env in rest {
+                deliver_to(&st, &cont, &env).await;
+            }
+        });
+    }
+}
+
+/// Old edge: hands `session` over to node `to` (it asked with `take`).
+async fn give(st: Arc<EdgeState>, session: String, to: String, take: Take) {
+    let answer = |state: State| {
+        let st = st.clone();
+        let session = session.clone();
+        let to = to.clone();
+        async move {
+            let body = serde_json::to_vec(&state).expect("a state serialises");
+            let rec = record(&session, handover::STATE, &st.cfg.node_id, body.into());
+            if let Err(e) = st.bus.publish(&st.cfg.naming.node(&to), rec).await {
+                tracing::warn!(%session, %to, error = %e, "could not send a session's state");
+            }
+        }
+    };
+    let Some(sess) = st.sessions.get(&session).map(|s| s.clone()) else {
+        count("give", "not_parked");
+        return answer(State::refused("not_parked")).await;
+    };
+    if sess.route.cfg.path != take.route {
+        count("give", "other_route");
+        return answer(State::refused("other_route")).await;
+    }
+    if sess.cont.is_live() {
+        // The client came back elsewhere before this node saw its old socket die.
+        sess.cont.start_takeover();
+        sess.queue
+            .close(switchyard_protocol::close::GOING_AWAY, "resumed on another node");
+        if !sess.cont.wait_parked(TAKEOVER_WAIT).await {
+            count("give", "not_parked");
+            return answer(State::refused("not_parked")).await;
+        }
+    }
+    // From here the session's deliveries are passed on (the delivery loop sees it in its
+    // continuity, then, once the session is gone from `sessions`, in `moved`).
+    let mut state = match sess.cont.hand_over(take.delivered, &to) {
+        Ok(s) => s,
+        Err(e) => {
+            count("give", e.code());
+            return answer(State::refused(e.code())).await;
+        }
+    };
+    st.handovers.moved.insert(
+        session.clone(),
+        Moved {
+            node: to.as_str().into(),
+            until: Instant::now() + st.cfg.resume_window.max(Duration::from_secs(10)),
+        },
+    );
+    state.seq = sess.seq();
+    // Its channels move with it (raw routes kept them while away; framed ones left them).
+    let channels: Vec<String> = {
+        let mut chans = sess.channels.lock();
+        sess.stopped.store(true, Ordering::Release);
+        chans.drain().collect()
+    };
+    for c in &channels {
+        st.channels.unsubscribe(&sess, c).await;
+    }
+    state.channels = channels;
+    st.sessions.remove_if(&session, |_, s| Arc::ptr_eq(s, &sess));
+    count("give", "ok");
+    tracing::info!(%session, %to, kept = state.kept.len(), "session handed over to another node");
+    answer(state).await;
+    // Forget it once nothing more can come for it.
+    let until = st.cfg.resume_window.max(Duration::from_secs(10));
+    tokio::time::sleep(until).await;
+    st.handovers.moved.remove_if(&session, |_, m| Instant::now() >= m.until);
+}

@@ -1,0 +1,352 @@
+//! Resume on another edge (docs/continuity.md): two edges, a router, on a real nats-server and
+//! a real Kafka broker, as separate processes sharing a resume key. A v2 client drops from one
+//! edge and resumes on the other while replies keep coming: every reply once, in order; the
+//! backend sees one connect, one resume (with the new node), no disconnect, and sy-seq
+//! continuing. Then the session is taken back from a socket that still looks alive, and a
+//! drained edge (SIGTERM, 1012) hands its sessions over. An edge killed with SIGKILL cannot hand
+//! over: the resume is refused, with a reason.
+
+mod common;
+
+use common::*;
+use futures::SinkExt;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use switchyard_bus::{Bus, SubscribeOptions, Subscription};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+fn nats_url() -> String {
+    std::env::var("NATS_URL").expect("NATS_URL is not set: run ./scripts/test, which starts nats-server")
+}
+
+fn kafka_url() -> String {
+    let b = std::env::var("KAFKA_BROKERS").expect("KAFKA_BROKERS is not set: run ./scripts/test, which starts Kafka");
+    format!("kafka://{b}")
+}
+
+/// A resume key file shared by the edges of one test (removed when dropped).
+struct KeyFile(std::path::PathBuf);
+
+impl Drop for KeyFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn key_file() -> KeyFile {
+    let path = std::env::temp_dir().join(unique("sy-resume-key"));
+    std::fs::write(&path, b"a-cluster-resume-key-for-the-handover-tests").unwrap();
+    KeyFile(path)
+}
+
+struct Cluster {
+    node_a: String,
+    node_b: String,
+    a: Proc,
+    b: Proc,
+    _router: Proc,
+    bus: std::sync::Arc<dyn Bus>,
+    naming: switchyard_protocol::Naming,
+    _key: KeyFile,
+}
+
+async fn cluster(url: &str, extra: &[&str]) -> Cluster {
+    let p = unique("h");
+    let key = key_file();
+    let k = key.0.to_str().unwrap().to_owned();
+    let mut args = vec!["--resume-key-file", k.as_str()];
+    args.extend_from_slice(extra);
+    let router = spawn("router", url, &p, &[]).await;
+    let (na, nb) = (format!("{p}-a"), format!("{p}-b"));
+    let a = spawn(
+        "edge",
+        url,
+        &p,
+        &[args.as_slice(), &["--node-id", na.as_str()]].concat(),
+    )
+    .await;
+    let b = spawn(
+        "edge",
+        url,
+        &p,
+        &[args.as_slice(), &["--node-id", nb.as_str()]].concat(),
+    )
+    .await;
+    Cluster {
+        node_a: na,
+        node_b: nb,
+        a,
+        b,
+        _router: router,
+        bus: bus_for(url, &p).await,
+        naming: switchyard_protocol::Naming::new(&p).unwrap(),
+        _key: key,
+    }
+}
+
+/// A v2 framed client on `url`: the socket and its welcome.
+async fn v2(url: &str) -> (Ws, Value) {
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("sec-websocket-protocol", "switchyard.v2".parse().unwrap());
+    let (mut ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+        .await
+        .expect("connect in time")
+        .expect("upgrade");
+    let w = next_json(&mut ws).await;
+    assert_eq!(w["op"], "welcome", "{w}");
+    (ws, w)
+}
+
+/// A backend reply to `session`, through the router (the edge's admin API publishes it to the
+/// outbound topic).
+async fn push(admin: &str, session: &str, i: u64) {
+    let r = reqwest::Client::new()
+        .post(format!("{admin}/api/sessions/{session}/send"))
+        .json(&json!({ "data": { "i": i } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202, "{}", r.text().await.unwrap_or_default());
+}
+
+/// Reads deliver ops until reply `last` came: (n, i) pairs. Anything else but acks fails.
+async fn until_reply(ws: &mut Ws, last: u64) -> Vec<(u64, u64)> {
+    let mut got = Vec::new();
+    loop {
+        let v = next_json(ws).await;
+        match v["op"].as_str() {
+            Some("deliver") => {
+                let i = v["data"]["i"].as_u64().expect("a pushed reply");
+                got.push((v["n"].as_u64().unwrap(), i));
+                if i == last {
+                    return got;
+                }
+            }
+            Some("ack") => {}
+            _ => panic!("unexpected {v}"),
+        }
+    }
+}
+
+/// Lifecycle records of the route `app` (connect, frame, resume, disconnect) of `session`,
+/// as (kind, seq, node, synthetic).
+struct Backend(Subscription);
+
+impl Backend {
+    async fn new(c: &Cluster) -> Self {
+        Self(
+            c.bus
+                .subscribe(&c.naming.inbound("app"), SubscribeOptions::default())
+                .await
+                .unwrap(),
+        )
+    }
+    async fn next(&mut self, session: &str) -> (String, u64, String) {
+        loop {
+            let m = tokio::time::timeout(WAIT, self.0.recv())
+                .await
+                .expect("an inbound record in time")
+                .unwrap();
+            let h = &m.record.headers;
+            if h.get("sy-session") == Some(session) {
+                return (
+                    h.get("sy-kind").unwrap_or("").to_owned(),
+                    h.get("sy-seq").and_then(|s| s.parse().ok()).unwrap_or(0),
+                    h.get("sy-node").unwrap_or("").to_owned(),
+                );
+            }
+        }
+    }
+}
+
+/// Polls a metric on `admin` until it reaches `want` (bounded by WAIT).
+async fn metric_reaches(admin: &std::net::SocketAddr, series: &str, want: u64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if sample(&admin.to_string(), series).await >= want {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{series} never reached {want}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn assert_contiguous(got: &[(u64, u64)], first_n: u64, first_i: u64, last_i: u64) {
+    let want: Vec<(u64, u64)> = (first_i..=last_i).map(|i| (first_n + i - first_i, i)).collect();
+    assert_eq!(got, want.as_slice(), "every reply once, in order, numbered on");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_resumes_on_the_other_edge_on_nats() {
+    resumes_on_the_other_edge(&nats_url()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_resumes_on_the_other_edge_on_kafka() {
+    resumes_on_the_other_edge(&kafka_url()).await
+}
+
+async fn resumes_on_the_other_edge(url: &str) {
+    let c = cluster(url, &[]).await;
+    let (node_a, node_b) = (c.node_a.clone(), c.node_b.clone());
+    let mut backend = Backend::new(&c).await;
+    let admin = c.a.admin("");
+    let (mut ws, w) = v2(&c.a.ws("/ws")).await;
+    let session = w["session"].as_str().unwrap().to_owned();
+    let token = w["resume_token"].as_str().unwrap().to_owned();
+    assert_eq!(backend.next(&session).await, ("connect".into(), 1, node_a.clone()));
+    for i in 1..=5 {
+        push(&admin, &session, i).await;
+    }
+    assert_contiguous(&until_reply(&mut ws, 5).await, 1, 1, 5);
+    // An abrupt drop (no close frame). The client saw 3 of the 5 (two were "in flight").
+    drop(ws);
+    metric_reaches(&c.a.admin, "switchyard_sessions_parked", 1).await;
+    for i in 6..=8 {
+        push(&admin, &session, i).await;
+    }
+    // Replies keep coming while it resumes on the other edge.
+    let pusher = {
+        let (admin, session) = (admin.clone(), session.clone());
+        tokio::spawn(async move {
+            for i in 9..=60 {
+                push(&admin, &session, i).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let (mut ws, w) = v2(&c.b.ws(&format!("/ws?resume={token}&delivered=3"))).await;
+    assert_eq!(w["resumed"], true, "{w}");
+    assert_eq!(w["session"], session.as_str());
+    let token2 = w["resume_token"].as_str().unwrap().to_owned();
+    pusher.await.unwrap();
+    assert_contiguous(&until_reply(&mut ws, 60).await, 4, 4, 60);
+    // The backend: one resume, on the new node, seq continuing; no disconnect before it.
+    assert_eq!(backend.next(&session).await, ("resume".into(), 2, node_b.clone()));
+    ws.send(Message::text(json!({"op":"send","id":1,"data":"hi"}).to_string()))
+        .await
+        .unwrap();
+    assert_eq!(backend.next(&session).await, ("frame".into(), 3, node_b.clone()));
+    assert_eq!(
+        sample(
+            &c.a.admin.to_string(),
+            r#"switchyard_handovers_total{step="give",result="ok"}"#
+        )
+        .await,
+        1
+    );
+
+    // Back to A while the socket on B still looks alive: B closes it (1001) and hands over.
+    push(&admin, &session, 61).await;
+    let got = until_reply(&mut ws, 61).await;
+    let n61 = got.last().unwrap().0;
+    let (mut again, w) = v2(&c.a.ws(&format!("/ws?resume={token2}&delivered={n61}"))).await;
+    assert_eq!(w["resumed"], true, "{w}");
+    assert_eq!(close_code(&mut ws).await, Some(1001), "the old socket is told");
+    push(&admin, &session, 62).await;
+    assert_contiguous(&until_reply(&mut again, 62).await, n61 + 1, 62, 62);
+    let resume = backend.next(&session).await;
+    assert_eq!((resume.0.as_str(), resume.2.as_str()), ("resume", node_a.as_str()));
+    close_normal(&mut again).await;
+    let end = backend.next(&session).await;
+    assert_eq!(end.0, "disconnect", "one disconnect, at the real end: {end:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_edge_hands_its_sessions_over_on_nats() {
+    drained_edge_hands_over(&nats_url()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_edge_hands_its_sessions_over_on_kafka() {
+    drained_edge_hands_over(&kafka_url()).await
+}
+
+/// SIGTERM on the edge that holds 20 sessions: each gets 1012, resumes on the other edge with
+/// what it had, and gets every reply once and in order; no disconnect reaches the backend.
+async fn drained_edge_hands_over(url: &str) {
+    let mut c = cluster(url, &["--drain-grace", "0s"]).await;
+    let node_b = c.node_b.clone();
+    let mut backend = Backend::new(&c).await;
+    let admin_b = c.b.admin("");
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        let (ws, w) = v2(&c.a.ws("/ws")).await;
+        clients.push((
+            ws,
+            w["session"].as_str().unwrap().to_owned(),
+            w["resume_token"].as_str().unwrap().to_owned(),
+        ));
+    }
+    for (ws, session, _) in clients.iter_mut() {
+        push(&admin_b, session, 1).await;
+        assert_contiguous(&until_reply(ws, 1).await, 1, 1, 1);
+    }
+    c.a.term();
+    let mut resumed = Vec::new();
+    for (mut ws, session, token) in clients {
+        assert_eq!(close_code(&mut ws).await, Some(1012));
+        push(&admin_b, &session, 2).await;
+        let (ws, w) = v2(&c.b.ws(&format!("/ws?resume={token}&delivered=1"))).await;
+        assert_eq!(w["resumed"], true, "{w}");
+        resumed.push((ws, session));
+    }
+    for (ws, session) in resumed.iter_mut() {
+        push(&admin_b, session, 3).await;
+        assert_contiguous(&until_reply(ws, 3).await, 2, 2, 3);
+    }
+    // The backend saw, per session: connect, resume (node B), and nothing else.
+    let mut seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    while seen.values().map(Vec::len).sum::<usize>() < 40 {
+        let m = tokio::time::timeout(WAIT, backend.0.recv())
+            .await
+            .expect("lifecycle records")
+            .unwrap();
+        let h = &m.record.headers;
+        let kind = h.get("sy-kind").unwrap_or("").to_owned();
+        if kind == "resume" {
+            assert_eq!(h.get("sy-node"), Some(node_b.as_str()));
+        }
+        seen.entry(h.get("sy-session").unwrap().to_owned())
+            .or_default()
+            .push(kind);
+    }
+    assert_eq!(seen.len(), 20);
+    assert!(seen.values().all(|k| k == &["connect", "resume"]), "{seen:?}");
+    let status = tokio::time::timeout(WAIT, c.a.child.wait())
+        .await
+        .expect("the drained edge exits")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    for (ws, _) in resumed.iter_mut() {
+        close_normal(ws).await;
+    }
+    for _ in 0..20 {
+        let m = tokio::time::timeout(WAIT, backend.0.recv())
+            .await
+            .expect("disconnects")
+            .unwrap();
+        assert_eq!(m.record.headers.get("sy-kind"), Some("disconnect"));
+    }
+}
+
+/// An edge killed with SIGKILL had the session's kept deliveries in memory: a resume on the
+/// other edge is refused with `node_unreachable` and a new session, never a half-resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_after_sigkill_of_the_edge_is_refused_with_a_reason() {
+    let mut c = cluster(&nats_url(), &[]).await;
+    let (ws, w) = v2(&c.a.ws("/ws")).await;
+    let (session, token) = (
+        w["session"].as_str().unwrap().to_owned(),
+        w["resume_token"].as_str().unwrap().to_owned(),
+    );
+    c.a.kill9();
+    drop(ws);
+    let (_ws, w) = v2(&c.b.ws(&format!("/ws?resume={token}&delivered=0"))).await;
+    assert_eq!(w["resumed"], false, "{w}");
+    assert_eq!(w["reason"], "node_unreachable", "{w}");
+    assert_ne!(w["session"], session.as_str(), "a new session");
+}
