@@ -177,7 +177,7 @@ impl Edge {
         }
         // Sessions closed with 1012 may wait the handover grace for a resume on another edge.
         let handover = if crate::session::hands_over(&self.state) {
-            self.state.cfg.handover_grace
+            self.state.cfg.handover_grace.min(self.state.cfg.resume_window)
         } else {
             std::time::Duration::ZERO
         };

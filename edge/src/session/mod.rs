@@ -397,7 +397,7 @@ async fn park(st: &EdgeState, sess: &Arc<Session>) -> bool {
         st.close_all.cancelled().await;
         // The drain began while it was parked: it may still be taken for the handover grace.
         if hands_over(st) {
-            tokio::time::sleep(st.cfg.handover_grace).await
+            tokio::time::sleep(st.cfg.handover_grace.min(st.cfg.resume_window)).await
         }
     };
     let taken = tokio::select! {
