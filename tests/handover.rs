@@ -169,7 +169,20 @@ async fn metric_reaches(admin: &std::net::SocketAddr, series: &str, want: u64) {
         if sample(&admin.to_string(), series).await >= want {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "{series} never reached {want}");
+        if tokio::time::Instant::now() >= deadline {
+            let text = reqwest::get(format!("http://{admin}/metrics"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let name = series.split('{').next().unwrap();
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with(name) || l.contains("handover"))
+                .collect();
+            panic!("{series} never reached {want}: {lines:#?}");
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -349,4 +362,184 @@ async fn a_resume_after_sigkill_of_the_edge_is_refused_with_a_reason() {
     assert_eq!(w["resumed"], false, "{w}");
     assert_eq!(w["reason"], "node_unreachable", "{w}");
     assert_ne!(w["session"], session.as_str(), "a new session");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_both_edges_loses_nothing_on_nats() {
+    rolling_restart(&nats_url()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_both_edges_loses_nothing_on_kafka() {
+    rolling_restart(&kafka_url()).await
+}
+
+/// One client of the rolling restart: on a 1012 it resumes on the other edge it knows of.
+/// Returns the replies it got (in arrival order), the resumes it made and whether each was
+/// resumed.
+async fn roaming_client(
+    mut urls: tokio::sync::watch::Receiver<Vec<String>>,
+    start: usize,
+    last: u64,
+    ready: tokio::sync::mpsc::Sender<String>,
+) -> (Vec<u64>, Vec<bool>) {
+    let mut at = start;
+    let url = urls.borrow()[at].clone();
+    let (mut ws, w) = v2(&format!("{url}/ws")).await;
+    let mut token = w["resume_token"].as_str().unwrap().to_owned();
+    ready.send(w["session"].as_str().unwrap().to_owned()).await.unwrap();
+    drop(ready);
+    let (mut got, mut resumes, mut delivered) = (Vec::new(), Vec::new(), 0u64);
+    loop {
+        let m = tokio::time::timeout(WAIT, futures::StreamExt::next(&mut ws))
+            .await
+            .expect("a message or a close in time");
+        match m {
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["op"] == "deliver" {
+                    delivered = v["n"].as_u64().unwrap();
+                    let i = v["data"]["i"].as_u64().unwrap();
+                    got.push(i);
+                    if i == last {
+                        close_normal(&mut ws).await;
+                        return (got, resumes);
+                    }
+                } else if v["op"] == "welcome" {
+                    resumes.push(v["resumed"] == true);
+                    token = v["resume_token"].as_str().unwrap().to_owned();
+                }
+            }
+            Some(Ok(Message::Close(f))) => {
+                assert_eq!(f.map(|f| u16::from(f.code)), Some(1012), "only drains close us");
+                // The other edge (the current list: a restarted edge has a new address).
+                at = (at + 1) % 2;
+                let url = urls.borrow_and_update()[at].clone();
+                let mut req = format!("{url}/ws?resume={token}&delivered={delivered}")
+                    .into_client_request()
+                    .unwrap();
+                req.headers_mut()
+                    .insert("sec-websocket-protocol", "switchyard.v2".parse().unwrap());
+                ws = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+                    .await
+                    .expect("reconnect in time")
+                    .expect("the other edge takes us")
+                    .0;
+            }
+            Some(Ok(_)) => {}
+            other => panic!("socket ended without a close: {other:?}"),
+        }
+    }
+}
+
+/// 2 edges, 200 clients, a backend sending every session one reply per 100 ms; edge A is
+/// drained (SIGTERM) and restarted, then edge B: every client resumed each time and got every
+/// reply exactly once, in order.
+async fn rolling_restart(url: &str) {
+    const CLIENTS: usize = 200;
+    const ROUNDS: u64 = 60;
+    let c = cluster(url, &["--drain-grace", "0s"]).await;
+    let Cluster {
+        a,
+        b,
+        bus,
+        naming,
+        _key,
+        _router,
+        ..
+    } = c;
+    let key = _key.0.to_str().unwrap().to_owned();
+    let p = naming.outbound();
+    let prefix = p.strip_suffix(".out").unwrap().to_owned();
+    let (urls_tx, urls_rx) = tokio::sync::watch::channel(vec![a.ws(""), b.ws("")]);
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(CLIENTS);
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        clients.push(tokio::spawn(roaming_client(
+            urls_rx.clone(),
+            i % 2,
+            ROUNDS,
+            ready_tx.clone(),
+        )));
+    }
+    drop(ready_tx);
+    let mut sessions = Vec::new();
+    while let Some(s) = ready_rx.recv().await {
+        sessions.push(s);
+    }
+    assert_eq!(sessions.len(), CLIENTS);
+    // The backend: one reply per session per 100 ms, through the router.
+    let (round_tx, mut round) = tokio::sync::watch::channel(0u64);
+    let backend = {
+        let bus = bus.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            for i in 1..=ROUNDS {
+                tick.tick().await;
+                round_tx.send_replace(i);
+                for s in &sessions {
+                    let payload = bytes::Bytes::from(json!({ "i": i }).to_string());
+                    let e = switchyard_protocol::Envelope::new(
+                        s.clone(),
+                        switchyard_protocol::Kind::Deliver,
+                        payload.clone(),
+                    );
+                    let rec = switchyard_bus::Record {
+                        key: Some(e.key()),
+                        headers: e.headers(),
+                        payload,
+                    };
+                    bus.publish(&p, rec).await.unwrap();
+                }
+            }
+        })
+    };
+    let args = ["--resume-key-file", key.as_str(), "--drain-grace", "0s"];
+    // Restart A, then B, each once its sessions have moved.
+    let mut a = a;
+    round.wait_for(|r| *r >= 10).await.unwrap();
+    a.term();
+    let st = tokio::time::timeout(WAIT, a.child.wait())
+        .await
+        .expect("A exits")
+        .unwrap();
+    assert!(st.success(), "A: {st:?} {:?}", a.log_tail());
+    let a2 = spawn("edge", url, &prefix, &args).await;
+    urls_tx.send_replace(vec![a2.ws(""), b.ws("")]);
+    // A's clients are on B now.
+    metric_reaches(
+        &b.admin,
+        r#"switchyard_resumes_total{result="resumed"}"#,
+        (CLIENTS / 2) as u64,
+    )
+    .await;
+    round.wait_for(|r| *r >= 30).await.unwrap();
+    let mut b = b;
+    b.term();
+    let st = tokio::time::timeout(WAIT, b.child.wait())
+        .await
+        .expect("B exits")
+        .unwrap();
+    assert!(st.success(), "B: {st:?} {:?}", b.log_tail());
+    let b2 = spawn("edge", url, &prefix, &args).await;
+    urls_tx.send_replace(vec![a2.ws(""), b2.ws("")]);
+    backend.await.unwrap();
+    let (mut moves, mut lost) = (0, 0);
+    for (i, cl) in clients.into_iter().enumerate() {
+        let (got, resumes) = cl.await.unwrap();
+        assert!(
+            resumes.iter().all(|r| *r),
+            "client {i}: a resume was refused: {resumes:?}"
+        );
+        moves += resumes.len();
+        let want: Vec<u64> = (1..=ROUNDS).collect();
+        if got != want {
+            lost += 1;
+            panic!("client {i}: {got:?}");
+        }
+    }
+    eprintln!("rolling restart: {CLIENTS} clients, {moves} resumes, every reply once and in order ({lost} lost)");
+    // Clients on A moved twice (A → B → A2), clients on B once (B → A2).
+    assert_eq!(moves, CLIENTS / 2 * 3);
+    drop((a2, b2));
 }

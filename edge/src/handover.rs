@@ -60,12 +60,42 @@ struct Incoming {
 struct Moved {
     node: Arc<str>,
     until: Instant,
+    /// `end` was sent (the router said `moved`).
+    ended: bool,
 }
 
 #[derive(Default)]
 pub struct Handovers {
     incoming: DashMap<String, Arc<Mutex<Incoming>>>,
     moved: DashMap<String, Moved>,
+    /// Woken when an `end` was sent.
+    settled: tokio::sync::Notify,
+}
+
+impl Handovers {
+    /// Sessions handed over whose `end` was not sent yet.
+    fn unsettled(&self) -> usize {
+        self.moved.iter().filter(|m| !m.ended).count()
+    }
+
+    /// A draining node: waits (at most `within`) until every session it handed over got its
+    /// `end`, so what still reaches it for them is passed on before it stops reading.
+    pub async fn settle(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let woken = self.settled.notified();
+            if self.unsettled() == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                tracing::warn!(
+                    sessions = self.unsettled(),
+                    "handed-over sessions without an end from the router"
+                );
+                return;
+            }
+        }
+    }
 }
 
 fn count(step: &'static str, result: &'static str) {
@@ -171,6 +201,10 @@ pub async fn intercept(st: &Arc<EdgeState>, env: &Envelope, msg: &Message) -> bo
                     if let Err(e) = st.bus.publish(&st.cfg.naming.node(&to), rec).await {
                         tracing::warn!(session = %env.session, error = %e, "could not send a handover end");
                     }
+                    if let Some(mut m) = st.handovers.moved.get_mut(&env.session) {
+                        m.ended = true;
+                    }
+                    st.handovers.settled.notify_waiters();
                 }
             }
             _ => tracing::debug!(session = %env.session, %step, "unknown handover step"),
@@ -338,6 +372,9 @@ async fn give(st: Arc<EdgeState>, session: String, to: String, take: Take) {
         let session = session.clone();
         let to = to.clone();
         async move {
+            if let Some(why) = &state.refused {
+                tracing::info!(%session, %to, reason = %why, "not handing a session over");
+            }
             let body = serde_json::to_vec(&state).expect("a state serialises");
             let rec = record(&session, handover::STATE, &st.cfg.node_id, body.into());
             if let Err(e) = st.bus.publish(&st.cfg.naming.node(&to), rec).await {
@@ -346,6 +383,7 @@ async fn give(st: Arc<EdgeState>, session: String, to: String, take: Take) {
         }
     };
     let Some(sess) = st.sessions.get(&session).map(|s| s.clone()) else {
+        tracing::debug!(%session, "take: no such session here");
         count("give", "not_parked");
         return answer(State::refused("not_parked")).await;
     };
@@ -358,11 +396,18 @@ async fn give(st: Arc<EdgeState>, session: String, to: String, take: Take) {
         sess.cont.start_takeover();
         sess.queue
             .close(switchyard_protocol::close::GOING_AWAY, "resumed on another node");
+        // Already closing (the drain's 1012, waiting for the client's answer): it must look
+        // at the takeover now, not when its close wait ends.
+        sess.queue.wake();
         if !sess.cont.wait_parked(TAKEOVER_WAIT).await {
+            tracing::debug!(%session, "take: the session did not park");
             count("give", "not_parked");
             return answer(State::refused("not_parked")).await;
         }
     }
+    // It may have just arrived here itself: what was held for it goes into its continuity
+    // first, so the state has it.
+    finish(&st, &session);
     // From here the session's deliveries are passed on (the delivery loop sees it in its
     // continuity, then, once the session is gone from `sessions`, in `moved`).
     let mut state = match sess.cont.hand_over(take.delivered, &to) {
@@ -377,6 +422,7 @@ async fn give(st: Arc<EdgeState>, session: String, to: String, take: Take) {
         Moved {
             node: to.as_str().into(),
             until: Instant::now() + st.cfg.resume_window.max(Duration::from_secs(10)),
+            ended: false,
         },
     );
     state.seq = sess.seq();

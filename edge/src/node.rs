@@ -198,6 +198,9 @@ impl Edge {
                 "sessions still open after the shutdown grace: their disconnects may not be published"
             );
         }
+        // Sessions handed over to other edges: keep passing on what reaches us for them until
+        // the routers have moved them (bounded).
+        self.state.handovers.settle(crate::handover::END_WAIT).await;
         self.delivery.abort();
         if let Some(h) = self.heartbeat {
             h.abort();

@@ -80,6 +80,8 @@ async fn try_resume(
         old.cont.start_takeover();
         old.queue
             .close(switchyard_protocol::close::GOING_AWAY, "resumed on another connection");
+        // Already closing, it must look at the takeover now, not when its close wait ends.
+        old.queue.wake();
         if !old.cont.wait_parked(TAKEOVER_WAIT).await {
             return Err("not_parked");
         }
