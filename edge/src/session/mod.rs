@@ -383,11 +383,15 @@ async fn park(st: &EdgeState, sess: &Arc<Session>) -> bool {
             Box::pin(st.channels.unsubscribe(sess, &c)).await;
         }
     }
-    // Draining: only for the handover grace (counted from when the drain closed it).
-    let wait = if st.close_all.is_cancelled() {
+    // Draining: only for the handover grace (counted from when the drain closed it), and not
+    // at all when no other edge can take it (the drain may have begun while this session was
+    // leaving its channels).
+    let wait = if !st.close_all.is_cancelled() {
+        st.cfg.resume_window
+    } else if hands_over(st) {
         st.cfg.handover_grace.min(st.cfg.resume_window)
     } else {
-        st.cfg.resume_window
+        std::time::Duration::ZERO
     };
     let drained = async {
         if st.close_all.is_cancelled() {
