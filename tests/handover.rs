@@ -261,6 +261,11 @@ async fn resumes_on_the_other_edge(url: &str) {
     assert_eq!(close_code(&mut ws).await, Some(1001), "the old socket is told");
     push(&admin, &session, 62).await;
     assert_contiguous(&until_reply(&mut again, 62).await, n61 + 1, 62, 62);
+    // Once A has the session back for good (its `end` from B), a reply still reaches it: A no
+    // longer passes the session's records on to B, where it went before.
+    metric_reaches(&c.a.admin, r#"switchyard_handovers_total{step="end",result="ok"}"#, 1).await;
+    push(&admin, &session, 63).await;
+    assert_contiguous(&until_reply(&mut again, 63).await, n61 + 2, 63, 63);
     let resume = backend.next(&session).await;
     assert_eq!((resume.0.as_str(), resume.2.as_str()), ("resume", node_a.as_str()));
     close_normal(&mut again).await;

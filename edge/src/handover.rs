@@ -144,11 +144,13 @@ pub async fn request(
         early: Vec::new(),
         held: Vec::new(),
     }));
-    if st.handovers.incoming.contains_key(session) {
+    match st.handovers.incoming.entry(session.to_owned()) {
         // Two resumes of one session at once: the second is refused.
-        return Err("not_parked");
+        dashmap::Entry::Occupied(_) => return Err("not_parked"),
+        dashmap::Entry::Vacant(v) => {
+            v.insert(entry);
+        }
     }
-    st.handovers.incoming.insert(session.to_owned(), entry);
     let take = serde_json::to_vec(&Take {
         delivered,
         route: route.to_owned(),
@@ -305,6 +307,9 @@ fn on_state(st: &Arc<EdgeState>, session: &str, payload: &[u8]) {
     inc.cont = Some(cont.clone());
     let early = std::mem::take(&mut inc.early);
     drop(inc);
+    // It may be coming back: what reaches this node for it is its own again, not passed on to
+    // where it went before (or two nodes would pass its records back and forth).
+    st.handovers.moved.remove(session);
     for m in &early {
         if let Ok(env) = Envelope::from_record(m.record.key.as_deref(), &m.record.headers, m.record.payload.clone()) {
             if env.kind == Kind::Deliver {
