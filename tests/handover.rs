@@ -203,7 +203,9 @@ async fn a_session_resumes_on_the_other_edge_on_kafka() {
 }
 
 async fn resumes_on_the_other_edge(url: &str) {
-    let c = cluster(url, &[]).await;
+    // A window longer than the test's waits: a record passed back and forth between the two
+    // nodes until a `moved` entry expires would not arrive in time.
+    let c = cluster(url, &["--resume-window", "120s"]).await;
     let (node_a, node_b) = (c.node_a.clone(), c.node_b.clone());
     let mut backend = Backend::new(&c).await;
     let admin = c.a.admin("");
