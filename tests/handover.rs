@@ -547,3 +547,39 @@ async fn rolling_restart(url: &str) {
     assert_eq!(moves, CLIENTS / 2 * 3);
     drop((a2, b2));
 }
+
+/// The new edge gives up waiting for the old one (frozen with SIGSTOP past the 3 s wait): the
+/// client gets `resumed:false` (`node_unreachable`). When the old edge wakes up and hands the
+/// session over anyway, the new one says `gone`, and the old one publishes the session's one
+/// disconnect: the backend is not left with a session that never ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_that_comes_too_late_ends_the_session_with_one_disconnect() {
+    let c = cluster(&nats_url(), &[]).await;
+    let mut backend = Backend::new(&c).await;
+    let (ws, w) = v2(&c.a.ws("/ws")).await;
+    let (session, token) = (
+        w["session"].as_str().unwrap().to_owned(),
+        w["resume_token"].as_str().unwrap().to_owned(),
+    );
+    assert_eq!(backend.next(&session).await.0, "connect");
+    drop(ws);
+    metric_reaches(&c.a.admin, "switchyard_sessions_parked", 1).await;
+    let pid = c.a.child.id().unwrap().to_string();
+    send_signal(&pid, "-STOP");
+    let (_ws, w) = v2(&c.b.ws(&format!("/ws?resume={token}&delivered=0"))).await;
+    send_signal(&pid, "-CONT");
+    assert_eq!(w["resumed"], false, "{w}");
+    assert_eq!(w["reason"], "node_unreachable", "{w}");
+    let (kind, _, node) = backend.next(&session).await;
+    assert_eq!(
+        (kind.as_str(), node.as_str()),
+        ("disconnect", c.node_a.as_str()),
+        "one disconnect, from the old node"
+    );
+    metric_reaches(
+        &c.a.admin,
+        r#"switchyard_handovers_total{step="gone",result="ended"}"#,
+        1,
+    )
+    .await;
+}

@@ -62,6 +62,9 @@ struct Moved {
     until: Instant,
     /// `end` was sent (the router said `moved`).
     ended: bool,
+    /// The session, in case the new node does not take it after all (`gone`): then its
+    /// disconnect is published here.
+    sess: Arc<crate::session::Session>,
 }
 
 #[derive(Default)]
@@ -194,7 +197,26 @@ pub async fn intercept(st: &Arc<EdgeState>, env: &Envelope, msg: &Message) -> bo
                 }
                 _ => tracing::debug!(session = %env.session, "malformed take"),
             },
-            handover::STATE => on_state(st, &env.session, &msg.record.payload),
+            handover::STATE => {
+                if !on_state(st, &env.session, &msg.record.payload) && !from.is_empty() {
+                    // Not taken here after all: the old node ends it (one disconnect).
+                    let rec = record(&env.session, handover::GONE, &st.cfg.node_id, Bytes::new());
+                    if let Err(e) = st.bus.publish(&st.cfg.naming.node(&from), rec).await {
+                        tracing::warn!(session = %env.session, error = %e, "could not send a handover gone");
+                    }
+                }
+            }
+            handover::GONE => {
+                let gone = st
+                    .handovers
+                    .moved
+                    .remove_if(&env.session, |_, m| !m.ended && *m.node == *from);
+                if let Some((_, m)) = gone {
+                    count("gone", "ended");
+                    tracing::info!(session = %env.session, %from, "the new node did not take the session: it ends here");
+                    crate::session::abandon(st, &m.sess, "resume on another node failed").await;
+                }
+            }
             handover::END => finish(st, &env.session),
             handover::MOVED => {
                 let to = st.handovers.moved.get(&env.session).map(|m| m.node.clone());
@@ -278,31 +300,37 @@ async fn deliver_to(st: &Arc<EdgeState>, cont: &Continuity, env: &Envelope) {
     }
 }
 
-/// New edge: the old node's answer.
-fn on_state(st: &Arc<EdgeState>, session: &str, payload: &[u8]) {
-    let Some(entry) = st.handovers.incoming.get(session).map(|e| e.clone()) else {
-        // Too late (the resume gave up): the old node ends the session when its window ends.
-        count("state", "late");
-        return;
-    };
+/// New edge: the old node's answer. False when a handed-over session is not taken here after
+/// all (the resume gave up waiting, or the state does not fit): the caller says `gone`.
+fn on_state(st: &Arc<EdgeState>, session: &str, payload: &[u8]) -> bool {
     let state = serde_json::from_slice::<State>(payload);
+    let handed_over = matches!(&state, Ok(s) if s.refused.is_none());
+    let Some(entry) = st.handovers.incoming.get(session).map(|e| e.clone()) else {
+        // Too late: the resume gave up waiting.
+        count("state", "late");
+        return !handed_over;
+    };
     let mut inc = entry.lock();
-    let Some(answer) = inc.answer.take() else { return };
+    let Some(answer) = inc.answer.take() else {
+        return !handed_over;
+    };
     let state = match state {
         Ok(s) if s.refused.is_none() => s,
         Ok(s) => {
             let _ = answer.send(Err(s.refused.unwrap_or_default()));
-            return;
+            return true;
         }
         Err(_) => {
             let _ = answer.send(Err("refused".into()));
-            return;
+            return true;
         }
     };
     let keep = st.cfg.resume_buffer;
     let Some(cont) = Continuity::restore(keep, &state, inc.delivered).map(Arc::new) else {
         let _ = answer.send(Err("delivered_ahead".into()));
-        return;
+        drop(inc);
+        st.handovers.incoming.remove(session);
+        return false;
     };
     inc.cont = Some(cont.clone());
     let early = std::mem::take(&mut inc.early);
@@ -333,8 +361,11 @@ fn on_state(st: &Arc<EdgeState>, session: &str, payload: &[u8]) {
                 finish(&st, &session);
             }
         });
+        true
     } else {
+        // The resume gave up meanwhile.
         st.handovers.incoming.remove(session);
+        false
     }
 }
 
@@ -428,6 +459,7 @@ async fn give(st: Arc<EdgeState>, session: String, to: String, take: Take) {
             node: to.as_str().into(),
             until: Instant::now() + st.cfg.resume_window.max(Duration::from_secs(10)),
             ended: false,
+            sess: sess.clone(),
         },
     );
     state.seq = sess.seq();

@@ -289,7 +289,7 @@ pub(crate) async fn upgrade(
             Err(e) => {
                 tracing::debug!(error = %e, "upgrade failed");
                 if sess.resumed_after.is_some() {
-                    session::abandon(&st2, &sess).await;
+                    session::abandon(&st2, &sess, "resume upgrade failed").await;
                 }
             }
         }

@@ -14,6 +14,9 @@
 //! 4. `end` (old edge → new edge): nothing more will be passed on in order. The new edge held
 //!    the router's records for the session until here, so the client gets every delivery once,
 //!    in order.
+//!
+//! `gone` (new edge → old edge): a `state` came that the new edge did not take after all (its
+//! resume had given up waiting): the old edge ends the session and publishes its disconnect.
 
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +25,7 @@ pub const TAKE: &str = "take";
 pub const STATE: &str = "state";
 pub const MOVED: &str = "moved";
 pub const END: &str = "end";
+pub const GONE: &str = "gone";
 
 /// What a new edge asks for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

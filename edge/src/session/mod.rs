@@ -335,16 +335,17 @@ where
     }
 }
 
-/// A resume whose upgrade failed after it took the parked session over: the session ends
-/// here, and its disconnect is published (code 1006).
-pub async fn abandon(st: &EdgeState, sess: &Arc<Session>) {
+/// A session taken over for a resume that then did not happen (its upgrade failed, or the
+/// node it was handed to did not take it): it ends here, and its disconnect is published
+/// (code 1006, reason `why`).
+pub async fn abandon(st: &EdgeState, sess: &Arc<Session>, why: &str) {
     sess.cont.end();
     st.sessions.remove_if(&sess.id, |_, s| Arc::ptr_eq(&s.cont, &sess.cont));
     let channels: Vec<String> = sess.channels.lock().drain().collect();
     for c in channels {
         Box::pin(st.channels.unsubscribe(sess, &c)).await;
     }
-    let ended = Ended::new(close::ABNORMAL, "resume upgrade failed");
+    let ended = Ended::new(close::ABNORMAL, why);
     if let Err(e) = Box::pin(lifecycle(st, sess, Kind::Disconnect, Some(&ended))).await {
         st.disconnects_refused.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(session = %sess.id, error = %e, "bus refused disconnect event: its backend is not told the session ended");
