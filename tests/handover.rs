@@ -170,12 +170,7 @@ async fn metric_reaches(admin: &std::net::SocketAddr, series: &str, want: u64) {
             return;
         }
         if tokio::time::Instant::now() >= deadline {
-            let text = reqwest::get(format!("http://{admin}/metrics"))
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let text = metrics_text(&admin.to_string()).await;
             let name = series.split('{').next().unwrap();
             let lines: Vec<&str> = text
                 .lines()

@@ -32,8 +32,6 @@ pub const STATE_WAIT: Duration = Duration::from_secs(3);
 /// How long a new edge holds the router's records for the session, waiting for `end` (past
 /// it they are delivered; a forward that comes later still is delivered when it comes).
 pub const END_WAIT: Duration = Duration::from_secs(5);
-/// How long an old edge waits for a still-open socket of the session to close.
-const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
 /// Records held per incoming session (past it, the oldest are dropped and counted).
 const MAX_HELD: usize = 10_000;
 
@@ -427,19 +425,11 @@ async fn give(st: Arc<EdgeState>, session: String, to: String, take: Take) {
         count("give", "other_route");
         return answer(State::refused("other_route")).await;
     }
-    if sess.cont.is_live() {
-        // The client came back elsewhere before this node saw its old socket die.
-        sess.cont.start_takeover();
-        sess.queue
-            .close(switchyard_protocol::close::GOING_AWAY, "resumed on another node");
-        // Already closing (the drain's 1012, waiting for the client's answer): it must look
-        // at the takeover now, not when its close wait ends.
-        sess.queue.wake();
-        if !sess.cont.wait_parked(TAKEOVER_WAIT).await {
-            tracing::debug!(%session, "take: the session did not park");
-            count("give", "not_parked");
-            return answer(State::refused("not_parked")).await;
-        }
+    // The client may have come back elsewhere before this node saw its old socket die.
+    if !sess.take_from_socket("resumed on another node").await {
+        tracing::debug!(%session, "take: the session did not park");
+        count("give", "not_parked");
+        return answer(State::refused("not_parked")).await;
     }
     // It may have just arrived here itself: what was held for it goes into its continuity
     // first, so the state has it.

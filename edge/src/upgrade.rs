@@ -34,10 +34,6 @@ fn resume_request<'a>(query: Option<&'a str>, headers: &'a HeaderMap) -> Option<
     Some((token, delivered))
 }
 
-/// How long a resume waits for the session's old socket to close and park (a client can come
-/// back before the edge has noticed its old connection is dead).
-const TAKEOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
 /// What a resume takes over: the session's id, continuity, inbound seq and channels.
 struct Taken {
     id: String,
@@ -76,15 +72,8 @@ async fn try_resume(
             _ => Err("not_parked"),
         };
     };
-    if old.cont.is_live() {
-        old.cont.start_takeover();
-        old.queue
-            .close(switchyard_protocol::close::GOING_AWAY, "resumed on another connection");
-        // Already closing, it must look at the takeover now, not when its close wait ends.
-        old.queue.wake();
-        if !old.cont.wait_parked(TAKEOVER_WAIT).await {
-            return Err("not_parked");
-        }
+    if !old.take_from_socket("resumed on another connection").await {
+        return Err("not_parked");
     }
     old.cont.take(delivered).map_err(|e| e.code())?;
     let taken = Taken {

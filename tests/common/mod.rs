@@ -443,14 +443,19 @@ pub fn account(
     (acked_n, told_n, told_but_stored)
 }
 
-/// The value of one Prometheus sample, given its name and labels exactly as rendered.
-pub async fn sample(admin: &str, series: &str) -> u64 {
-    let text = reqwest::get(format!("http://{admin}/metrics"))
+/// The `/metrics` text of the admin listener at `admin`.
+pub async fn metrics_text(admin: &str) -> String {
+    reqwest::get(format!("http://{admin}/metrics"))
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// The value of one Prometheus sample, given its name and labels exactly as rendered.
+pub async fn sample(admin: &str, series: &str) -> u64 {
+    let text = metrics_text(admin).await;
     let prefix = format!("{series} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&prefix))

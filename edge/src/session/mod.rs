@@ -111,6 +111,21 @@ impl Session {
         }
     }
 
+    /// For a resume: takes the session from its socket if that still looks alive (closed with
+    /// 1001 and `reason`, woken even if it was already closing), and waits up to 2 s for the
+    /// session to park. False when it did not park.
+    pub async fn take_from_socket(&self, reason: &str) -> bool {
+        if !self.cont.is_live() {
+            return true;
+        }
+        self.cont.start_takeover();
+        self.queue.close(close::GOING_AWAY, reason);
+        // Already closing (the drain's 1012, waiting for the client's answer), it must look at
+        // the takeover now, not when its close wait ends.
+        self.queue.wake();
+        self.cont.wait_parked(TAKEOVER_WAIT).await
+    }
+
     /// The inbound seq of the session's last record.
     pub fn seq(&self) -> u64 {
         self.seq.load(Ordering::Relaxed)
@@ -334,6 +349,10 @@ where
         tracing::warn!(session = %sess.id, error = %e, "bus refused disconnect event: its backend is not told the session ended");
     }
 }
+
+/// How long a resume waits for the session's old socket to close and park (a client can come
+/// back before the edge has noticed its old connection is dead).
+const TAKEOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A session taken over for a resume that then did not happen (its upgrade failed, or the
 /// node it was handed to did not take it): it ends here, and its disconnect is published
