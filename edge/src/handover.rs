@@ -49,9 +49,9 @@ struct Incoming {
     /// What the resuming client has had.
     delivered: u64,
     /// Forwards that came before the state.
-    early: Vec<Message>,
+    early: Vec<Envelope>,
     /// The router's records, held until `end`.
-    held: Vec<Message>,
+    held: Vec<Envelope>,
 }
 
 /// A session that left this node, and until when its records are passed on.
@@ -240,11 +240,11 @@ pub async fn intercept(st: &Arc<EdgeState>, env: &Envelope, msg: &Message) -> bo
             match (&inc.cont, forwarded) {
                 (Some(cont), true) => Some(cont.clone()),
                 (None, true) => {
-                    hold(&mut inc.early, msg);
+                    hold(&mut inc.early, env);
                     None
                 }
                 (_, false) => {
-                    hold(&mut inc.held, msg);
+                    hold(&mut inc.held, env);
                     None
                 }
             }
@@ -265,12 +265,12 @@ pub async fn intercept(st: &Arc<EdgeState>, env: &Envelope, msg: &Message) -> bo
     false
 }
 
-fn hold(q: &mut Vec<Message>, msg: &Message) {
+fn hold(q: &mut Vec<Envelope>, env: &Envelope) {
     if q.len() >= MAX_HELD {
         q.remove(0);
         count("hold", "dropped");
     }
-    q.push(msg.clone());
+    q.push(env.clone());
 }
 
 /// Passes a record of a session that moved on to its new node.
@@ -290,11 +290,34 @@ pub(crate) async fn pass_on(st: &EdgeState, to: &str, msg: &Message) {
 /// socket once attached); anything else takes the usual path once the session runs here.
 async fn deliver_to(st: &Arc<EdgeState>, cont: &Continuity, env: &Envelope) {
     if env.kind == Kind::Deliver {
-        let _ = cont.deliver(&env.payload, env.opcode == Opcode::Binary);
+        deliver_now(cont, env);
     } else if let Some(sess) = st.sessions.get(&env.session).map(|s| s.clone()) {
         let _ = crate::delivery::handle(st, &sess, env).await;
     } else {
         tracing::debug!(session = %env.session, kind = env.kind.as_str(), "control op for a session still arriving: dropped");
+    }
+}
+
+/// A delivery into the continuity (a session on its way here is never forwarded again).
+fn deliver_now(cont: &Continuity, env: &Envelope) {
+    let _ = cont.deliver(&env.payload, env.opcode == Opcode::Binary);
+}
+
+/// Records that waited for the session, in order: deliveries at once; from the first control
+/// op on, the rest in order on a task (a control op takes the usual path).
+fn release(st: &Arc<EdgeState>, cont: Arc<Continuity>, waited: Vec<Envelope>) {
+    let mut waited = waited.into_iter().peekable();
+    while let Some(env) = waited.next_if(|e| e.kind == Kind::Deliver) {
+        deliver_now(&cont, &env);
+    }
+    let rest: Vec<Envelope> = waited.collect();
+    if !rest.is_empty() {
+        let st = st.clone();
+        tokio::spawn(async move {
+            for env in rest {
+                deliver_to(&st, &cont, &env).await;
+            }
+        });
     }
 }
 
@@ -336,13 +359,7 @@ fn on_state(st: &Arc<EdgeState>, session: &str, payload: &[u8]) -> bool {
     // It may be coming back: what reaches this node for it is its own again, not passed on to
     // where it went before (or two nodes would pass its records back and forth).
     st.handovers.moved.remove(session);
-    for m in &early {
-        if let Ok(env) = Envelope::from_record(m.record.key.as_deref(), &m.record.headers, m.record.payload.clone()) {
-            if env.kind == Kind::Deliver {
-                let _ = cont.deliver(&env.payload, env.opcode == Opcode::Binary);
-            }
-        }
-    }
+    release(st, cont.clone(), early);
     let restored = Restored {
         cont,
         seq: state.seq,
@@ -377,26 +394,7 @@ fn finish(st: &Arc<EdgeState>, session: &str) {
     let held = std::mem::take(&mut inc.held);
     drop(inc);
     count("end", "ok");
-    // Deliveries go in order at once; from the first control op on, the rest go in order on
-    // a task (a control op is handled on the usual path).
-    let mut rest = Vec::new();
-    for m in held {
-        match Envelope::from_record(m.record.key.as_deref(), &m.record.headers, m.record.payload.clone()) {
-            Ok(env) if env.kind == Kind::Deliver && rest.is_empty() => {
-                let _ = cont.deliver(&env.payload, env.opcode == Opcode::Binary);
-            }
-            Ok(env) => rest.push(env),
-            Err(_) => {}
-        }
-    }
-    if !rest.is_empty() {
-        let st = st.clone();
-        tokio::spawn(async move {
-            for env in rest {
-                deliver_to(&st, &cont, &env).await;
-            }
-        });
-    }
+    release(st, cont, held);
 }
 
 /// Old edge: hands `session` over to node `to` (it asked with `take`).
