@@ -4,7 +4,8 @@
 //! backend sees one connect, one resume (with the new node), no disconnect, and sy-seq
 //! continuing. Then the session is taken back from a socket that still looks alive, and a
 //! drained edge (SIGTERM, 1012) hands its sessions over. An edge killed with SIGKILL cannot hand
-//! over: the resume is refused, with a reason.
+//! over: on NATS the resume is refused, with a reason; on Kafka the session's deliveries are
+//! read back from the log, and it resumes anyway.
 
 mod common;
 
@@ -42,6 +43,7 @@ fn key_file() -> KeyFile {
 }
 
 struct Cluster {
+    prefix: String,
     node_a: String,
     node_b: String,
     a: Proc,
@@ -75,6 +77,7 @@ async fn cluster(url: &str, extra: &[&str]) -> Cluster {
     )
     .await;
     Cluster {
+        prefix: p.clone(),
         node_a: na,
         node_b: nb,
         a,
@@ -366,6 +369,113 @@ async fn a_resume_after_sigkill_of_the_edge_is_refused_with_a_reason() {
     assert_ne!(w["session"], session.as_str(), "a new session");
 }
 
+/// On Kafka the node delivery topics are logs: a session whose edge was killed with SIGKILL
+/// resumes on the other edge from them. The client dropped (no close frame) having counted 3
+/// of 5 replies; 25 more came while its edge was dead, 30 more while it resumed. It gets 4..60
+/// once, in order, numbered on; the backend sees one resume (seq continuing, the new node), no
+/// disconnect, and a send resent with its id is acknowledged as a duplicate, not published
+/// again. Then the second edge is killed too, and the session resumes on a third edge, from
+/// both edges' logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_resumes_from_the_log_after_sigkill_of_its_edge_on_kafka() {
+    let mut c = cluster(&kafka_url(), &["--resume-window", "120s"]).await;
+    let (node_a, node_b) = (c.node_a.clone(), c.node_b.clone());
+    let mut backend = Backend::new(&c).await;
+    let admin = c.b.admin("");
+    let (mut ws, w) = v2(&c.a.ws("/ws")).await;
+    let session = w["session"].as_str().unwrap().to_owned();
+    let token = w["resume_token"].as_str().unwrap().to_owned();
+    assert_eq!(backend.next(&session).await, ("connect".into(), 1, node_a.clone()));
+    for i in 1..=5 {
+        push(&admin, &session, i).await;
+    }
+    assert_contiguous(&until_reply(&mut ws, 5).await, 1, 1, 5);
+    ws.send(Message::text(json!({"op":"send","id":"m1","data":"one"}).to_string()))
+        .await
+        .unwrap();
+    let ack = next_json(&mut ws).await;
+    assert_eq!((ack["op"].as_str(), ack.get("duplicate")), (Some("ack"), None), "{ack}");
+    assert_eq!(backend.next(&session).await, ("frame".into(), 2, node_a.clone()));
+    drop(ws);
+    c.a.kill9();
+    let _ = c.a.child.wait().await;
+    for i in 6..=30 {
+        push(&admin, &session, i).await;
+    }
+    let pusher = {
+        let (admin, session) = (admin.clone(), session.clone());
+        tokio::spawn(async move {
+            for i in 31..=60 {
+                push(&admin, &session, i).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let (mut ws, w) = v2(&c.b.ws(&format!("/ws?resume={token}&delivered=3"))).await;
+    assert_eq!(w["resumed"], true, "{w}");
+    assert_eq!(w["session"], session.as_str());
+    let token2 = w["resume_token"].as_str().unwrap().to_owned();
+    pusher.await.unwrap();
+    assert_contiguous(&until_reply(&mut ws, 60).await, 4, 4, 60);
+    assert_eq!(backend.next(&session).await, ("resume".into(), 3, node_b.clone()));
+    // The send's id came back from the log: resent, it is a duplicate.
+    ws.send(Message::text(json!({"op":"send","id":"m1","data":"one"}).to_string()))
+        .await
+        .unwrap();
+    let ack = next_json(&mut ws).await;
+    assert_eq!(ack["duplicate"], true, "{ack}");
+    ws.send(Message::text(json!({"op":"send","id":"m2","data":"two"}).to_string()))
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut ws).await["op"], "ack");
+    assert_eq!(backend.next(&session).await, ("frame".into(), 4, node_b.clone()));
+    assert_eq!(
+        sample(
+            &c.b.admin.to_string(),
+            r#"switchyard_handovers_total{step="log",result="ok"}"#
+        )
+        .await,
+        1
+    );
+
+    // B dies too, with replies in flight; a third edge resumes the session from A's log (the
+    // replies the router sent A before it moved the session) and B's.
+    push(&admin, &session, 61).await;
+    let got = until_reply(&mut ws, 61).await;
+    assert_contiguous(&got, 61, 61, 61);
+    let key = c._key.0.to_str().unwrap().to_owned();
+    let node_c = format!("{}-c", c.prefix);
+    let third = spawn(
+        "edge",
+        &kafka_url(),
+        &c.prefix,
+        &[
+            "--resume-key-file",
+            &key,
+            "--node-id",
+            &node_c,
+            "--resume-window",
+            "120s",
+        ],
+    )
+    .await;
+    let admin = third.admin("");
+    drop(ws);
+    c.b.kill9();
+    let _ = c.b.child.wait().await;
+    for i in 62..=70 {
+        push(&admin, &session, i).await;
+    }
+    let (mut ws, w) = v2(&third.ws(&format!("/ws?resume={token2}&delivered=60"))).await;
+    assert_eq!(w["resumed"], true, "{w}");
+    push(&admin, &session, 71).await;
+    assert_contiguous(&until_reply(&mut ws, 71).await, 61, 61, 71);
+    assert_eq!(backend.next(&session).await, ("resume".into(), 5, node_c.clone()));
+    close_normal(&mut ws).await;
+    let end = backend.next(&session).await;
+    assert_eq!(end.0, "disconnect", "one disconnect, at the real end: {end:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_of_both_edges_loses_nothing_on_nats() {
     rolling_restart(&nats_url()).await
@@ -577,4 +687,66 @@ async fn a_state_that_comes_too_late_ends_the_session_with_one_disconnect() {
         1,
     )
     .await;
+}
+
+/// On Kafka, an old edge frozen (SIGSTOP) past the 3 s wait does not stop the resume: the new
+/// edge reads the session back from the log. When the old edge wakes up and hands the session
+/// over anyway, the new one says `gone` with `resumed`: the old edge lets it go without a
+/// disconnect, and what it passes on (read from the log already) is dropped, so the client
+/// gets no reply twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_edge_does_not_stop_a_resume_from_the_log_on_kafka() {
+    let c = cluster(&kafka_url(), &["--resume-window", "120s"]).await;
+    let mut backend = Backend::new(&c).await;
+    let admin = c.b.admin("");
+    let (ws, w) = v2(&c.a.ws("/ws")).await;
+    let (session, token) = (
+        w["session"].as_str().unwrap().to_owned(),
+        w["resume_token"].as_str().unwrap().to_owned(),
+    );
+    assert_eq!(backend.next(&session).await.0, "connect");
+    drop(ws);
+    metric_reaches(&c.a.admin, "switchyard_sessions_parked", 1).await;
+    let pid = c.a.child.id().unwrap().to_string();
+    send_signal(&pid, "-STOP");
+    for i in 1..=10 {
+        push(&admin, &session, i).await;
+    }
+    let (mut ws, w) = v2(&c.b.ws(&format!("/ws?resume={token}&delivered=0"))).await;
+    send_signal(&pid, "-CONT");
+    assert_eq!(w["resumed"], true, "{w}");
+    assert_contiguous(&until_reply(&mut ws, 10).await, 1, 1, 10);
+    let (kind, _, node) = backend.next(&session).await;
+    assert_eq!((kind.as_str(), node.as_str()), ("resume", c.node_b.as_str()));
+    metric_reaches(
+        &c.a.admin,
+        r#"switchyard_handovers_total{step="gone",result="resumed"}"#,
+        1,
+    )
+    .await;
+    // Whatever the old edge passed on (it depends on when its delivery loop and its handover
+    // task ran: 0..=10 replies) was published before it handled the `gone`, so before reply
+    // 11: a reply it passed on would come again here, before 11. The new edge dropped each.
+    let passed_on = sample(
+        &c.a.admin.to_string(),
+        r#"switchyard_handovers_total{step="forward",result="ok"}"#,
+    )
+    .await;
+    push(&admin, &session, 11).await;
+    assert_contiguous(&until_reply(&mut ws, 11).await, 11, 11, 11);
+    assert_eq!(
+        sample(
+            &c.b.admin.to_string(),
+            r#"switchyard_handovers_total{step="forward",result="dropped_logged"}"#
+        )
+        .await,
+        passed_on
+    );
+    close_normal(&mut ws).await;
+    let (kind, _, node) = backend.next(&session).await;
+    assert_eq!(
+        (kind.as_str(), node.as_str()),
+        ("disconnect", c.node_b.as_str()),
+        "one disconnect, from the new node only"
+    );
 }

@@ -234,6 +234,8 @@ async fn misused_tokens_get_a_new_session_and_none_of_the_old_data() {
         route: route.into(),
         subject: subject.map(str::to_owned),
         expires,
+        anchor: None,
+        channels: false,
     };
     let mut tampered = token.clone().into_bytes();
     let last = tampered.len() - 2;

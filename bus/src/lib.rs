@@ -144,6 +144,44 @@ pub struct HistoryRead {
     pub messages: Vec<Message>,
 }
 
+/// Where a [`Bus::scan`] starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScanFrom {
+    /// After this position of the topic (a [`Message::offset`] it gave).
+    After(u64),
+    /// At the first record stamped at or after this time (Unix ms).
+    Since(i64),
+}
+
+/// A read of one key's records back from a topic's log ([`Bus::scan`]): what a resume after
+/// a node's death needs of that node's delivery topic and of the session's inbound partition.
+#[derive(Debug, Clone)]
+pub struct ScanQuery {
+    pub topic: String,
+    /// Only records with this key (the session); only the partition holding it is read.
+    pub key: String,
+    pub from: ScanFrom,
+    /// `None`: read up to the end the log had when the scan began. `Some((header, value))`:
+    /// read on, past that end, until a record of the key carries that header value (it is
+    /// the last one returned), for at most `wait`.
+    pub until: Option<(&'static str, String)>,
+    pub wait: std::time::Duration,
+}
+
+/// What a [`Bus::scan`] read.
+#[derive(Debug, Clone, Default)]
+pub struct ScanRead {
+    /// The key's records, in log order, each with its position.
+    pub records: Vec<Message>,
+    /// With `until`: the record it waited for was found.
+    pub reached: bool,
+    /// Where the read stopped: the position of the last record read (of any key), or the
+    /// position it started after when it read none. A later scan goes on `After` it.
+    pub last: Option<u64>,
+    /// False when the log no longer holds where the scan was asked to start (retention).
+    pub complete: bool,
+}
+
 /// Errors a bus returns. `Overflow` and `Unavailable` are what a client is told about.
 #[derive(Debug, Clone, Error)]
 pub enum BusError {
@@ -250,6 +288,15 @@ pub trait Bus: Send + Sync + 'static {
         _query: HistoryQuery,
         _limit: usize,
     ) -> Result<Option<HistoryRead>, BusError> {
+        Ok(None)
+    }
+    /// True when node delivery topics are logs that [`Bus::scan`] can read back (Kafka).
+    fn keeps_log(&self) -> bool {
+        false
+    }
+    /// Reads one key's records back from a topic's log: `None` when this bus keeps no log of
+    /// that topic (memory://, NATS core subjects).
+    async fn scan(&self, _query: ScanQuery) -> Result<Option<ScanRead>, BusError> {
         Ok(None)
     }
 }
@@ -635,6 +682,25 @@ impl Bus for Instrumented {
                 ::metrics::counter!(crate::metrics::HISTORY_READ_ERRORS, "bus" => self.scheme(), "reason" => e.reason())
                     .increment(1);
                 tracing::warn!(topic, error = %e, "bus history read failed");
+            }
+        }
+        res
+    }
+    fn keeps_log(&self) -> bool {
+        self.inner.keeps_log()
+    }
+    async fn scan(&self, query: ScanQuery) -> Result<Option<ScanRead>, BusError> {
+        let topic = query.topic.clone();
+        let started = Instant::now();
+        let res = self.inner.scan(query).await;
+        match &res {
+            Ok(Some(_)) => ::metrics::histogram!(crate::metrics::LOG_SCAN_SECONDS, "bus" => self.scheme())
+                .record(started.elapsed()),
+            Ok(None) => {}
+            Err(e) => {
+                ::metrics::counter!(crate::metrics::LOG_SCAN_ERRORS, "bus" => self.scheme(), "reason" => e.reason())
+                    .increment(1);
+                tracing::warn!(topic, error = %e, "bus log scan failed");
             }
         }
         res

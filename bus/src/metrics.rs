@@ -11,6 +11,8 @@ pub const SLOW_CONSUMER: &str = "switchyard_bus_slow_consumer_total";
 pub const READY: &str = "switchyard_bus_ready";
 pub const HISTORY_READ_SECONDS: &str = "switchyard_bus_history_read_seconds";
 pub const HISTORY_READ_ERRORS: &str = "switchyard_bus_history_read_errors_total";
+pub const LOG_SCAN_SECONDS: &str = "switchyard_bus_log_scan_seconds";
+pub const LOG_SCAN_ERRORS: &str = "switchyard_bus_log_scan_errors_total";
 
 /// Describes every metric above to the installed recorder.
 pub fn describe() {
@@ -32,4 +34,10 @@ pub fn describe() {
         "Time to read a channel's history (recovery, rewind, the history API)"
     );
     describe_counter!(HISTORY_READ_ERRORS, "Failed channel history reads, by reason");
+    describe_histogram!(
+        LOG_SCAN_SECONDS,
+        Unit::Seconds,
+        "Time to read a session's records back from a log (a resume after its node died)"
+    );
+    describe_counter!(LOG_SCAN_ERRORS, "Failed log scans, by reason");
 }

@@ -317,7 +317,7 @@ async fn fan_out(channel: &str, shard: &Shard, items: &[Item], frames: &mut Vec<
             // On a raw route every server frame is a delivery, kept for a resume.
             for item in items {
                 // (None once handed over to another node: the session follows it there.)
-                let _ = s.cont.deliver(&item.payload, item.binary());
+                let _ = s.cont.deliver(&item.payload, item.binary(), None);
             }
         } else if let [one] = items {
             s.deliver_tallied(one.frame(channel, s), &mut tally);

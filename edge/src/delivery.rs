@@ -14,6 +14,9 @@ pub async fn run(st: Arc<EdgeState>, mut sub: Subscription) {
     let invalid = metrics::counter!(m::DELIVERIES, "kind" => "invalid");
     let unknown = metrics::counter!(m::DROPS, "route" => "", "reason" => "unknown_session");
     while let Some(msg) = sub.recv().await {
+        if let Some(o) = msg.offset {
+            st.log_position.store(o, std::sync::atomic::Ordering::Release);
+        }
         let r = &msg.record;
         let env = match Envelope::from_record(r.key.as_deref(), &r.headers, r.payload.clone()) {
             Ok(e) => e,
@@ -33,7 +36,7 @@ pub async fn run(st: Arc<EdgeState>, mut sub: Subscription) {
         };
         let to = match sess.cont.forwarded_to() {
             Some(to) => Some(to),
-            None => handle(&st, &sess, &env).await,
+            None => handle(&st, &sess, &env, in_order(&msg)).await,
         };
         if let Some(to) = to {
             // The session was handed over to another node meanwhile.
@@ -42,9 +45,29 @@ pub async fn run(st: Arc<EdgeState>, mut sub: Subscription) {
     }
 }
 
-/// One record for a session of this node. Returns the node to pass it on to when the session
-/// was handed over meanwhile.
-pub(crate) async fn handle(st: &Arc<EdgeState>, sess: &Arc<Session>, env: &Envelope) -> Option<Arc<str>> {
+/// A record's position in this node's log, when it is the router's (not one passed on from
+/// another node): what numbering after a resume from the log goes by.
+pub(crate) fn in_order(msg: &switchyard_bus::Message) -> Option<u64> {
+    if msg
+        .record
+        .headers
+        .get(switchyard_protocol::envelope::header::FORWARDED)
+        .is_some()
+    {
+        None
+    } else {
+        msg.offset
+    }
+}
+
+/// One record for a session of this node (`at`: see [`in_order`]). Returns the node to pass
+/// it on to when the session was handed over meanwhile.
+pub(crate) async fn handle(
+    st: &Arc<EdgeState>,
+    sess: &Arc<Session>,
+    env: &Envelope,
+    at: Option<u64>,
+) -> Option<Arc<str>> {
     match (env.kind, env.control.clone()) {
         (Kind::Deliver, _) => {
             metrics::counter!(m::DELIVERIES, "kind" => "deliver").increment(1);
@@ -53,7 +76,7 @@ pub(crate) async fn handle(st: &Arc<EdgeState>, sess: &Arc<Session>, env: &Envel
                 tracing::debug!(session = %env.session, trace_id = %t.trace_id(), "delivering a backend record");
             }
             // Numbered and kept for a resume; text that is not UTF-8 goes out as binary.
-            return sess.cont.deliver(&env.payload, env.opcode == Opcode::Binary);
+            return sess.cont.deliver(&env.payload, env.opcode == Opcode::Binary, at);
         }
         (Kind::Control, Some(op)) => {
             metrics::counter!(m::DELIVERIES, "kind" => "control").increment(1);

@@ -94,6 +94,7 @@ impl EdgeState {
         bus: Arc<dyn Bus>,
         shutdown: CancellationToken,
     ) -> Self {
+        let logged = bus.keeps_log();
         Self {
             channels: ChannelHub::new(bus.clone(), cfg.naming.clone()),
             bus,
@@ -115,6 +116,8 @@ impl EdgeState {
                 Arc::new(k)
             }),
             handovers: Default::default(),
+            logged,
+            log_position: std::sync::atomic::AtomicU64::new(u64::MAX),
             cfg,
         }
     }
@@ -148,4 +151,27 @@ pub struct EdgeState {
     pub resume_key: Arc<Vec<u8>>,
     /// Sessions on their way here from another node, and those that left for one.
     pub handovers: crate::handover::Handovers,
+    /// The bus keeps a log of node deliveries (Kafka): resume tokens carry where a session's
+    /// deliveries are in it, so it can be resumed after this node died.
+    pub logged: bool,
+    /// The position of the last record the node delivery loop took (`u64::MAX`: none yet).
+    pub log_position: std::sync::atomic::AtomicU64,
+}
+
+impl EdgeState {
+    /// Where this node's delivery log stands: everything the router sends it from now on is
+    /// after this point.
+    pub fn log_point(&self) -> switchyard_protocol::resume::Point {
+        match self.log_position.load(std::sync::atomic::Ordering::Acquire) {
+            u64::MAX => switchyard_protocol::resume::Point {
+                after: None,
+                // A second early, for clocks that disagree a little.
+                since_ms: Some(switchyard_protocol::envelope::now_ms().saturating_sub(1000)),
+            },
+            o => switchyard_protocol::resume::Point {
+                after: Some(o),
+                since_ms: None,
+            },
+        }
+    }
 }

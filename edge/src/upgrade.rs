@@ -4,7 +4,7 @@
 use crate::admit::{refuse, ConnSlot};
 use crate::metrics as m;
 use crate::session::{self, Session};
-use crate::state::EdgeState;
+use crate::state::{EdgeState, Route};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -46,8 +46,8 @@ struct Taken {
 /// session of this node (one whose old socket still looks alive is closed there, 1001, and
 /// taken once parked), or one the token's node hands over (crate::handover).
 async fn try_resume(
-    st: &EdgeState,
-    route: &str,
+    st: &Arc<EdgeState>,
+    route: &Arc<Route>,
     subject: Option<&str>,
     token: &str,
     delivered: Option<u64>,
@@ -55,12 +55,32 @@ async fn try_resume(
     if st.cfg.resume_window.is_zero() {
         return Err("resume_off");
     }
-    let claims = resume::verify(&st.resume_key, token, route, subject, now_ms() / 1000).map_err(|e| e.code())?;
+    let claims =
+        resume::verify(&st.resume_key, token, &route.cfg.path, subject, now_ms() / 1000).map_err(|e| e.code())?;
     let delivered = delivered.ok_or("bad_delivered")?;
     let Some(old) = st.sessions.get(&claims.session).map(|s| s.clone()) else {
         return match claims.node.as_deref() {
             Some(node) if node != st.cfg.node_id => {
-                let r = crate::handover::request(st, node, &claims.session, route, delivered).await?;
+                let r = match crate::handover::request(st, node, &claims.session, &route.cfg.path, delivered).await {
+                    // Its node did not answer (killed?): from the bus's log, where it keeps one.
+                    Err("node_unreachable") if claims.anchor.is_some() && st.logged => {
+                        let issued_ms = claims.expires.saturating_sub(RESUME_TOKEN_TTL_SECS) * 1000;
+                        crate::handover::log::recover(st, node, &claims, route, delivered, issued_ms).await?
+                    }
+                    r => r?,
+                };
+                let taken = Taken {
+                    id: claims.session,
+                    cont: r.cont,
+                    seq: r.seq,
+                    channels: r.channels,
+                };
+                Ok((taken, delivered))
+            }
+            // Issued by this node before it restarted (same --node-id): from the log too.
+            Some(node) if claims.anchor.is_some() && st.logged => {
+                let issued_ms = claims.expires.saturating_sub(RESUME_TOKEN_TTL_SECS) * 1000;
+                let r = crate::handover::log::recover(st, node, &claims, route, delivered, issued_ms).await?;
                 let taken = Taken {
                     id: claims.session,
                     cont: r.cont,
@@ -191,7 +211,7 @@ pub(crate) async fn upgrade(
     let subject = verified.as_ref().map(|v| v.identity.subject.clone());
     let asked = resume_request(parts.uri.query(), headers);
     let resumed: Option<Result<(Taken, u64), &str>> = match asked {
-        Some((token, delivered)) => Some(try_resume(&st, &route.cfg.path, subject.as_deref(), token, delivered).await),
+        Some((token, delivered)) => Some(try_resume(&st, &route, subject.as_deref(), token, delivered).await),
         None => None,
     };
     if let Some(r) = &resumed {
@@ -223,6 +243,10 @@ pub(crate) async fn upgrade(
         None => {
             let keep = if resume_on { st.cfg.resume_buffer } else { 0 };
             sess.cont = Arc::new(session::resume::Continuity::new(keep));
+            if st.logged {
+                // Its deliveries will be this node's log's records for it from here on.
+                sess.cont.start_at(st.log_point());
+            }
         }
     }
     let resume_token = resume_on.then(|| {
@@ -234,6 +258,9 @@ pub(crate) async fn upgrade(
                 subject: subject.clone(),
                 expires: now_ms() / 1000 + RESUME_TOKEN_TTL_SECS,
                 node: Some(st.cfg.node_id.clone()),
+                anchor: st.logged.then(|| sess.cont.anchor()).flatten(),
+                // A raw session's channel messages are deliveries the node's log does not hold.
+                channels: !route.is_framed() && !sess.channels.lock().is_empty(),
             },
         )
     });

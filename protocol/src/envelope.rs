@@ -34,6 +34,9 @@ pub mod header {
     pub const HANDOVER: &str = "sy-handover";
     /// On a record an edge passes on to the node a session moved to: the node it came from.
     pub const FORWARDED: &str = "sy-forwarded";
+    /// On a framed `send`'s frame record: the op's `id`, when it had one (duplicate suppression
+    /// after a resume from the log reads it back; a backend may use it to de-duplicate too).
+    pub const ID: &str = "sy-id";
     /// On lifecycle records: the route's inbound topic (routers use it for synthetic disconnects).
     pub const INBOUND: &str = "sy-inbound";
     pub const TRACEPARENT: &str = "traceparent";

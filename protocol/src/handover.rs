@@ -16,7 +16,9 @@
 //!    in order.
 //!
 //! `gone` (new edge → old edge): a `state` came that the new edge did not take after all (its
-//! resume had given up waiting): the old edge ends the session and publishes its disconnect.
+//! resume had given up waiting): the old edge ends the session and publishes its disconnect,
+//! or, when the payload is `resumed` (the new edge resumed it from the bus's log meanwhile),
+//! lets it go without one.
 
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +28,9 @@ pub const STATE: &str = "state";
 pub const MOVED: &str = "moved";
 pub const END: &str = "end";
 pub const GONE: &str = "gone";
+/// The payload of a `gone` whose session was resumed on the new edge from the log (its node
+/// did not answer in time): the old node lets it go without a disconnect.
+pub const RESUMED: &str = "resumed";
 
 /// What a new edge asks for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +72,10 @@ pub struct State {
     /// Channels it was on (raw routes keep them while away).
     #[serde(default)]
     pub channels: Vec<String>,
+    /// Where the old node's log goes on from (its deliveries for the session after this point
+    /// are numbered from `next`), when it can tell: see [`crate::resume::Anchor`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point: Option<crate::resume::Point>,
 }
 
 impl State {
@@ -95,6 +104,10 @@ mod tests {
             seq: 12,
             ids: vec!["a".into()],
             channels: vec!["ticker.x".into()],
+            point: Some(crate::resume::Point {
+                after: Some(9),
+                since_ms: None,
+            }),
         };
         let text = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<State>(&text).unwrap(), s);

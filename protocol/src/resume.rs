@@ -6,6 +6,10 @@
 //! HMAC-SHA256 over the claims' base64 text with the cluster's resume key. The token is opaque
 //! to clients: they store it and send it back. It cannot be made without the key, and it names
 //! the route and the verified subject, so it is no use on another route or for another identity.
+//!
+//! On a bus that keeps a log of node deliveries (Kafka), the claims also carry `"a"`, an
+//! [`Anchor`]: where the session's deliveries can be read back from the log and how they are
+//! numbered, so the session can be resumed on another edge after its node died.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
@@ -31,6 +35,51 @@ pub struct Claims {
     /// The edge node that issued the token (and holds the session).
     #[serde(rename = "n", default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// Where the session's deliveries are in the log (see [`Anchor`]); none when they cannot be
+    /// told from the log.
+    #[serde(rename = "a", default, skip_serializing_if = "Option::is_none")]
+    pub anchor: Option<Anchor>,
+    /// A raw session that had channels when the token was issued (their messages are
+    /// deliveries, but not in the node's log).
+    #[serde(rename = "c", default, skip_serializing_if = "std::ops::Not::not")]
+    pub channels: bool,
+}
+
+/// A point in one node's delivery topic: after this offset, or (no offset known) from this
+/// time on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Point {
+    /// After this position of the topic (the bus's offset).
+    #[serde(rename = "o", default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<u64>,
+    /// From this time (Unix ms), when no offset is known.
+    #[serde(rename = "t", default, skip_serializing_if = "Option::is_none")]
+    pub since_ms: Option<u64>,
+}
+
+/// How a session's deliveries are numbered in the log: deliveries `1..=base` came before;
+/// then, when it had just moved here from another node, that node's deliveries for the session
+/// after `prev`'s point up to the router's `moved` there; then the issuing node's deliveries
+/// for the session after `here` (records passed on between nodes, `sy-forwarded`, are not
+/// counted: they were counted where they were first delivered). Only records of kind
+/// `deliver` count.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Anchor {
+    #[serde(rename = "b")]
+    pub base: u64,
+    #[serde(rename = "p", default, skip_serializing_if = "Option::is_none")]
+    pub prev: Option<Hop>,
+    #[serde(rename = "h")]
+    pub here: Point,
+}
+
+/// The node a session had just come from, and the point in its topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hop {
+    #[serde(rename = "n")]
+    pub node: String,
+    #[serde(rename = "m")]
+    pub point: Point,
 }
 
 /// Why a token was refused: the `reason` a client is told.
@@ -116,6 +165,21 @@ mod tests {
             subject: Some("alice".into()),
             expires: 1_000,
             node: Some("node-a".into()),
+            anchor: Some(Anchor {
+                base: 3,
+                prev: Some(Hop {
+                    node: "node-z".into(),
+                    point: Point {
+                        after: Some(41),
+                        since_ms: None,
+                    },
+                }),
+                here: Point {
+                    after: None,
+                    since_ms: Some(1_000_000),
+                },
+            }),
+            channels: false,
         }
     }
 

@@ -19,13 +19,14 @@ mod client;
 mod history;
 mod log;
 mod progress;
+mod scan;
 
 pub use client::Security;
 pub use log::{LogRecord, Progress, SessionLog};
 
 use crate::{
-    check_name, Ack, Bus, BusError, BusOptions, HistoryLimits, HistoryQuery, HistoryRead, Message, Record, StartFrom,
-    SubscribeOptions, Subscription,
+    check_name, Ack, Bus, BusError, BusOptions, HistoryLimits, HistoryQuery, HistoryRead, Message, Record, ScanQuery,
+    ScanRead, StartFrom, SubscribeOptions, Subscription,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -76,6 +77,7 @@ pub struct KafkaBus {
     histories: Arc<history::Histories>,
     /// Follows `<prefix>.epochs` once a pattern keeps history.
     epochs_follower: Mutex<Option<AbortOnDrop>>,
+    scanners: scan::Scanners,
 }
 
 /// Keeps `ready` current: true while the broker answers a metadata request (every second).
@@ -171,6 +173,7 @@ impl KafkaBus {
             _fanout_task: AbortOnDrop(task),
             histories: Arc::default(),
             epochs_follower: Mutex::new(None),
+            scanners: scan::Scanners::default(),
         })
     }
 
@@ -661,6 +664,19 @@ impl Bus for KafkaBus {
             .await
             .map_err(unavailable)??;
         drop(reader);
+        Ok(Some(read))
+    }
+
+    fn keeps_log(&self) -> bool {
+        true
+    }
+
+    async fn scan(&self, query: ScanQuery) -> Result<Option<ScanRead>, BusError> {
+        check_name(&query.topic, false)?;
+        let read = self
+            .scanners
+            .scan(&self.brokers, &self.prefix, &self.security, query)
+            .await?;
         Ok(Some(read))
     }
 

@@ -433,7 +433,7 @@ where
         }
         let (st, sess) = (self.st.clone(), self.sess.clone());
         let fut: Pin<Box<dyn Future<Output = Result<(), BusError>> + Send>> = match sess.route.cfg.mode {
-            Mode::Raw => Box::pin(async move { publish_frame(&st, &sess, payload, opcode).await }),
+            Mode::Raw => Box::pin(async move { publish_frame(&st, &sess, payload, opcode, None).await }),
             Mode::Framed => Box::pin(async move { handle_op(&st, &sess, payload, opcode).await }),
         };
         self.job = Some(Job { connect: false, fut });

@@ -107,7 +107,7 @@ pub(super) async fn handle_op(
             };
             st.bus.publish(&st.cfg.naming.channel(&channel), rec).await.map(|_| ())
         }
-        ClientOp::Send { data } => publish_frame(st, sess, data, Opcode::Text).await,
+        ClientOp::Send { data } => publish_frame(st, sess, data, Opcode::Text, id).await,
         ClientOp::Ping => {
             sess.reply(framed::pong(id));
             return Ok(());

@@ -39,10 +39,15 @@ pub(super) async fn publish_frame(
     sess: &Session,
     payload: Bytes,
     opcode: Opcode,
+    id: Option<&str>,
 ) -> Result<(), BusError> {
     let e = envelope(st, sess, Kind::Frame, payload, opcode);
     let mut headers = e.headers();
     sign(st, &mut headers, &e.payload);
+    // Only an id every bus carries as a header value as is (printable ASCII).
+    if let Some(id) = id.filter(|i| i.bytes().all(|b| b.is_ascii_graphic())) {
+        headers.insert(switchyard_protocol::envelope::header::ID, id);
+    }
     let rec = Record {
         key: Some(e.key()),
         headers,

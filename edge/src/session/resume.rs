@@ -14,6 +14,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Weak};
+use switchyard_protocol::resume::{Anchor, Hop, Point};
 use switchyard_protocol::{framed, handover};
 
 /// Where a session is in its life.
@@ -46,6 +47,10 @@ struct Deliveries {
     sink: Weak<Session>,
     /// Handed over to this node: deliveries are passed on there, not numbered here.
     forward: Option<Arc<str>>,
+    /// Where the deliveries numbered from `next` on are in this node's log (for a resume
+    /// after this node died), while that can be told: a delivery that came in log order moves
+    /// it; one that did not (passed on from another node, a raw channel message) clears it.
+    anchor: Option<Anchor>,
 }
 
 /// The last `cap` accepted ids, for duplicate suppression.
@@ -107,6 +112,7 @@ impl Continuity {
                 pinned: None,
                 sink: Weak::new(),
                 forward: None,
+                anchor: None,
             }),
             ids: Mutex::new(RecentIds {
                 order: VecDeque::new(),
@@ -155,17 +161,26 @@ impl Continuity {
         self.keep > 0
     }
 
-    /// Numbers a delivery, keeps it, and sends it to the session's current socket. Once the
-    /// session was handed over to another node, returns that node instead (the caller passes
-    /// the record on).
+    /// Numbers a delivery, keeps it, and sends it to the session's current socket. `at`: its
+    /// position in this node's delivery log, when it came from there in log order (`None`
+    /// for one passed on from another node or a channel message). Once the session was handed
+    /// over to another node, returns that node instead (the caller passes the record on).
     #[must_use = "a handed-over session's records are passed on by the caller"]
-    pub fn deliver(&self, payload: &Bytes, binary: bool) -> Option<Arc<str>> {
+    pub fn deliver(&self, payload: &Bytes, binary: bool, at: Option<u64>) -> Option<Arc<str>> {
         let mut d = self.deliveries.lock();
         if let Some(node) = &d.forward {
             return Some(node.clone());
         }
         let n = d.next;
         d.next += 1;
+        d.anchor = at.map(|o| Anchor {
+            base: n,
+            prev: None,
+            here: Point {
+                after: Some(o),
+                since_ms: None,
+            },
+        });
         if d.cap > 0 {
             d.kept.push_back(Kept {
                 n,
@@ -180,6 +195,23 @@ impl Continuity {
             s.deliver(&s.delivery_frame(n, payload, binary));
         }
         None
+    }
+
+    /// Where this session's next deliveries are in this node's log (for its resume token).
+    pub fn anchor(&self) -> Option<Anchor> {
+        self.deliveries.lock().anchor.clone()
+    }
+
+    /// A new session: its deliveries are this node's log's records for it after `here`.
+    pub fn start_at(&self, here: Point) {
+        let mut d = self.deliveries.lock();
+        if d.next == 1 {
+            d.anchor = Some(Anchor {
+                base: 0,
+                prev: None,
+                here,
+            });
+        }
     }
 
     /// The node this session was handed over to, if it was.
@@ -211,6 +243,11 @@ impl Continuity {
         d.forward = Some(node.into());
         d.kept.clear();
         let next = d.next;
+        // This node's log goes on from its anchor, if that is where numbering stands.
+        let point = match &d.anchor {
+            Some(a) if a.prev.is_none() && a.base + 1 == next => Some(a.here),
+            _ => None,
+        };
         *p = Phase::Resumed;
         drop(d);
         drop(p);
@@ -223,30 +260,55 @@ impl Continuity {
             seq: 0,
             ids,
             channels: Vec::new(),
+            point,
         })
     }
 
-    /// The continuity another edge handed over (`state`), taken by a client that has had
-    /// `delivered` deliveries. `None` when the state is inconsistent with `delivered`.
-    pub fn restore(keep: usize, state: &handover::State, delivered: u64) -> Option<Self> {
+    /// The continuity another edge handed over (`state`) from node `from`, taken by a client
+    /// that has had `delivered` deliveries; `here`: this node's log position before the
+    /// router could send it anything for the session. `None` when the state is inconsistent
+    /// with `delivered`.
+    pub fn restore(keep: usize, state: &handover::State, delivered: u64, from: &str, here: Point) -> Option<Self> {
+        let mut kept = Vec::with_capacity(state.kept.len());
+        for k in &state.kept {
+            kept.push((k.n, Bytes::from(B64.decode(&k.data_b64).ok()?), k.binary));
+        }
+        let anchor = state.point.map(|point| Anchor {
+            base: state.next.saturating_sub(1),
+            prev: Some(Hop {
+                node: from.to_owned(),
+                point,
+            }),
+            here,
+        });
+        Self::arrived(keep, state.next, kept, &state.ids, delivered, anchor)
+    }
+
+    /// A session arriving on this node: `next` is its next delivery number, `kept` its kept
+    /// deliveries (number, payload, binary), `ids` its accepted ids, for a client that has had
+    /// `delivered` deliveries. `None` when `delivered` is ahead of `next`.
+    pub fn arrived(
+        keep: usize,
+        next: u64,
+        kept: Vec<(u64, Bytes, bool)>,
+        ids: &[String],
+        delivered: u64,
+        anchor: Option<Anchor>,
+    ) -> Option<Self> {
         let c = Self::new(keep);
         {
             let mut d = c.deliveries.lock();
-            d.next = state.next.max(1);
+            d.next = next.max(1);
             if delivered >= d.next {
                 return None;
             }
-            for k in &state.kept {
-                let payload = B64.decode(&k.data_b64).ok()?;
-                d.kept.push_back(Kept {
-                    n: k.n,
-                    payload: Bytes::from(payload),
-                    binary: k.binary,
-                });
+            for (n, payload, binary) in kept {
+                d.kept.push_back(Kept { n, payload, binary });
             }
             d.pinned = Some(delivered);
+            d.anchor = anchor;
         }
-        for id in &state.ids {
+        for id in ids {
             c.accepted(id);
         }
         *c.phase.lock() = Phase::Resumed;

@@ -9,7 +9,10 @@
 //!
 //! So the client gets every kept and every later delivery once, in order, and the backend
 //! sees one `resume` and no disconnect. When the old node does not answer (it was killed),
-//! the resume is refused (`node_unreachable`): its deliveries were in its memory.
+//! its deliveries are read back from the bus's log where it keeps one (Kafka: [`log`]);
+//! elsewhere the resume is refused (`node_unreachable`): they were in its memory.
+
+pub mod log;
 
 use crate::session::resume::Continuity;
 use crate::state::EdgeState;
@@ -50,8 +53,10 @@ struct Incoming {
     delivered: u64,
     /// Forwards that came before the state.
     early: Vec<Envelope>,
-    /// The router's records, held until `end`.
-    held: Vec<Envelope>,
+    /// The router's records (with their positions in this node's log), held until `end`.
+    held: Vec<(Envelope, Option<u64>)>,
+    /// Where this node's log stood before the router could send anything for the session.
+    here: switchyard_protocol::resume::Point,
 }
 
 /// A session that left this node, and until when its records are passed on.
@@ -68,6 +73,10 @@ struct Moved {
 #[derive(Default)]
 pub struct Handovers {
     incoming: DashMap<String, Arc<Mutex<Incoming>>>,
+    /// Sessions resumed here from the log after their node did not answer: what that node
+    /// still passes on for them was read from the log already (dropped), and a late `state`
+    /// from it is answered `gone` with `resumed` (it ends the session without a disconnect).
+    recovered: DashMap<String, Instant>,
     moved: DashMap<String, Moved>,
     /// Woken when an `end` was sent.
     settled: tokio::sync::Notify,
@@ -144,6 +153,7 @@ pub async fn request(
         delivered,
         early: Vec::new(),
         held: Vec::new(),
+        here: st.log_point(),
     }));
     match st.handovers.incoming.entry(session.to_owned()) {
         // Two resumes of one session at once: the second is refused.
@@ -196,20 +206,34 @@ pub async fn intercept(st: &Arc<EdgeState>, env: &Envelope, msg: &Message) -> bo
                 _ => tracing::debug!(session = %env.session, "malformed take"),
             },
             handover::STATE => {
-                if !on_state(st, &env.session, &msg.record.payload) && !from.is_empty() {
-                    // Not taken here after all: the old node ends it (one disconnect).
-                    let rec = record(&env.session, handover::GONE, &st.cfg.node_id, Bytes::new());
+                if !on_state(st, &env.session, &from, &msg.record.payload) && !from.is_empty() {
+                    // Not taken here after all: the old node ends it (one disconnect), unless
+                    // it was resumed here from the log meanwhile (then it ends there quietly).
+                    let body = if st.handovers.recovered.contains_key(&env.session) {
+                        Bytes::from_static(handover::RESUMED.as_bytes())
+                    } else {
+                        Bytes::new()
+                    };
+                    let rec = record(&env.session, handover::GONE, &st.cfg.node_id, body);
                     if let Err(e) = st.bus.publish(&st.cfg.naming.node(&from), rec).await {
                         tracing::warn!(session = %env.session, error = %e, "could not send a handover gone");
                     }
                 }
             }
             handover::GONE => {
+                // Resumed there from the log (even if the router's `moved` came here first):
+                // its backend saw the resume, nothing ends, and nothing more is passed on.
+                let resumed = msg.record.payload == handover::RESUMED.as_bytes();
                 let gone = st
                     .handovers
                     .moved
-                    .remove_if(&env.session, |_, m| !m.ended && *m.node == *from);
+                    .remove_if(&env.session, |_, m| (resumed || !m.ended) && *m.node == *from);
                 if let Some((_, m)) = gone {
+                    if resumed {
+                        count("gone", "resumed");
+                        tracing::info!(session = %env.session, %from, "the session was resumed on another node from the log");
+                        return true;
+                    }
                     count("gone", "ended");
                     tracing::info!(session = %env.session, %from, "the new node did not take the session: it ends here");
                     crate::session::abandon(st, &m.sess, "resume on another node failed").await;
@@ -233,24 +257,29 @@ pub async fn intercept(st: &Arc<EdgeState>, env: &Envelope, msg: &Message) -> bo
         }
         return true;
     }
+    let forwarded = msg.record.headers.get(header::FORWARDED).is_some();
+    if forwarded && st.handovers.recovered.contains_key(&env.session) {
+        // Read from the old node's log already.
+        count("forward", "dropped_logged");
+        return true;
+    }
     if let Some(entry) = st.handovers.incoming.get(&env.session).map(|e| e.clone()) {
-        let forwarded = msg.record.headers.get(header::FORWARDED).is_some();
         let now = {
             let mut inc = entry.lock();
             match (&inc.cont, forwarded) {
                 (Some(cont), true) => Some(cont.clone()),
                 (None, true) => {
-                    hold(&mut inc.early, env);
+                    hold(&mut inc.early, env.clone());
                     None
                 }
                 (_, false) => {
-                    hold(&mut inc.held, env);
+                    hold(&mut inc.held, (env.clone(), msg.offset));
                     None
                 }
             }
         };
         if let Some(cont) = now {
-            deliver_to(st, &cont, env).await;
+            deliver_to(st, &cont, env, None).await;
         }
         return true;
     }
@@ -265,12 +294,12 @@ pub async fn intercept(st: &Arc<EdgeState>, env: &Envelope, msg: &Message) -> bo
     false
 }
 
-fn hold(q: &mut Vec<Envelope>, env: &Envelope) {
+fn hold<T>(q: &mut Vec<T>, item: T) {
     if q.len() >= MAX_HELD {
         q.remove(0);
         count("hold", "dropped");
     }
-    q.push(env.clone());
+    q.push(item);
 }
 
 /// Passes a record of a session that moved on to its new node.
@@ -286,36 +315,38 @@ pub(crate) async fn pass_on(st: &EdgeState, to: &str, msg: &Message) {
     }
 }
 
-/// A record of a session that arrived here: a delivery goes into its continuity (to the
-/// socket once attached); anything else takes the usual path once the session runs here.
-async fn deliver_to(st: &Arc<EdgeState>, cont: &Continuity, env: &Envelope) {
+/// A record of a session that arrived here (`at`: its position in this node's log, for the
+/// router's records): a delivery goes into its continuity (to the socket once attached);
+/// anything else takes the usual path once the session runs here.
+async fn deliver_to(st: &Arc<EdgeState>, cont: &Continuity, env: &Envelope, at: Option<u64>) {
     if env.kind == Kind::Deliver {
-        deliver_now(cont, env);
+        deliver_now(cont, env, at);
     } else if let Some(sess) = st.sessions.get(&env.session).map(|s| s.clone()) {
-        let _ = crate::delivery::handle(st, &sess, env).await;
+        let _ = crate::delivery::handle(st, &sess, env, at).await;
     } else {
         tracing::debug!(session = %env.session, kind = env.kind.as_str(), "control op for a session still arriving: dropped");
     }
 }
 
 /// A delivery into the continuity (a session on its way here is never forwarded again).
-fn deliver_now(cont: &Continuity, env: &Envelope) {
-    let _ = cont.deliver(&env.payload, env.opcode == Opcode::Binary);
+fn deliver_now(cont: &Continuity, env: &Envelope, at: Option<u64>) {
+    let _ = cont.deliver(&env.payload, env.opcode == Opcode::Binary, at);
 }
 
-/// Records that waited for the session, in order: deliveries at once; from the first control
-/// op on, the rest in order on a task (a control op takes the usual path).
-fn release(st: &Arc<EdgeState>, cont: Arc<Continuity>, waited: Vec<Envelope>) {
+/// Records that waited for the session, in order (each with its position in this node's log,
+/// for the router's): deliveries at once; from the first control op on, the rest in order on
+/// a task (a control op takes the usual path).
+fn release(st: &Arc<EdgeState>, cont: Arc<Continuity>, waited: Vec<(Envelope, Option<u64>)>) {
     let mut waited = waited.into_iter().peekable();
-    while let Some(env) = waited.next_if(|e| e.kind == Kind::Deliver) {
-        deliver_now(&cont, &env);
+    while let Some((env, at)) = waited.next_if(|(e, _)| e.kind == Kind::Deliver) {
+        deliver_now(&cont, &env, at);
     }
-    let rest: Vec<Envelope> = waited.collect();
+    let rest: Vec<(Envelope, Option<u64>)> = waited.collect();
     if !rest.is_empty() {
         let st = st.clone();
         tokio::spawn(async move {
-            for env in rest {
-                deliver_to(&st, &cont, &env).await;
+            for (env, at) in rest {
+                deliver_to(&st, &cont, &env, at).await;
             }
         });
     }
@@ -323,7 +354,7 @@ fn release(st: &Arc<EdgeState>, cont: Arc<Continuity>, waited: Vec<Envelope>) {
 
 /// New edge: the old node's answer. False when a handed-over session is not taken here after
 /// all (the resume gave up waiting, or the state does not fit): the caller says `gone`.
-fn on_state(st: &Arc<EdgeState>, session: &str, payload: &[u8]) -> bool {
+fn on_state(st: &Arc<EdgeState>, session: &str, from: &str, payload: &[u8]) -> bool {
     let state = serde_json::from_slice::<State>(payload);
     let handed_over = matches!(&state, Ok(s) if s.refused.is_none());
     let Some(entry) = st.handovers.incoming.get(session).map(|e| e.clone()) else {
@@ -347,14 +378,14 @@ fn on_state(st: &Arc<EdgeState>, session: &str, payload: &[u8]) -> bool {
         }
     };
     let keep = st.cfg.resume_buffer;
-    let Some(cont) = Continuity::restore(keep, &state, inc.delivered).map(Arc::new) else {
+    let Some(cont) = Continuity::restore(keep, &state, inc.delivered, from, inc.here).map(Arc::new) else {
         let _ = answer.send(Err("delivered_ahead".into()));
         drop(inc);
         st.handovers.incoming.remove(session);
         return false;
     };
     inc.cont = Some(cont.clone());
-    let early = std::mem::take(&mut inc.early);
+    let early: Vec<(Envelope, Option<u64>)> = std::mem::take(&mut inc.early).into_iter().map(|e| (e, None)).collect();
     drop(inc);
     // It may be coming back: what reaches this node for it is its own again, not passed on to
     // where it went before (or two nodes would pass its records back and forth).
