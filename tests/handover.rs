@@ -351,11 +351,12 @@ async fn drained_edge_hands_over(url: &str) {
     }
 }
 
-/// An edge killed with SIGKILL had the session's kept deliveries in memory: a resume on the
-/// other edge is refused with `node_unreachable` and a new session, never a half-resume.
+/// Without a log of node deliveries (`--nats-node-log false`: core NATS), an edge killed with
+/// SIGKILL had the session's kept deliveries in memory only: a resume on the other edge is
+/// refused with `node_unreachable` and a new session, never a half-resume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_resume_after_sigkill_of_the_edge_is_refused_with_a_reason() {
-    let mut c = cluster(&nats_url(), &[]).await;
+async fn without_a_node_log_a_resume_after_sigkill_of_the_edge_is_refused_with_a_reason() {
+    let mut c = cluster(&nats_url(), &["--nats-node-log", "false"]).await;
     let (ws, w) = v2(&c.a.ws("/ws")).await;
     let (session, token) = (
         w["session"].as_str().unwrap().to_owned(),
@@ -378,7 +379,16 @@ async fn a_resume_after_sigkill_of_the_edge_is_refused_with_a_reason() {
 /// both edges' logs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_resumes_from_the_log_after_sigkill_of_its_edge_on_kafka() {
-    let mut c = cluster(&kafka_url(), &["--resume-window", "120s"]).await;
+    resumes_from_the_log_after_sigkill(&kafka_url()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_resumes_from_the_log_after_sigkill_of_its_edge_on_nats() {
+    resumes_from_the_log_after_sigkill(&nats_url()).await
+}
+
+async fn resumes_from_the_log_after_sigkill(url: &str) {
+    let mut c = cluster(url, &["--resume-window", "120s"]).await;
     let (node_a, node_b) = (c.node_a.clone(), c.node_b.clone());
     let mut backend = Backend::new(&c).await;
     let admin = c.b.admin("");
@@ -447,7 +457,7 @@ async fn a_session_resumes_from_the_log_after_sigkill_of_its_edge_on_kafka() {
     let node_c = format!("{}-c", c.prefix);
     let third = spawn(
         "edge",
-        &kafka_url(),
+        url,
         &c.prefix,
         &[
             "--resume-key-file",
@@ -659,7 +669,8 @@ async fn rolling_restart(url: &str) {
 /// disconnect: the backend is not left with a session that never ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_that_comes_too_late_ends_the_session_with_one_disconnect() {
-    let c = cluster(&nats_url(), &[]).await;
+    // Without a node log: with one, the new edge resumes from it instead (tested below).
+    let c = cluster(&nats_url(), &["--nats-node-log", "false"]).await;
     let mut backend = Backend::new(&c).await;
     let (ws, w) = v2(&c.a.ws("/ws")).await;
     let (session, token) = (
@@ -696,7 +707,16 @@ async fn a_state_that_comes_too_late_ends_the_session_with_one_disconnect() {
 /// gets no reply twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_edge_does_not_stop_a_resume_from_the_log_on_kafka() {
-    let c = cluster(&kafka_url(), &["--resume-window", "120s"]).await;
+    frozen_edge_resume_from_the_log(&kafka_url()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_edge_does_not_stop_a_resume_from_the_log_on_nats() {
+    frozen_edge_resume_from_the_log(&nats_url()).await
+}
+
+async fn frozen_edge_resume_from_the_log(url: &str) {
+    let c = cluster(url, &["--resume-window", "120s"]).await;
     let mut backend = Backend::new(&c).await;
     let admin = c.b.admin("");
     let (ws, w) = v2(&c.a.ws("/ws")).await;

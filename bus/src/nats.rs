@@ -4,8 +4,13 @@
 //!   N = Kafka's murmur2(key) % partitions, through JetStream: the stream `<PREFIX>_IN`
 //!   captures `<prefix>.in.>` and publish returns only once the stream has acknowledged the
 //!   record. Core NATS subscribers receive the same records live.
-//! - Every other topic is a core NATS subject (at most once): outbound, node delivery,
-//!   channels, the session feed.
+//! - Node delivery subjects (`<prefix>.node.<id>`), with `--nats-node-log` (the default): the
+//!   stream `<PREFIX>_NODES` keeps them for an hour; publishes to them are acknowledged by the
+//!   stream, each edge reads its own through an ordered push consumer from "new" (offsets are
+//!   stream sequences), and [`Bus::scan`] reads a session's records back from it (a resume
+//!   after its edge died), as it does from `<PREFIX>_IN`.
+//! - Every other topic is a core NATS subject (at most once): outbound, channels without
+//!   history, the session feed.
 //! - Channels with history ([`Bus::keep_history`]): one stream per pattern,
 //!   `<PREFIX>_CH_<hash>`, over the pattern's subjects with per-subject limits (count and age).
 //!   Publishes to them are acknowledged by the stream, subscriptions are ordered push
@@ -17,7 +22,7 @@
 
 use crate::{
     check_name, Bus, BusAuth, BusError, BusOptions, HistoryLimits, HistoryQuery, HistoryRead, Message, Record,
-    RegistryEvent, SessionEntry, SessionRegistry, SubscribeOptions, Subscription,
+    RegistryEvent, ScanFrom, ScanQuery, ScanRead, SessionEntry, SessionRegistry, SubscribeOptions, Subscription,
 };
 use async_nats::jetstream::{self, kv, stream};
 use async_nats::{HeaderMap, HeaderValue};
@@ -46,7 +51,15 @@ pub struct NatsBus {
     naming: Naming,
     /// `keep_history` patterns, each with its stream.
     histories: parking_lot::RwLock<Vec<History>>,
+    /// Node deliveries go through `<PREFIX>_NODES` (`--nats-node-log`).
+    node_log: bool,
+    /// `<prefix>.node.`
+    node_prefix: String,
 }
+
+/// How long `<PREFIX>_NODES` keeps a node delivery (a resume after an edge crash needs them
+/// for the resume window, at most).
+const NODE_LOG_AGE: Duration = Duration::from_secs(3600);
 
 /// One channel pattern with history.
 #[derive(Clone)]
@@ -164,6 +177,18 @@ impl NatsBus {
         })
         .await
         .map_err(|e| unavailable(format!("cannot create the inbound stream: {e}")))?;
+        if opts.nats_node_log {
+            js.get_or_create_stream(stream::Config {
+                name: naming.node_stream(),
+                subjects: vec![naming.node(">")],
+                max_age: NODE_LOG_AGE,
+                storage: stream::StorageType::File,
+                discard: stream::DiscardPolicy::Old,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable(format!("cannot create the node delivery stream: {e}")))?;
+        }
         let bucket = naming.registry_bucket();
         let kv = match js.get_key_value(&bucket).await {
             Ok(kv) => kv,
@@ -187,6 +212,8 @@ impl NatsBus {
             outage_buffer: opts.outage_buffer,
             waiting: Arc::default(),
             registry: Arc::new(NatsRegistry { kv }),
+            node_log: opts.nats_node_log,
+            node_prefix: naming.node(""),
             naming,
             histories: parking_lot::RwLock::default(),
         })
@@ -211,12 +238,18 @@ impl NatsBus {
             .map_err(|e| unavailable(format!("history stream {name}: {e}")))
     }
 
-    /// A live subscription to a topic with history: an ordered push consumer from "new",
-    /// so every message has its stream sequence.
-    async fn subscribe_history(&self, topic: &str, h: &History) -> Result<Subscription, BusError> {
+    /// A node delivery subject kept by `<PREFIX>_NODES` (a topic, not a pattern).
+    fn is_logged_node(&self, topic: &str) -> bool {
+        self.node_log && topic.starts_with(&self.node_prefix) && !topic.contains(['*', '>'])
+    }
+
+    /// A live subscription to a topic kept by stream `stream` (a channel with history, a node
+    /// delivery subject): an ordered push consumer from "new", so every message has its
+    /// stream sequence.
+    async fn subscribe_ordered(&self, topic: &str, stream: &str) -> Result<Subscription, BusError> {
         use jetstream::consumer::{push, DeliverPolicy};
         let consumer = self
-            .stream(&h.stream)
+            .stream(stream)
             .await?
             .create_consumer(push::OrderedConfig {
                 deliver_subject: self.client.new_inbox(),
@@ -225,11 +258,11 @@ impl NatsBus {
                 ..Default::default()
             })
             .await
-            .map_err(|e| unavailable(format!("history consumer on {topic}: {e}")))?;
+            .map_err(|e| unavailable(format!("stream consumer on {topic}: {e}")))?;
         let mut messages = consumer
             .messages()
             .await
-            .map_err(|e| unavailable(format!("history consumer on {topic}: {e}")))?;
+            .map_err(|e| unavailable(format!("stream consumer on {topic}: {e}")))?;
         let (tx, rx) = mpsc::channel(self.buffer);
         let name: Arc<str> = Arc::from(topic);
         let topic = topic.to_owned();
@@ -240,7 +273,7 @@ impl NatsBus {
                     Err(e) => {
                         // The ordered consumer recreates itself after gaps and reconnects;
                         // what it cannot recover from ends the subscription.
-                        tracing::warn!(%topic, error = %e, "history consumer ended");
+                        tracing::warn!(%topic, error = %e, "stream consumer ended");
                         break;
                     }
                 };
@@ -402,6 +435,7 @@ impl Bus for NatsBus {
         // A channel with history: acknowledged by its stream, which gives the offset.
         let durable = match self.inbound_subject(topic, record.key.as_deref()) {
             Some(subject) => Some(subject),
+            None if self.is_logged_node(topic) => Some(topic.to_owned()),
             None => self.history_of(topic).map(|_| topic.to_owned()),
         };
         match durable {
@@ -428,7 +462,10 @@ impl Bus for NatsBus {
         check_name(pattern, true)?;
         if opts.group.is_none() {
             if let Some(h) = self.history_of(pattern) {
-                return self.subscribe_history(pattern, &h).await;
+                return self.subscribe_ordered(pattern, &h.stream).await;
+            }
+            if self.is_logged_node(pattern) {
+                return self.subscribe_ordered(pattern, &self.naming.node_stream()).await;
             }
         }
         // An inbound topic means all of its partitions.
@@ -582,6 +619,96 @@ impl Bus for NatsBus {
             complete,
             messages,
         }))
+    }
+
+    fn keeps_log(&self) -> bool {
+        self.node_log
+    }
+
+    async fn scan(&self, q: ScanQuery) -> Result<Option<ScanRead>, BusError> {
+        use jetstream::consumer::{pull, DeliverPolicy};
+        check_name(&q.topic, false)?;
+        let (stream_name, subject) = if self.is_logged_node(&q.topic) {
+            (self.naming.node_stream(), q.topic.clone())
+        } else if let Some(s) = self.inbound_subject(&q.topic, Some(q.key.as_bytes())) {
+            (self.naming.inbound_stream(), s)
+        } else {
+            return Ok(None);
+        };
+        let fail = |e: &dyn std::fmt::Display| unavailable(format!("scan of {subject}: {e}"));
+        let mut stream = self.stream(&stream_name).await?;
+        let first = stream.info().await.map_err(|e| fail(&e))?.state.first_sequence;
+        let (deliver_policy, complete, last) = match q.from {
+            ScanFrom::After(o) => (
+                DeliverPolicy::ByStartSequence { start_sequence: o + 1 },
+                // Nothing after `o` was dropped by the stream's limits.
+                o + 1 >= first,
+                Some(o),
+            ),
+            ScanFrom::Since(ms) => {
+                let start_time = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+                    .map_err(|e| fail(&e))?;
+                (DeliverPolicy::ByStartTime { start_time }, true, None)
+            }
+        };
+        let mut consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: subject.clone(),
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| fail(&e))?;
+        // What the stream holds now; with `until`, the scan reads on past it.
+        let pending = consumer.info().await.map_err(|e| fail(&e))?.num_pending;
+        let mut out = ScanRead {
+            complete,
+            last,
+            ..ScanRead::default()
+        };
+        if pending == 0 && q.until.is_none() {
+            return Ok(Some(out));
+        }
+        let mut messages = consumer.messages().await.map_err(|e| fail(&e))?;
+        let topic: Arc<str> = Arc::from(q.topic.as_str());
+        let began = tokio::time::Instant::now();
+        let mut read = 0u64;
+        loop {
+            if q.until.is_none() && read >= pending {
+                break;
+            }
+            let left = if read < pending {
+                HISTORY_READ_TIMEOUT
+            } else {
+                q.wait.saturating_sub(began.elapsed())
+            };
+            let m = match tokio::time::timeout(left, messages.next()).await {
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(e))) => return Err(fail(&e)),
+                Ok(None) => break,
+                Err(_) if read < pending => return Err(fail(&"no message within 10 s")),
+                // Waited for the `until` record long enough.
+                Err(_) => break,
+            };
+            read += 1;
+            let seq = m.info().map_err(|e| fail(&e))?.stream_sequence;
+            out.last = Some(seq);
+            let mut msg = from_nats(m.message, topic.clone());
+            msg.offset = Some(seq);
+            if msg.record.key.as_deref() != Some(q.key.as_bytes()) {
+                continue;
+            }
+            let stop = q
+                .until
+                .as_ref()
+                .is_some_and(|(h, v)| msg.record.headers.get(h) == Some(v.as_str()));
+            out.records.push(msg);
+            if stop {
+                out.reached = true;
+                break;
+            }
+        }
+        Ok(Some(out))
     }
 }
 
