@@ -189,6 +189,7 @@ impl Settings {
                 naming: self.naming.clone(),
                 lease: self.edge.lease,
                 unknown_grace: UNKNOWN_SESSION_GRACE,
+                resume_window: self.edge.resume_window,
             };
 
             Some(

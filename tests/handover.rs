@@ -48,19 +48,24 @@ struct Cluster {
     node_b: String,
     a: Proc,
     b: Proc,
-    _router: Proc,
+    router: Proc,
     bus: std::sync::Arc<dyn Bus>,
     naming: switchyard_protocol::Naming,
     _key: KeyFile,
 }
 
 async fn cluster(url: &str, extra: &[&str]) -> Cluster {
+    cluster_with(url, extra, &[]).await
+}
+
+/// Two edges (each with `extra`) and a router (with `router_extra`).
+async fn cluster_with(url: &str, extra: &[&str], router_extra: &[&str]) -> Cluster {
     let p = unique("h");
     let key = key_file();
     let k = key.0.to_str().unwrap().to_owned();
     let mut args = vec!["--resume-key-file", k.as_str()];
     args.extend_from_slice(extra);
-    let router = spawn("router", url, &p, &[]).await;
+    let router = spawn("router", url, &p, router_extra).await;
     let (na, nb) = (format!("{p}-a"), format!("{p}-b"));
     let a = spawn(
         "edge",
@@ -82,7 +87,7 @@ async fn cluster(url: &str, extra: &[&str]) -> Cluster {
         node_b: nb,
         a,
         b,
-        _router: router,
+        router,
         bus: bus_for(url, &p).await,
         naming: switchyard_protocol::Naming::new(&p).unwrap(),
         _key: key,
@@ -567,7 +572,7 @@ async fn rolling_restart(url: &str) {
         bus,
         naming,
         _key,
-        _router,
+        router: _router,
         ..
     } = c;
     let key = _key.0.to_str().unwrap().to_owned();
@@ -705,6 +710,52 @@ async fn a_state_that_comes_too_late_ends_the_session_with_one_disconnect() {
 /// over anyway, the new one says `gone` with `resumed`: the old edge lets it go without a
 /// disconnect, and what it passes on (read from the log already) is dropped, so the client
 /// gets no reply twice.
+/// On NATS a dead edge's lease lapses (`--lease`) before the resume window ends: the router
+/// then waits out the window before it ends the edge's sessions, so a client that comes back
+/// meanwhile still resumes (from the log), and its session is not ended behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_resumes_after_its_dead_edge_lease_lapsed_on_nats() {
+    let timing = ["--lease", "2s", "--resume-window", "60s"];
+    let mut c = cluster_with(&nats_url(), &timing, &timing).await;
+    let mut backend = Backend::new(&c).await;
+    let admin = c.b.admin("");
+    let (mut ws, w) = v2(&c.a.ws("/ws")).await;
+    let (session, token) = (
+        w["session"].as_str().unwrap().to_owned(),
+        w["resume_token"].as_str().unwrap().to_owned(),
+    );
+    assert_eq!(backend.next(&session).await.0, "connect");
+    push(&admin, &session, 1).await;
+    assert_contiguous(&until_reply(&mut ws, 1).await, 1, 1, 1);
+    drop(ws);
+    c.a.kill9();
+    let _ = c.a.child.wait().await;
+    // The router has seen the lease lapse: the session waits out the window.
+    metric_reaches(&c.router.admin, "switchyard_router_doomed_sessions", 1).await;
+    for i in 2..=4 {
+        push(&admin, &session, i).await;
+    }
+    let (mut ws, w) = v2(&c.b.ws(&format!("/ws?resume={token}&delivered=1"))).await;
+    assert_eq!(w["resumed"], true, "{w}");
+    assert_contiguous(&until_reply(&mut ws, 4).await, 2, 2, 4);
+    let (kind, _, node) = backend.next(&session).await;
+    assert_eq!((kind.as_str(), node.as_str()), ("resume", c.node_b.as_str()));
+    // The resume lifted the doom: nothing will end the session behind the client.
+    let router = c.router.admin.to_string();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while sample(&router, "switchyard_router_doomed_sessions").await != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the resume never lifted the doom"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    close_normal(&mut ws).await;
+    let (kind, _, node) = backend.next(&session).await;
+    assert_eq!((kind.as_str(), node.as_str()), ("disconnect", c.node_b.as_str()));
+    assert_eq!(sample(&router, "switchyard_router_expired_sessions_total").await, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_edge_does_not_stop_a_resume_from_the_log_on_kafka() {
     frozen_edge_resume_from_the_log(&kafka_url()).await

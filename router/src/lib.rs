@@ -8,8 +8,9 @@
 //! The registry is fed by the `<prefix>.sessions` lifecycle feed that every edge publishes to,
 //! and, when the bus has a durable registry (NATS: JetStream KV), rebuilt from it on start,
 //! consulted for sessions the feed has not shown yet, and swept for lapsed node leases: when an
-//! edge stops renewing, one router wins the claim and publishes a synthetic disconnect
-//! (`sy-synthetic: true`) for each of its sessions, so backends learn they ended.
+//! edge stops renewing, one router wins the claim and, once the resume window has passed,
+//! publishes a synthetic disconnect (`sy-synthetic: true`) for each of its sessions that did
+//! not resume elsewhere meanwhile (a resume from the log), so backends learn they ended.
 //!
 //! - [`metrics`]: the metrics it reports, declared and described in one place.
 //! - [`registry`]: session → node, plus a bounded memory of recently closed sessions.
@@ -34,7 +35,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{DROPPED, EXPIRED, FORWARDED, SESSIONS};
+use crate::metrics::{DOOMED, DROPPED, EXPIRED, FORWARDED, SESSIONS};
 
 /// Recently closed sessions the registry remembers (so a late record is "closed", not
 /// "unknown").
@@ -51,6 +52,16 @@ pub struct RouterConfig {
     /// How long a record for a session the router has not heard of yet waits for that
     /// session's connect (the feed and the outbound topic are separate streams).
     pub unknown_grace: Duration,
+    /// The edges' `--resume-window`: a dead node's sessions end this long after its lease
+    /// lapsed, unless they resumed elsewhere meanwhile (from the bus's log).
+    pub resume_window: Duration,
+}
+
+/// A session of a dead node, to end at `at` unless it resumes first.
+struct Doomed {
+    at: Instant,
+    node: String,
+    entry: registry::Entry,
 }
 
 /// Records held for a session the router has not heard of yet, in arrival order.
@@ -106,6 +117,7 @@ impl Router {
             durable,
             nodes: HashMap::new(),
             parked: HashMap::new(),
+            doomed: HashMap::new(),
             pipeline: Pipeline::new(bus_for_pipeline, MAX_IN_FLIGHT),
         };
         let task = tokio::spawn(r.run(sessions, outbound, events, shutdown));
@@ -135,6 +147,8 @@ struct Routing {
     durable: Option<Arc<dyn SessionRegistry>>,
     nodes: HashMap<String, NodeLease>,
     parked: HashMap<String, Parked>,
+    /// Sessions of dead nodes waiting out the resume window.
+    doomed: HashMap<String, Doomed>,
     /// Forwards in flight, tagged with their session.
     pipeline: Pipeline<(String, Option<Ack>)>,
 }
@@ -199,8 +213,11 @@ impl Routing {
                 }
                 Step::Sweep => {
                     self.expire_parked();
-                    if self.durable.is_some() {
+                    if let Some(durable) = self.durable.clone() {
                         self.sweep().await;
+                        if !self.doomed.is_empty() {
+                            self.end_doomed(&durable).await;
+                        }
                     }
                 }
             }
@@ -252,6 +269,10 @@ impl Routing {
             Ok(e) => match (e.kind, e.node) {
                 // A resume moves the session to the node it came back on.
                 (Kind::Connect | Kind::Resume, Some(node)) => {
+                    // Back (resumed after its node died): it does not end.
+                    if self.doomed.remove(&e.session).is_some() {
+                        ::metrics::gauge!(DOOMED).set(self.doomed.len() as f64);
+                    }
                     let route = e.route.as_deref().unwrap_or("");
                     let inbound = r
                         .headers
@@ -331,7 +352,7 @@ impl Routing {
             match durable.claim_expiry(&node, revision).await {
                 Ok(true) => {
                     self.nodes.remove(&node);
-                    self.expire_node(&durable, &node).await
+                    self.doom_node(&durable, &node).await
                 }
                 Ok(false) => {
                     // Another router won, or the node renewed (a new heartbeat event follows).
@@ -343,39 +364,82 @@ impl Routing {
         }
     }
 
-    async fn expire_node(&self, durable: &Arc<dyn SessionRegistry>, node: &str) {
+    /// A node's lease lapsed (this router won the claim): its sessions end once the resume
+    /// window has passed, each unless it resumed elsewhere by then.
+    async fn doom_node(&mut self, durable: &Arc<dyn SessionRegistry>, node: &str) {
         let sessions = self.registry.sessions_on(node);
-        tracing::warn!(%node, sessions = sessions.len(), "node lease lapsed: ending its sessions");
+        tracing::warn!(%node, sessions = sessions.len(), window = ?self.cfg.resume_window, "node lease lapsed: its sessions end unless resumed elsewhere within the resume window");
+        let at = Instant::now() + self.cfg.resume_window;
         for (session, entry) in sessions {
-            let mut e = Envelope::new(session.clone(), Kind::Disconnect, Bytes::new());
-            e.node = Some(node.to_owned());
-            e.route = Some(entry.route.to_string());
-            e.code = Some(switchyard_protocol::close::ABNORMAL);
-            e.reason = Some("node lease expired".into());
-            e.synthetic = true;
-            e.timestamp_ms = now_ms();
-            let rec = Record {
-                key: Some(e.key()),
-                headers: e.headers(),
-                payload: Bytes::new(),
-            };
-            // Counted when decided, so whoever sees the disconnect also sees it counted.
-            ::metrics::counter!(EXPIRED).increment(1);
-            if !entry.inbound.is_empty() {
-                if let Err(err) = self.bus.publish(&entry.inbound, rec.clone()).await {
-                    tracing::warn!(%session, error = %err, "could not publish a synthetic disconnect");
-                }
-            }
-            let key = rec.key.clone().unwrap_or_default();
-            if self.bus.publish(&self.cfg.naming.sessions(), rec).await.is_ok() {
-                // As an edge does after a disconnect: compaction may forget the session.
-                let _ = self.bus.tombstone(&self.cfg.naming.sessions(), key).await;
-            }
-            let _ = durable.unregister(&session).await;
-            self.registry.remove(&session);
+            self.doomed.insert(
+                session,
+                Doomed {
+                    at,
+                    node: node.to_owned(),
+                    entry,
+                },
+            );
         }
-
         let _ = durable.leave(node).await;
+        self.end_doomed(durable).await;
+    }
+
+    /// Ends the dead nodes' sessions whose window has passed and that are still on them.
+    async fn end_doomed(&mut self, durable: &Arc<dyn SessionRegistry>) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .doomed
+            .iter()
+            .filter(|(_, d)| d.at <= now)
+            .map(|(s, _)| s.clone())
+            .collect();
+        for session in due {
+            let Some(d) = self.doomed.remove(&session) else {
+                continue;
+            };
+            if self.registry.lookup(&session) != Lookup::Open(d.node.as_str().into()) {
+                // It resumed on another node, or ended, meanwhile.
+                continue;
+            }
+            self.end_session(durable, &session, &d.node, &d.entry).await;
+        }
+        ::metrics::gauge!(DOOMED).set(self.doomed.len() as f64);
+    }
+
+    /// Publishes a dead node's session's synthetic disconnect and forgets the session.
+    async fn end_session(
+        &self,
+        durable: &Arc<dyn SessionRegistry>,
+        session: &str,
+        node: &str,
+        entry: &registry::Entry,
+    ) {
+        let mut e = Envelope::new(session.to_owned(), Kind::Disconnect, Bytes::new());
+        e.node = Some(node.to_owned());
+        e.route = Some(entry.route.to_string());
+        e.code = Some(switchyard_protocol::close::ABNORMAL);
+        e.reason = Some("node lease expired".into());
+        e.synthetic = true;
+        e.timestamp_ms = now_ms();
+        let rec = Record {
+            key: Some(e.key()),
+            headers: e.headers(),
+            payload: Bytes::new(),
+        };
+        // Counted when decided, so whoever sees the disconnect also sees it counted.
+        ::metrics::counter!(EXPIRED).increment(1);
+        if !entry.inbound.is_empty() {
+            if let Err(err) = self.bus.publish(&entry.inbound, rec.clone()).await {
+                tracing::warn!(%session, error = %err, "could not publish a synthetic disconnect");
+            }
+        }
+        let key = rec.key.clone().unwrap_or_default();
+        if self.bus.publish(&self.cfg.naming.sessions(), rec).await.is_ok() {
+            // As an edge does after a disconnect: compaction may forget the session.
+            let _ = self.bus.tombstone(&self.cfg.naming.sessions(), key).await;
+        }
+        let _ = durable.unregister(session).await;
+        self.registry.remove(session);
     }
 
     /// Forwards one outbound record (through the pipeline: in order per session, many
