@@ -356,12 +356,12 @@ async fn drained_edge_hands_over(url: &str) {
     }
 }
 
-/// Without a log of node deliveries (`--nats-node-log false`: core NATS), an edge killed with
+/// Without a log of node deliveries (`--nats-durable-replies false`: core NATS), an edge killed with
 /// SIGKILL had the session's kept deliveries in memory only: a resume on the other edge is
 /// refused with `node_unreachable` and a new session, never a half-resume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_node_log_a_resume_after_sigkill_of_the_edge_is_refused_with_a_reason() {
-    let mut c = cluster(&nats_url(), &["--nats-node-log", "false"]).await;
+    let mut c = cluster(&nats_url(), &["--nats-durable-replies", "false"]).await;
     let (ws, w) = v2(&c.a.ws("/ws")).await;
     let (session, token) = (
         w["session"].as_str().unwrap().to_owned(),
@@ -675,7 +675,7 @@ async fn rolling_restart(url: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_that_comes_too_late_ends_the_session_with_one_disconnect() {
     // Without a node log: with one, the new edge resumes from it instead (tested below).
-    let c = cluster(&nats_url(), &["--nats-node-log", "false"]).await;
+    let c = cluster(&nats_url(), &["--nats-durable-replies", "false"]).await;
     let mut backend = Backend::new(&c).await;
     let (ws, w) = v2(&c.a.ws("/ws")).await;
     let (session, token) = (

@@ -620,3 +620,57 @@ async fn a_closed_sessions_registry_marker_expires() {
         .clone();
     assert!(info.allow_message_ttl, "the bucket takes per-message TTLs");
 }
+
+/// With `--nats-durable-replies` (the default) the routers read `sy.out` from the work-queue
+/// stream `<PREFIX>_OUT`, one at a time (a pinned client), acknowledging each record once
+/// forwarded. The one forwarding is killed with SIGKILL mid-stream: the other takes the pin,
+/// gets what was not acknowledged again, and every acknowledged send is answered; duplicates
+/// are counted and reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_killed_mid_stream_loses_no_acknowledged_reply_on_nats() {
+    let (url, p) = (env("NATS_URL"), prefix());
+    let edge = spawn("edge", &url, &p, &[]).await;
+    let mut routers = [
+        spawn("router", &url, &p, &[]).await,
+        spawn("router", &url, &p, &[]).await,
+    ];
+    let _demo = spawn("demo", &url, &p, &[]).await;
+    let until = Instant::now() + Duration::from_secs(8);
+    let clients: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(send_and_collect_replies(edge.ws("/ws"), until)))
+        .collect();
+    // The router holding the pin is the one forwarding: once it has forwarded 200, kill it.
+    let deadline = Instant::now() + WAIT;
+    let active = loop {
+        let mut found = None;
+        for (i, r) in routers.iter().enumerate() {
+            if sample(&r.admin.to_string(), "switchyard_router_forwarded_total").await >= 200 {
+                found = Some(i);
+            }
+        }
+        if let Some(i) = found {
+            break i;
+        }
+        assert!(Instant::now() < deadline, "no router forwarded 200 replies");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    routers[active].kill9();
+    let survivor = &routers[1 - active];
+    let (mut acked_n, mut dups) = (0, 0);
+    for c in clients {
+        let (session, acked, replies) = c.await.unwrap();
+        let distinct: BTreeSet<u64> = replies.iter().copied().collect();
+        let lost: Vec<_> = acked.difference(&distinct).collect();
+        assert!(
+            lost.is_empty(),
+            "{session}: acknowledged sends without a reply: {lost:?}"
+        );
+        acked_n += acked.len();
+        dups += replies.len() - distinct.len();
+    }
+    let took_over = sample(&survivor.admin.to_string(), "switchyard_router_forwarded_total").await;
+    assert!(took_over > 0, "the surviving router forwarded nothing");
+    eprintln!(
+        "NATS router SIGKILL mid-stream: {acked_n} acknowledged sends, every one answered; {dups} duplicate replies; the survivor forwarded {took_over}"
+    );
+}

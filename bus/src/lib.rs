@@ -470,12 +470,12 @@ pub struct BusOptions {
     /// Partitions of each inbound topic (NATS subject token p<N>; murmur2(session) % N)
     #[arg(long, env = "SWITCHYARD_PARTITIONS", default_value_t = 16, global = true)]
     pub partitions: u32,
-    /// NATS: keep node deliveries in the JetStream stream <PREFIX>_NODES (an hour): the
-    /// router's forwards are acknowledged by the stream, and a session resumes from it after
-    /// its edge was killed. false: core NATS, at most once (every process of a cluster should
-    /// agree)
-    #[arg(long = "nats-node-log", env = "SWITCHYARD_NATS_NODE_LOG", default_value_t = true, action = clap::ArgAction::Set, global = true)]
-    pub nats_node_log: bool,
+    /// NATS: backend → client traffic through JetStream streams: <PREFIX>_OUT (the routers'
+    /// subject: one router at a time reads it, acknowledging each record once forwarded) and
+    /// <PREFIX>_NODES (node deliveries, an hour: a session resumes from it after its edge was
+    /// killed). false: core NATS, at most once (every process of a cluster should agree)
+    #[arg(long = "nats-durable-replies", env = "SWITCHYARD_NATS_DURABLE_REPLIES", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    pub nats_durable_replies: bool,
     /// How long a durable publish (NATS stream, Kafka acks=all) may wait for the broker's
     /// acknowledgement before the client is told it was refused
     #[arg(long, env = "SWITCHYARD_ACK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]

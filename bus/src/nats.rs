@@ -4,13 +4,20 @@
 //!   N = Kafka's murmur2(key) % partitions, through JetStream: the stream `<PREFIX>_IN`
 //!   captures `<prefix>.in.>` and publish returns only once the stream has acknowledged the
 //!   record. Core NATS subscribers receive the same records live.
-//! - Node delivery subjects (`<prefix>.node.<id>`), with `--nats-node-log` (the default): the
-//!   stream `<PREFIX>_NODES` keeps them for an hour; publishes to them are acknowledged by the
-//!   stream, each edge reads its own through an ordered push consumer from "new" (offsets are
-//!   stream sequences), and [`Bus::scan`] reads a session's records back from it (a resume
-//!   after its edge died), as it does from `<PREFIX>_IN`.
-//! - Every other topic is a core NATS subject (at most once): outbound, channels without
-//!   history, the session feed.
+//! - With `--nats-durable-replies` (the default), backend → client traffic is on JetStream too:
+//!   - node delivery subjects (`<prefix>.node.<id>`): the stream `<PREFIX>_NODES` keeps them
+//!     for an hour; publishes to them are acknowledged by the stream, each edge reads its own
+//!     through an ordered push consumer from "new" (offsets are stream sequences), and
+//!     [`Bus::scan`] reads a session's records back from it (a resume after its edge died), as
+//!     it does from `<PREFIX>_IN`;
+//!   - the outbound subject (`<prefix>.out`): the work-queue stream `<PREFIX>_OUT`; an
+//!     acknowledged group subscription (the routers) is one durable pull consumer named after
+//!     the group, with a pinned client: one member at a time gets the records, in order, and
+//!     acknowledges each once handled; when it stops pulling (killed) the pin moves to another
+//!     member after [`PIN_TIMEOUT`], and what it had not acknowledged is delivered again after
+//!     [`OUT_ACK_WAIT`] (at least once).
+//! - Every other topic is a core NATS subject (at most once): channels without history, the
+//!   session feed.
 //! - Channels with history ([`Bus::keep_history`]): one stream per pattern,
 //!   `<PREFIX>_CH_<hash>`, over the pattern's subjects with per-subject limits (count and age).
 //!   Publishes to them are acknowledged by the stream, subscriptions are ordered push
@@ -51,15 +58,27 @@ pub struct NatsBus {
     naming: Naming,
     /// `keep_history` patterns, each with its stream.
     histories: parking_lot::RwLock<Vec<History>>,
-    /// Node deliveries go through `<PREFIX>_NODES` (`--nats-node-log`).
-    node_log: bool,
+    /// Node deliveries go through `<PREFIX>_NODES` (`--nats-durable-replies`).
+    durable_replies: bool,
     /// `<prefix>.node.`
     node_prefix: String,
+    /// `<prefix>.out`
+    outbound: String,
 }
 
 /// How long `<PREFIX>_NODES` keeps a node delivery (a resume after an edge crash needs them
-/// for the resume window, at most).
+/// for the resume window, at most), and `<PREFIX>_OUT` a record no router took.
 const NODE_LOG_AGE: Duration = Duration::from_secs(3600);
+/// How long a group member that stopped pulling `<PREFIX>_OUT` keeps the pin (the failover
+/// time after a router died).
+pub const PIN_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a record of `<PREFIX>_OUT` handed to a member waits for its acknowledgement
+/// before it is delivered again (to whoever holds the pin then).
+pub const OUT_ACK_WAIT: Duration = Duration::from_secs(5);
+/// Records of `<PREFIX>_OUT` handed out and not acknowledged yet, at most.
+const OUT_MAX_ACK_PENDING: i64 = 4096;
+/// The priority group the members of an outbound group pull in.
+const OUT_PRIORITY_GROUP: &str = "members";
 
 /// One channel pattern with history.
 #[derive(Clone)]
@@ -177,7 +196,17 @@ impl NatsBus {
         })
         .await
         .map_err(|e| unavailable(format!("cannot create the inbound stream: {e}")))?;
-        if opts.nats_node_log {
+        if opts.nats_durable_replies {
+            js.get_or_create_stream(stream::Config {
+                name: naming.outbound_stream(),
+                subjects: vec![naming.outbound()],
+                max_age: NODE_LOG_AGE,
+                storage: stream::StorageType::File,
+                retention: stream::RetentionPolicy::WorkQueue,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable(format!("cannot create the outbound stream: {e}")))?;
             js.get_or_create_stream(stream::Config {
                 name: naming.node_stream(),
                 subjects: vec![naming.node(">")],
@@ -212,8 +241,9 @@ impl NatsBus {
             outage_buffer: opts.outage_buffer,
             waiting: Arc::default(),
             registry: Arc::new(NatsRegistry { kv }),
-            node_log: opts.nats_node_log,
+            durable_replies: opts.nats_durable_replies,
             node_prefix: naming.node(""),
+            outbound: naming.outbound(),
             naming,
             histories: parking_lot::RwLock::default(),
         })
@@ -240,7 +270,74 @@ impl NatsBus {
 
     /// A node delivery subject kept by `<PREFIX>_NODES` (a topic, not a pattern).
     fn is_logged_node(&self, topic: &str) -> bool {
-        self.node_log && topic.starts_with(&self.node_prefix) && !topic.contains(['*', '>'])
+        self.durable_replies && topic.starts_with(&self.node_prefix) && !topic.contains(['*', '>'])
+    }
+
+    /// An acknowledged group subscription to `<prefix>.out` (the routers): one durable pull
+    /// consumer named after the group, pinned to one member at a time.
+    async fn subscribe_outbound(&self, group: &str) -> Result<Subscription, BusError> {
+        use jetstream::consumer::{pull, AckPolicy, PriorityPolicy};
+        let fail = |e: &dyn std::fmt::Display| unavailable(format!("outbound consumer {group}: {e}"));
+        let durable = group.replace(['.', '*', '>', ' '], "_");
+        let consumer: jetstream::consumer::Consumer<pull::Config> = self
+            .stream(&self.naming.outbound_stream())
+            .await?
+            .get_or_create_consumer(
+                &durable,
+                pull::Config {
+                    durable_name: Some(durable.clone()),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: OUT_ACK_WAIT,
+                    max_ack_pending: OUT_MAX_ACK_PENDING,
+                    priority_policy: PriorityPolicy::PinnedClient,
+                    priority_groups: vec![OUT_PRIORITY_GROUP.to_owned()],
+                    priority_timeout: PIN_TIMEOUT,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| fail(&e))?;
+        let mut messages = consumer
+            .stream()
+            .group(OUT_PRIORITY_GROUP)
+            // Well below the pin timeout, so a live member keeps its pin between pulls.
+            .expires(PIN_TIMEOUT / 3)
+            .heartbeat(PIN_TIMEOUT / 6)
+            .messages()
+            .await
+            .map_err(|e| fail(&e))?;
+        let (tx, rx) = mpsc::channel(self.buffer);
+        let topic: Arc<str> = Arc::from(self.outbound.as_str());
+        let group = group.to_owned();
+        let task = tokio::spawn(async move {
+            while let Some(m) = messages.next().await {
+                let m = match m {
+                    Ok(m) => m,
+                    Err(e) => {
+                        // Heartbeats missed, a reconnect: the stream goes on pulling.
+                        tracing::debug!(%group, error = %e, "outbound consumer");
+                        continue;
+                    }
+                };
+                let seq = m.info().map(|i| i.stream_sequence).ok();
+                let (message, acker) = m.split();
+                let mut msg = from_nats(message, topic.clone());
+                msg.offset = seq;
+                let acker = Arc::new(acker);
+                msg.ack = Some(crate::Ack::new(move || {
+                    let acker = acker.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = acker.ack().await {
+                            tracing::debug!(error = %e, "outbound ack failed: the record comes again");
+                        }
+                    });
+                }));
+                if tx.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Subscription::new(rx, AbortOnDrop(task)))
     }
 
     /// A live subscription to a topic kept by stream `stream` (a channel with history, a node
@@ -435,7 +532,9 @@ impl Bus for NatsBus {
         // A channel with history: acknowledged by its stream, which gives the offset.
         let durable = match self.inbound_subject(topic, record.key.as_deref()) {
             Some(subject) => Some(subject),
-            None if self.is_logged_node(topic) => Some(topic.to_owned()),
+            None if self.is_logged_node(topic) || (self.durable_replies && topic == self.outbound) => {
+                Some(topic.to_owned())
+            }
             None => self.history_of(topic).map(|_| topic.to_owned()),
         };
         match durable {
@@ -466,6 +565,11 @@ impl Bus for NatsBus {
             }
             if self.is_logged_node(pattern) {
                 return self.subscribe_ordered(pattern, &self.naming.node_stream()).await;
+            }
+        }
+        if let (Some(g), true, true) = (&opts.group, opts.acknowledged, self.durable_replies) {
+            if pattern == self.outbound {
+                return self.subscribe_outbound(g).await;
             }
         }
         // An inbound topic means all of its partitions.
@@ -622,7 +726,7 @@ impl Bus for NatsBus {
     }
 
     fn keeps_log(&self) -> bool {
-        self.node_log
+        self.durable_replies
     }
 
     async fn scan(&self, q: ScanQuery) -> Result<Option<ScanRead>, BusError> {

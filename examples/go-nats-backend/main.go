@@ -46,6 +46,7 @@ func main() {
 	topic := flag.String("topic", "echo", "the route's inbound topic")
 	queue := flag.String("queue", "go-backend", "queue group name (empty: a plain subscription)")
 	partitions := flag.String("partitions", "", "comma-separated partition numbers (default: all)")
+	viaRouter := flag.Bool("via-router", false, "reply through the routers' subject (<prefix>.out), not sy-reply")
 	flag.Parse()
 	log.SetFlags(0)
 
@@ -65,9 +66,10 @@ func main() {
 			log.Printf("go nats backend: a frame on %s without sy-session, skipped", m.Subject)
 			return
 		}
-		// sy-reply reaches the node holding the session; without it, the routers' subject.
+		// sy-reply reaches the node holding the session; without it (or with --via-router),
+		// the routers' subject.
 		reply := header(m.Header, "sy-reply")
-		if reply == "" {
+		if reply == "" || *viaRouter {
 			reply = *prefix + ".out"
 		}
 		out := nats.NewMsg(reply)

@@ -56,6 +56,10 @@ impl Naming {
     pub fn inbound_stream(&self) -> String {
         format!("{}_IN", self.undotted().to_uppercase())
     }
+    /// The JetStream work-queue stream over the outbound subject (NATS): `<PREFIX>_OUT`.
+    pub fn outbound_stream(&self) -> String {
+        format!("{}_OUT", self.undotted().to_uppercase())
+    }
     /// The JetStream stream over every node delivery subject (NATS): `<PREFIX>_NODES`.
     pub fn node_stream(&self) -> String {
         format!("{}_NODES", self.undotted().to_uppercase())

@@ -548,3 +548,40 @@ pub fn write_ca(pki: &Pki, path: &std::path::Path) {
     )
     .unwrap();
 }
+
+/// Sends framed `send` ops (data = id) until `until`, reading acks and the demo backend's
+/// replies (`{"echo": id}`) as they come; then waits for the reply of every acknowledged send
+/// (up to `WAIT` after the last). Returns (session, acked ids, replies in arrival order).
+pub async fn send_and_collect_replies(url: String, until: Instant) -> (String, BTreeSet<u64>, Vec<u64>) {
+    let (mut ws, id) = connect(&url).await;
+    assert_eq!(next_json(&mut ws).await["op"], "welcome");
+    let (mut acked, mut replies) = (BTreeSet::new(), Vec::new());
+    let note = |v: serde_json::Value, acked: &mut BTreeSet<u64>, replies: &mut Vec<u64>| match (
+        v["op"].as_str(),
+        v["echo"].as_u64(),
+    ) {
+        (Some("ack"), _) => {
+            acked.insert(v["id"].as_u64().unwrap());
+        }
+        (None, Some(n)) => replies.push(n),
+        _ => panic!("unexpected {v}"),
+    };
+    let mut i = 0u64;
+    while Instant::now() < until {
+        ws.send(Message::text(
+            serde_json::json!({"op":"send","data":i,"id":i}).to_string(),
+        ))
+        .await
+        .unwrap();
+        // The ack of this send (replies to earlier ones may come first).
+        while !acked.contains(&i) {
+            note(next_json(&mut ws).await, &mut acked, &mut replies);
+        }
+        i += 1;
+    }
+    let missing = |acked: &BTreeSet<u64>, replies: &Vec<u64>| acked.iter().any(|a| !replies.contains(a));
+    while missing(&acked, &replies) {
+        note(next_json(&mut ws).await, &mut acked, &mut replies);
+    }
+    (id, acked, replies)
+}

@@ -406,7 +406,10 @@ async fn park(st: &EdgeState, sess: &Arc<Session>) -> bool {
     // Draining: only for the handover grace (counted from when the drain closed it), and not
     // at all when no other edge can take it (the drain may have begun while this session was
     // leaving its channels).
-    let wait = if !st.close_all.is_cancelled() {
+    // One look at the drain for both: had it begun between two looks, the window would bound
+    // the wait, not the drain (a session left parked past the shutdown grace).
+    let draining = st.close_all.is_cancelled();
+    let wait = if !draining {
         st.cfg.resume_window
     } else if hands_over(st) {
         st.cfg.handover_grace.min(st.cfg.resume_window)
@@ -414,7 +417,7 @@ async fn park(st: &EdgeState, sess: &Arc<Session>) -> bool {
         std::time::Duration::ZERO
     };
     let drained = async {
-        if st.close_all.is_cancelled() {
+        if draining {
             // Parked by the drain: `wait` bounds it.
             return std::future::pending::<()>().await;
         }
