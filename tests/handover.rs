@@ -433,6 +433,13 @@ async fn resumes_from_the_log_after_sigkill(url: &str) {
     pusher.await.unwrap();
     assert_contiguous(&until_reply(&mut ws, 60).await, 4, 4, 60);
     assert_eq!(backend.next(&session).await, ("resume".into(), 3, node_b.clone()));
+    // B's one session keeps what it had from the log (4..30) and what came since (31..60).
+    for series in [
+        "switchyard_resume_buffer_deliveries",
+        "switchyard_resume_buffer_max_deliveries",
+    ] {
+        assert_eq!(sample(&c.b.admin.to_string(), series).await, 57, "{series}");
+    }
     // The send's id came back from the log: resent, it is a duplicate.
     ws.send(Message::text(json!({"op":"send","id":"m1","data":"one"}).to_string()))
         .await

@@ -73,6 +73,17 @@ async fn metrics_text(State(s): State<AdminState>) -> Response {
     } else {
         0.0
     });
+    if let Some(edge) = &s.edge {
+        // The resume buffers' occupancy, read at scrape time (not counted per delivery).
+        let (mut sum, mut max) = (0usize, 0usize);
+        for sess in edge.sessions.iter() {
+            let k = sess.cont.kept();
+            sum += k;
+            max = max.max(k);
+        }
+        metrics::gauge!(crate::metrics::RESUME_BUFFER).set(sum as f64);
+        metrics::gauge!(crate::metrics::RESUME_BUFFER_MAX).set(max as f64);
+    }
     ([("content-type", "text/plain; version=0.0.4")], s.prometheus.render()).into_response()
 }
 

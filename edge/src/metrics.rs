@@ -30,6 +30,8 @@ pub const SESSIONS_PARKED: &str = "switchyard_sessions_parked";
 pub const HANDOVERS: &str = "switchyard_handovers_total";
 pub const DUPLICATES: &str = "switchyard_duplicates_suppressed_total";
 pub const RECOVERED_MESSAGES: &str = "switchyard_recovered_messages_total";
+pub const RESUME_BUFFER: &str = "switchyard_resume_buffer_deliveries";
+pub const RESUME_BUFFER_MAX: &str = "switchyard_resume_buffer_max_deliveries";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -108,6 +110,14 @@ fn describe() {
     describe_counter!(
         DUPLICATES,
         "send/publish ops whose id the session had already accepted (acked, not published again)"
+    );
+    describe_gauge!(
+        RESUME_BUFFER,
+        "Backend deliveries kept for a resume, over every session of this node (at the last scrape)"
+    );
+    describe_gauge!(
+        RESUME_BUFFER_MAX,
+        "The most backend deliveries one session of this node keeps for a resume (at the last scrape)"
     );
     describe_counter!(
         RECOVERED_MESSAGES,
