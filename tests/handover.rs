@@ -828,3 +828,68 @@ async fn frozen_edge_resume_from_the_log(url: &str) {
         "one disconnect, from the new node only"
     );
 }
+
+/// An edge restarted with the same `--node-id` after SIGKILL resumes the sessions it held from
+/// its own log: the replies sent while it was dead come once, in order, then the live ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_restarted_with_its_node_id_resumes_from_its_own_log_on_kafka() {
+    restarted_edge_resumes_from_its_own_log(&kafka_url()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_restarted_with_its_node_id_resumes_from_its_own_log_on_nats() {
+    restarted_edge_resumes_from_its_own_log(&nats_url()).await
+}
+
+async fn restarted_edge_resumes_from_its_own_log(url: &str) {
+    let mut c = cluster(url, &["--resume-window", "120s"]).await;
+    let mut backend = Backend::new(&c).await;
+    let admin = c.b.admin("");
+    let (mut ws, w) = v2(&c.a.ws("/ws")).await;
+    let (session, token) = (
+        w["session"].as_str().unwrap().to_owned(),
+        w["resume_token"].as_str().unwrap().to_owned(),
+    );
+    assert_eq!(backend.next(&session).await.0, "connect");
+    for i in 1..=3 {
+        push(&admin, &session, i).await;
+    }
+    assert_contiguous(&until_reply(&mut ws, 3).await, 1, 1, 3);
+    drop(ws);
+    c.a.kill9();
+    let _ = c.a.child.wait().await;
+    for i in 4..=6 {
+        push(&admin, &session, i).await;
+    }
+    let key = c._key.0.to_str().unwrap().to_owned();
+    let again = spawn(
+        "edge",
+        url,
+        &c.prefix,
+        &[
+            "--resume-key-file",
+            &key,
+            "--node-id",
+            &c.node_a,
+            "--resume-window",
+            "120s",
+        ],
+    )
+    .await;
+    let (mut ws, w) = v2(&again.ws(&format!("/ws?resume={token}&delivered=2"))).await;
+    assert_eq!(w["resumed"], true, "{w}");
+    push(&admin, &session, 7).await;
+    assert_contiguous(&until_reply(&mut ws, 7).await, 3, 3, 7);
+    let (kind, seq, node) = backend.next(&session).await;
+    assert_eq!((kind.as_str(), seq, node.as_str()), ("resume", 2, c.node_a.as_str()));
+    assert_eq!(
+        sample(
+            &again.admin.to_string(),
+            r#"switchyard_handovers_total{step="log",result="ok"}"#
+        )
+        .await,
+        1
+    );
+    close_normal(&mut ws).await;
+    assert_eq!(backend.next(&session).await.0, "disconnect");
+}

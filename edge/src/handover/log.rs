@@ -188,10 +188,16 @@ pub async fn recover(
     entry.lock().cont = Some(cont.clone());
     count("log", "ok");
     if node == st.cfg.node_id {
-        // This node before a restart: no `moved` will come (the session stays on this node),
-        // and what its delivery loop held since is after what was read, or was read.
+        // This node before a restart: no `moved` will come (the session stays on this node).
+        // What its delivery loop held since is released once the session runs here (so no
+        // record finds it neither held nor running), or after MOVED_WAIT if it never does.
         tracing::info!(%session, seq, "session resumed from this node's log after a restart");
-        release_after(st, session, from);
+        st.handovers.arriving.insert(session.to_owned(), from);
+        let (st, session) = (st.clone(), session.to_owned());
+        tokio::spawn(async move {
+            tokio::time::sleep(MOVED_WAIT).await;
+            arrive(&st, &session);
+        });
     } else {
         tracing::info!(%session, %node, seq, "session resumed from the log: its node did not answer");
         tokio::spawn(follow(
@@ -299,6 +305,17 @@ async fn read_back(
     )
     .ok_or("delivered_ahead")?;
     Ok((Arc::new(cont), seq, from))
+}
+
+/// A session runs on this node now: if it was resumed from this node's own log, the records
+/// its delivery loop held meanwhile go out.
+pub fn arrive(st: &Arc<EdgeState>, session: &str) {
+    if st.handovers.arriving.is_empty() {
+        return;
+    }
+    if let Some((_, read_to)) = st.handovers.arriving.remove(session) {
+        release_after(st, session, read_to);
+    }
 }
 
 /// A session resumed from this node's own log: the records its delivery loop held meanwhile

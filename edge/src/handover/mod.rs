@@ -77,6 +77,9 @@ pub struct Handovers {
     /// still passes on for them was read from the log already (dropped), and a late `state`
     /// from it is answered `gone` with `resumed` (it ends the session without a disconnect).
     recovered: DashMap<String, Instant>,
+    /// Sessions resumed from this node's own log (a restart with the same node id) whose
+    /// socket does not run yet: where the read stopped.
+    arriving: DashMap<String, switchyard_bus::ScanFrom>,
     moved: DashMap<String, Moved>,
     /// Woken when an `end` was sent.
     settled: tokio::sync::Notify,

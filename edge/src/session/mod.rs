@@ -279,6 +279,8 @@ where
     let budget = crate::limits::FloodBudget::new(st.cfg.frame_limits);
     let stream = Decoder::with_budget(reader, sess.route.max_message_size, budget);
     st.sessions.insert(sess.id.clone(), sess.clone());
+    // Resumed from this node's log after a restart: what waited for it goes out now.
+    crate::handover::log::arrive(&st, &sess.id);
     sess.route.open.increment(1.0);
     // Welcome first: a backend may answer the connect event before the publish returns.
     if sess.route.cfg.mode == Mode::Framed {
