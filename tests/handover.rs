@@ -488,6 +488,13 @@ async fn resumes_from_the_log_after_sigkill(url: &str) {
     for i in 62..=70 {
         push(&admin, &session, i).await;
     }
+    // The first token, used again: the inbound log shows the session resumed on B since.
+    let (_stale, w) = v2(&third.ws(&format!("/ws?resume={token}&delivered=60"))).await;
+    assert_eq!(
+        (w["resumed"].as_bool(), w["reason"].as_str()),
+        (Some(false), Some("not_parked")),
+        "{w}"
+    );
     let (mut ws, w) = v2(&third.ws(&format!("/ws?resume={token2}&delivered=60"))).await;
     assert_eq!(w["resumed"], true, "{w}");
     push(&admin, &session, 71).await;

@@ -73,10 +73,12 @@ const NODE_LOG_AGE: Duration = Duration::from_secs(3600);
 /// time after a router died).
 pub const PIN_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a record of `<PREFIX>_OUT` handed to a member waits for its acknowledgement
-/// before it is delivered again (to whoever holds the pin then).
-pub const OUT_ACK_WAIT: Duration = Duration::from_secs(5);
+/// before it is delivered again (to whoever holds the pin then): longer than a forward's own
+/// wait for the node stream (`--ack-timeout`, 10 s by default), so a slow forward is not
+/// delivered twice.
+pub const OUT_ACK_WAIT: Duration = Duration::from_secs(15);
 /// Records of `<PREFIX>_OUT` handed out and not acknowledged yet, at most.
-const OUT_MAX_ACK_PENDING: i64 = 4096;
+const OUT_MAX_ACK_PENDING: i64 = 2048;
 /// The priority group the members of an outbound group pull in.
 const OUT_PRIORITY_GROUP: &str = "members";
 
@@ -789,6 +791,7 @@ impl Bus for NatsBus {
             let m = match tokio::time::timeout(left, messages.next()).await {
                 Ok(Some(Ok(m))) => m,
                 Ok(Some(Err(e))) => return Err(fail(&e)),
+                Ok(None) if read < pending => return Err(fail(&"the consumer ended before the log's end")),
                 Ok(None) => break,
                 Err(_) if read < pending => return Err(fail(&"no message within 10 s")),
                 // Waited for the `until` record long enough.

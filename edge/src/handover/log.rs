@@ -1,5 +1,5 @@
-//! Resume after the session's node died: its deliveries read back from the bus's log (Kafka,
-//! whose node delivery topics are logs).
+//! Resume after the session's node died: its deliveries read back from the bus's log (Kafka's
+//! node delivery topics; NATS's `<PREFIX>_NODES` stream with `--nats-durable-replies`).
 //!
 //! The resume token's anchor ([`switchyard_protocol::resume::Anchor`]) says where the
 //! session's deliveries are in the log and how they are numbered. When the token's node does
@@ -88,14 +88,15 @@ fn records(read: &ScanRead) -> impl Iterator<Item = (Envelope, Option<&str>)> + 
 /// Adds the deliveries in `read` to `out`, or says why the session cannot be resumed from
 /// the log: its backend closed it, or subscribed a raw session to a channel (whose messages
 /// are deliveries the log does not hold).
-fn deliveries(read: &ScanRead, out: &mut Vec<(Bytes, bool)>, last_hop: bool) -> Result<(), &'static str> {
+fn deliveries(read: &ScanRead, out: &mut Vec<(Bytes, bool)>, last_hop: bool, raw: bool) -> Result<(), &'static str> {
     for (env, step) in records(read) {
         match (env.kind, &env.control) {
             (Kind::Deliver, _) => out.push((env.payload, env.opcode == Opcode::Binary)),
             // The session left that node after the token was issued (a newer token exists).
             (Kind::Handover, _) if last_hop && step == Some(handover::MOVED) => return Err("not_parked"),
             (Kind::Control, Some(ControlOp::Close { .. })) => return Err("not_parked"),
-            (Kind::Control, Some(ControlOp::Subscribe { .. })) => return Err("node_unreachable"),
+            // (On framed routes channel messages are not deliveries.)
+            (Kind::Control, Some(ControlOp::Subscribe { .. })) if raw => return Err("node_unreachable"),
             _ => {}
         }
     }
@@ -108,6 +109,7 @@ async fn inbound(
     st: &EdgeState,
     route: &Route,
     session: &str,
+    node: &str,
     since_ms: u64,
 ) -> Result<(u64, Vec<String>), &'static str> {
     let q = ScanQuery {
@@ -121,7 +123,7 @@ async fn inbound(
         Ok(Some(r)) => r,
         Ok(None) | Err(_) => return Err("node_unreachable"),
     };
-    let (mut seq, mut ids) = (0, Vec::new());
+    let (mut seq, mut ids, mut at) = (0, Vec::new(), None);
     for m in &read.records {
         let r = &m.record;
         let Ok(env) = Envelope::from_record(r.key.as_deref(), &r.headers, Bytes::new()) else {
@@ -131,6 +133,9 @@ async fn inbound(
             return Err("not_parked");
         }
         seq = seq.max(env.seq);
+        if matches!(env.kind, Kind::Connect | Kind::Resume) {
+            at = env.node.clone();
+        }
         if let (Kind::Frame, Some(id)) = (env.kind, r.headers.get(header::ID)) {
             ids.push(id.to_owned());
         }
@@ -138,6 +143,11 @@ async fn inbound(
     if seq == 0 {
         // Not even its connect or resume: this log does not have the session.
         return Err("node_unreachable");
+    }
+    if at.as_deref().is_some_and(|n| n != node) {
+        // It resumed on another node since (an older token, or a second resume racing this
+        // one): that node has it.
+        return Err("not_parked");
     }
     Ok((seq, ids))
 }
@@ -167,6 +177,7 @@ pub async fn recover(
         early: Vec::new(),
         held: Vec::new(),
         here,
+        released: false,
     }));
     match st.handovers.incoming.entry(session.to_owned()) {
         dashmap::Entry::Occupied(_) => return Err("not_parked"),
@@ -174,17 +185,24 @@ pub async fn recover(
             v.insert(entry.clone());
         }
     }
-    st.handovers.recovered.insert(session.to_owned(), Instant::now());
+    st.handovers
+        .recovered
+        .insert(session.to_owned(), (Arc::from(node), Instant::now()));
+    // Forgets both if this future is dropped (the client went away mid-read) or fails.
+    let mut guard = Forget {
+        st: st.clone(),
+        session: session.to_owned(),
+        armed: true,
+    };
     let read = read_back(st, node, anchor, here, route, session, delivered, issued_ms).await;
     let (cont, seq, from) = match read {
         Ok(r) => r,
         Err(why) => {
-            st.handovers.incoming.remove(session);
-            st.handovers.recovered.remove(session);
             count("log", why);
             return Err(why);
         }
     };
+    guard.armed = false;
     entry.lock().cont = Some(cont.clone());
     count("log", "ok");
     if node == st.cfg.node_id {
@@ -215,13 +233,29 @@ pub async fn recover(
         tokio::time::sleep(forget).await;
         st.handovers
             .recovered
-            .remove_if(&session, |_, at| at.elapsed() >= forget);
+            .remove_if(&session, |_, r| r.1.elapsed() >= forget);
     });
     Ok(Restored {
         cont,
         seq,
         channels: Default::default(),
     })
+}
+
+/// Undoes a recovery's entries unless disarmed (its future dropped, or the read failed).
+struct Forget {
+    st: Arc<EdgeState>,
+    session: String,
+    armed: bool,
+}
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        if self.armed {
+            self.st.handovers.incoming.remove(&self.session);
+            self.st.handovers.recovered.remove(&self.session);
+        }
+    }
 }
 
 /// Reads the session back: its continuity (the deliveries after `delivered`, numbered on from
@@ -237,21 +271,21 @@ async fn read_back(
     delivered: u64,
     issued_ms: u64,
 ) -> Result<(Arc<Continuity>, u64, ScanFrom), &'static str> {
-    let (seq, ids) = inbound(st, route, session, issued_ms.saturating_sub(CLOCK_SLACK_MS)).await?;
+    let (seq, ids) = inbound(st, route, session, node, issued_ms.saturating_sub(CLOCK_SLACK_MS)).await?;
     let mut items = Vec::new();
     if let Some(prev) = &anchor.prev {
         let read = scan_node(st, &prev.node, session, scan_from(prev.point, issued_ms), true).await?;
         if !read.complete || !read.reached {
             return Err("node_unreachable");
         }
-        deliveries(&read, &mut items, false)?;
+        deliveries(&read, &mut items, false, !route.is_framed())?;
     }
     let start = scan_from(anchor.here, issued_ms);
     let read = scan_node(st, node, session, start, false).await?;
     if !read.complete {
         return Err("node_unreachable");
     }
-    deliveries(&read, &mut items, true)?;
+    deliveries(&read, &mut items, true, !route.is_framed())?;
     let total = anchor.base + items.len() as u64;
     if delivered > total {
         return Err("delivered_ahead");
@@ -319,19 +353,18 @@ pub fn arrive(st: &Arc<EdgeState>, session: &str) {
 }
 
 /// A session resumed from this node's own log: the records its delivery loop held meanwhile
-/// go out, but those the read had already (at or before `read_to`).
+/// go out, but those the read had already (at or before `read_to`); the continuity skips them
+/// too when a lagging delivery loop brings them later.
 fn release_after(st: &Arc<EdgeState>, session: &str, read_to: ScanFrom) {
-    let Some((_, entry)) = st.handovers.incoming.remove(session) else {
-        return;
+    let after = match read_to {
+        ScanFrom::After(o) => Some(o),
+        ScanFrom::Since(_) => None,
     };
-    let mut inc = entry.lock();
-    let Some(cont) = inc.cont.clone() else { return };
-    let mut held = std::mem::take(&mut inc.held);
-    drop(inc);
-    if let ScanFrom::After(o) = read_to {
-        held.retain(|(_, at)| at.is_none_or(|a| a > o));
+    if let Some(cont) = super::take_held(st, session, after) {
+        if let Some(o) = after {
+            cont.skip_through(o);
+        }
     }
-    super::release(st, cont, held);
 }
 
 /// Reads the old node's log on, from where the resume read it to, up to the router's

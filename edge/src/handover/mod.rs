@@ -57,6 +57,8 @@ struct Incoming {
     held: Vec<(Envelope, Option<u64>)>,
     /// Where this node's log stood before the router could send anything for the session.
     here: switchyard_protocol::resume::Point,
+    /// What was held went out: records that come now take the usual path.
+    released: bool,
 }
 
 /// A session that left this node, and until when its records are passed on.
@@ -76,7 +78,7 @@ pub struct Handovers {
     /// Sessions resumed here from the log after their node did not answer: what that node
     /// still passes on for them was read from the log already (dropped), and a late `state`
     /// from it is answered `gone` with `resumed` (it ends the session without a disconnect).
-    recovered: DashMap<String, Instant>,
+    recovered: DashMap<String, (Arc<str>, Instant)>,
     /// Sessions resumed from this node's own log (a restart with the same node id) whose
     /// socket does not run yet: where the read stopped.
     arriving: DashMap<String, switchyard_bus::ScanFrom>,
@@ -157,6 +159,7 @@ pub async fn request(
         early: Vec::new(),
         held: Vec::new(),
         here: st.log_point(),
+        released: false,
     }));
     match st.handovers.incoming.entry(session.to_owned()) {
         // Two resumes of one session at once: the second is refused.
@@ -212,7 +215,7 @@ pub async fn intercept(st: &Arc<EdgeState>, env: &Envelope, msg: &Message) -> bo
                 if !on_state(st, &env.session, &from, &msg.record.payload) && !from.is_empty() {
                     // Not taken here after all: the old node ends it (one disconnect), unless
                     // it was resumed here from the log meanwhile (then it ends there quietly).
-                    let body = if st.handovers.recovered.contains_key(&env.session) {
+                    let body = if recovered_from(st, &env.session, &from) {
                         Bytes::from_static(handover::RESUMED.as_bytes())
                     } else {
                         Bytes::new()
@@ -242,6 +245,9 @@ pub async fn intercept(st: &Arc<EdgeState>, env: &Envelope, msg: &Message) -> bo
                     crate::session::abandon(st, &m.sess, "resume on another node failed").await;
                 }
             }
+            // Resumed from that node's log: the read of its log (not its `end`) says when
+            // the held records go out.
+            handover::END if recovered_from(st, &env.session, &from) => {}
             handover::END => finish(st, &env.session),
             handover::MOVED => {
                 let to = st.handovers.moved.get(&env.session).map(|m| m.node.clone());
@@ -260,15 +266,21 @@ pub async fn intercept(st: &Arc<EdgeState>, env: &Envelope, msg: &Message) -> bo
         }
         return true;
     }
-    let forwarded = msg.record.headers.get(header::FORWARDED).is_some();
-    if forwarded && st.handovers.recovered.contains_key(&env.session) {
-        // Read from the old node's log already.
+    let forwarded_by = msg.record.headers.get(header::FORWARDED);
+    let forwarded = forwarded_by.is_some();
+    if forwarded_by.is_some_and(|by| recovered_from(st, &env.session, by)) {
+        // Read from that node's log already.
         count("forward", "dropped_logged");
         return true;
     }
     if let Some(entry) = st.handovers.incoming.get(&env.session).map(|e| e.clone()) {
         let now = {
             let mut inc = entry.lock();
+            if inc.released {
+                // Released meanwhile: the usual path (the entry is about to go).
+                drop(inc);
+                return false;
+            }
             match (&inc.cont, forwarded) {
                 (Some(cont), true) => Some(cont.clone()),
                 (None, true) => {
@@ -420,15 +432,38 @@ fn on_state(st: &Arc<EdgeState>, session: &str, from: &str, payload: &[u8]) -> b
 
 /// New edge: the old node will pass nothing more on in order; the held records go out.
 fn finish(st: &Arc<EdgeState>, session: &str) {
-    let Some((_, entry)) = st.handovers.incoming.remove(session) else {
-        return;
-    };
+    if let Some(cont) = take_held(st, session, None) {
+        count("end", "ok");
+        drop(cont);
+    }
+}
+
+/// Releases what was held for an arriving session and forgets the entry: the deliveries go
+/// into its continuity while the entry is locked and marked released, so a record the
+/// delivery loop brings meanwhile is delivered after them, not held and lost (`after`: skip
+/// held records at or before this position of this node's log). Returns the continuity.
+pub(super) fn take_held(st: &Arc<EdgeState>, session: &str, after: Option<u64>) -> Option<Arc<Continuity>> {
+    let entry = st.handovers.incoming.get(session).map(|e| e.clone())?;
     let mut inc = entry.lock();
-    let Some(cont) = inc.cont.clone() else { return };
-    let held = std::mem::take(&mut inc.held);
+    let Some(cont) = inc.cont.clone() else {
+        drop(inc);
+        st.handovers.incoming.remove_if(session, |_, e| Arc::ptr_eq(e, &entry));
+        return None;
+    };
+    let mut held = std::mem::take(&mut inc.held);
+    if let Some(o) = after {
+        held.retain(|(_, at)| at.is_none_or(|a| a > o));
+    }
+    inc.released = true;
+    release(st, cont.clone(), held);
     drop(inc);
-    count("end", "ok");
-    release(st, cont, held);
+    st.handovers.incoming.remove_if(session, |_, e| Arc::ptr_eq(e, &entry));
+    Some(cont)
+}
+
+/// True when `session` was resumed here from `node`'s log (recently).
+fn recovered_from(st: &EdgeState, session: &str, node: &str) -> bool {
+    st.handovers.recovered.get(session).is_some_and(|r| *r.0 == *node)
 }
 
 /// Old edge: hands `session` over to node `to` (it asked with `take`).

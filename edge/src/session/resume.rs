@@ -51,6 +51,9 @@ struct Deliveries {
     /// after this node died), while that can be told: a delivery that came in log order moves
     /// it; one that did not (passed on from another node, a raw channel message) clears it.
     anchor: Option<Anchor>,
+    /// Resumed from this node's own log up to this position: a record of the log at or before
+    /// it (a lagging delivery loop) was read already, and is not delivered again.
+    skip_through: Option<u64>,
 }
 
 /// The last `cap` accepted ids, for duplicate suppression.
@@ -113,6 +116,7 @@ impl Continuity {
                 sink: Weak::new(),
                 forward: None,
                 anchor: None,
+                skip_through: None,
             }),
             ids: Mutex::new(RecentIds {
                 order: VecDeque::new(),
@@ -171,6 +175,11 @@ impl Continuity {
         if let Some(node) = &d.forward {
             return Some(node.clone());
         }
+        if let (Some(o), Some(skip)) = (at, d.skip_through) {
+            if o <= skip {
+                return None;
+            }
+        }
         let n = d.next;
         d.next += 1;
         d.anchor = at.map(|o| Anchor {
@@ -195,6 +204,12 @@ impl Continuity {
             s.deliver(&s.delivery_frame(n, payload, binary));
         }
         None
+    }
+
+    /// Resumed from this node's own log up to position `o`: log records at or before it are
+    /// not delivered again.
+    pub fn skip_through(&self, o: u64) {
+        self.deliveries.lock().skip_through = Some(o);
     }
 
     /// Where this session's next deliveries are in this node's log (for its resume token).
