@@ -59,38 +59,32 @@ async fn try_resume(
         resume::verify(&st.resume_key, token, &route.cfg.path, subject, now_ms() / 1000).map_err(|e| e.code())?;
     let delivered = delivered.ok_or("bad_delivered")?;
     let Some(old) = st.sessions.get(&claims.session).map(|s| s.clone()) else {
-        return match claims.node.as_deref() {
-            Some(node) if node != st.cfg.node_id => {
-                let r = match crate::handover::request(st, node, &claims.session, &route.cfg.path, delivered).await {
-                    // Its node did not answer (killed?): from the bus's log, where it keeps one.
-                    Err("node_unreachable") if claims.anchor.is_some() && st.logged => {
-                        let issued_ms = claims.expires.saturating_sub(RESUME_TOKEN_TTL_SECS) * 1000;
-                        crate::handover::log::recover(st, node, &claims, route, delivered, issued_ms).await?
-                    }
-                    r => r?,
-                };
-                let taken = Taken {
-                    id: claims.session,
-                    cont: r.cont,
-                    seq: r.seq,
-                    channels: r.channels,
-                };
-                Ok((taken, delivered))
-            }
-            // Issued by this node before it restarted (same --node-id): from the log too.
-            Some(node) if claims.anchor.is_some() && st.logged => {
-                let issued_ms = claims.expires.saturating_sub(RESUME_TOKEN_TTL_SECS) * 1000;
-                let r = crate::handover::log::recover(st, node, &claims, route, delivered, issued_ms).await?;
-                let taken = Taken {
-                    id: claims.session,
-                    cont: r.cont,
-                    seq: r.seq,
-                    channels: r.channels,
-                };
-                Ok((taken, delivered))
-            }
-            _ => Err("not_parked"),
+        let Some(node) = claims.node.as_deref() else {
+            return Err("not_parked");
         };
+        let from_log = claims.anchor.is_some() && st.logged;
+        let issued_ms = claims.expires.saturating_sub(RESUME_TOKEN_TTL_SECS) * 1000;
+        let r = if node != st.cfg.node_id {
+            match crate::handover::request(st, node, &claims.session, &route.cfg.path, delivered).await {
+                // Its node did not answer (killed?): from the bus's log, where it keeps one.
+                Err("node_unreachable") if from_log => {
+                    crate::handover::log::recover(st, node, &claims, route, delivered, issued_ms).await?
+                }
+                r => r?,
+            }
+        } else if from_log {
+            // Issued by this node before it restarted (same --node-id): from its log too.
+            crate::handover::log::recover(st, node, &claims, route, delivered, issued_ms).await?
+        } else {
+            return Err("not_parked");
+        };
+        let taken = Taken {
+            id: claims.session,
+            cont: r.cont,
+            seq: r.seq,
+            channels: r.channels,
+        };
+        return Ok((taken, delivered));
     };
     if !old.take_from_socket("resumed on another connection").await {
         return Err("not_parked");
