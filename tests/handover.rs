@@ -108,6 +108,15 @@ async fn v2(url: &str) -> (Ws, Value) {
     (ws, w)
 }
 
+/// A v2 client on `edge` whose connect the backend saw: (socket, session, resume token).
+async fn connected(edge: &Proc, backend: &mut Backend) -> (Ws, String, String) {
+    let (ws, w) = v2(&edge.ws("/ws")).await;
+    let session = w["session"].as_str().unwrap().to_owned();
+    let token = w["resume_token"].as_str().unwrap().to_owned();
+    assert_eq!(backend.next(&session).await.0, "connect");
+    (ws, session, token)
+}
+
 /// A backend reply to `session`, through the router (the edge's admin API publishes it to the
 /// outbound topic).
 async fn push(admin: &str, session: &str, i: u64) {
@@ -190,6 +199,28 @@ async fn metric_reaches(admin: &std::net::SocketAddr, series: &str, want: u64) {
     }
 }
 
+/// Resumes `session` on `edge` for a client that had 3 deliveries, while the replies
+/// `first..=60` are pushed one per 5 ms: checks the welcome and that 4..60 come once, in order,
+/// numbered on; returns the socket and its new token.
+async fn resume_while_replies_come(admin: &str, edge: &Proc, session: &str, token: &str, first: u64) -> (Ws, String) {
+    let pusher = {
+        let (admin, session) = (admin.to_owned(), session.to_owned());
+        tokio::spawn(async move {
+            for i in first..=60 {
+                push(&admin, &session, i).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let (mut ws, w) = v2(&edge.ws(&format!("/ws?resume={token}&delivered=3"))).await;
+    assert_eq!(w["resumed"], true, "{w}");
+    assert_eq!(w["session"], session);
+    let token2 = w["resume_token"].as_str().unwrap().to_owned();
+    pusher.await.unwrap();
+    assert_contiguous(&until_reply(&mut ws, 60).await, 4, 4, 60);
+    (ws, token2)
+}
+
 fn assert_contiguous(got: &[(u64, u64)], first_n: u64, first_i: u64, last_i: u64) {
     let want: Vec<(u64, u64)> = (first_i..=last_i).map(|i| (first_n + i - first_i, i)).collect();
     assert_eq!(got, want.as_slice(), "every reply once, in order, numbered on");
@@ -227,21 +258,7 @@ async fn resumes_on_the_other_edge(url: &str) {
         push(&admin, &session, i).await;
     }
     // Replies keep coming while it resumes on the other edge.
-    let pusher = {
-        let (admin, session) = (admin.clone(), session.clone());
-        tokio::spawn(async move {
-            for i in 9..=60 {
-                push(&admin, &session, i).await;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-    };
-    let (mut ws, w) = v2(&c.b.ws(&format!("/ws?resume={token}&delivered=3"))).await;
-    assert_eq!(w["resumed"], true, "{w}");
-    assert_eq!(w["session"], session.as_str());
-    let token2 = w["resume_token"].as_str().unwrap().to_owned();
-    pusher.await.unwrap();
-    assert_contiguous(&until_reply(&mut ws, 60).await, 4, 4, 60);
+    let (mut ws, token2) = resume_while_replies_come(&admin, &c.b, &session, &token, 9).await;
     // The backend: one resume, on the new node, seq continuing; no disconnect before it.
     assert_eq!(backend.next(&session).await, ("resume".into(), 2, node_b.clone()));
     ws.send(Message::text(json!({"op":"send","id":1,"data":"hi"}).to_string()))
@@ -417,21 +434,7 @@ async fn resumes_from_the_log_after_sigkill(url: &str) {
     for i in 6..=30 {
         push(&admin, &session, i).await;
     }
-    let pusher = {
-        let (admin, session) = (admin.clone(), session.clone());
-        tokio::spawn(async move {
-            for i in 31..=60 {
-                push(&admin, &session, i).await;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-    };
-    let (mut ws, w) = v2(&c.b.ws(&format!("/ws?resume={token}&delivered=3"))).await;
-    assert_eq!(w["resumed"], true, "{w}");
-    assert_eq!(w["session"], session.as_str());
-    let token2 = w["resume_token"].as_str().unwrap().to_owned();
-    pusher.await.unwrap();
-    assert_contiguous(&until_reply(&mut ws, 60).await, 4, 4, 60);
+    let (mut ws, token2) = resume_while_replies_come(&admin, &c.b, &session, &token, 31).await;
     assert_eq!(backend.next(&session).await, ("resume".into(), 3, node_b.clone()));
     // B's one session keeps what it had from the log (4..30) and what came since (31..60).
     for series in [
@@ -691,12 +694,7 @@ async fn a_state_that_comes_too_late_ends_the_session_with_one_disconnect() {
     // Without a node log: with one, the new edge resumes from it instead (tested below).
     let c = cluster(&nats_url(), &["--nats-durable-replies", "false"]).await;
     let mut backend = Backend::new(&c).await;
-    let (ws, w) = v2(&c.a.ws("/ws")).await;
-    let (session, token) = (
-        w["session"].as_str().unwrap().to_owned(),
-        w["resume_token"].as_str().unwrap().to_owned(),
-    );
-    assert_eq!(backend.next(&session).await.0, "connect");
+    let (ws, session, token) = connected(&c.a, &mut backend).await;
     drop(ws);
     metric_reaches(&c.a.admin, "switchyard_sessions_parked", 1).await;
     let pid = c.a.child.id().unwrap().to_string();
@@ -733,12 +731,7 @@ async fn a_session_resumes_after_its_dead_edge_lease_lapsed_on_nats() {
     let mut c = cluster_with(&nats_url(), &timing, &timing).await;
     let mut backend = Backend::new(&c).await;
     let admin = c.b.admin("");
-    let (mut ws, w) = v2(&c.a.ws("/ws")).await;
-    let (session, token) = (
-        w["session"].as_str().unwrap().to_owned(),
-        w["resume_token"].as_str().unwrap().to_owned(),
-    );
-    assert_eq!(backend.next(&session).await.0, "connect");
+    let (mut ws, session, token) = connected(&c.a, &mut backend).await;
     push(&admin, &session, 1).await;
     assert_contiguous(&until_reply(&mut ws, 1).await, 1, 1, 1);
     drop(ws);
@@ -784,12 +777,7 @@ async fn frozen_edge_resume_from_the_log(url: &str) {
     let c = cluster(url, &["--resume-window", "120s"]).await;
     let mut backend = Backend::new(&c).await;
     let admin = c.b.admin("");
-    let (ws, w) = v2(&c.a.ws("/ws")).await;
-    let (session, token) = (
-        w["session"].as_str().unwrap().to_owned(),
-        w["resume_token"].as_str().unwrap().to_owned(),
-    );
-    assert_eq!(backend.next(&session).await.0, "connect");
+    let (ws, session, token) = connected(&c.a, &mut backend).await;
     drop(ws);
     metric_reaches(&c.a.admin, "switchyard_sessions_parked", 1).await;
     let pid = c.a.child.id().unwrap().to_string();
@@ -852,12 +840,7 @@ async fn restarted_edge_resumes_from_its_own_log(url: &str) {
     let mut c = cluster(url, &["--resume-window", "120s"]).await;
     let mut backend = Backend::new(&c).await;
     let admin = c.b.admin("");
-    let (mut ws, w) = v2(&c.a.ws("/ws")).await;
-    let (session, token) = (
-        w["session"].as_str().unwrap().to_owned(),
-        w["resume_token"].as_str().unwrap().to_owned(),
-    );
-    assert_eq!(backend.next(&session).await.0, "connect");
+    let (mut ws, session, token) = connected(&c.a, &mut backend).await;
     for i in 1..=3 {
         push(&admin, &session, i).await;
     }

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use futures::SinkExt;
 use serde_json::{json, Value};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use switchyard_bus::kafka::SessionLog;
 use tokio_tungstenite::tungstenite::Message;
@@ -447,17 +447,6 @@ async fn a_router_killed_mid_stream_loses_no_acknowledged_reply() {
         .collect();
     tokio::time::sleep(Duration::from_millis(2500)).await; // mid-stream, not synchronisation
     doomed.kill9();
-    let (mut acked_n, mut dups) = (0, 0);
-    for c in clients {
-        let (session, acked, replies) = c.await.unwrap();
-        let distinct: BTreeSet<u64> = replies.iter().copied().collect();
-        let lost: Vec<_> = acked.difference(&distinct).collect();
-        assert!(
-            lost.is_empty(),
-            "{session}: acknowledged sends without a reply: {lost:?}"
-        );
-        acked_n += acked.len();
-        dups += replies.len() - distinct.len();
-    }
+    let (acked_n, dups) = every_acked_send_answered(clients).await;
     eprintln!("router SIGKILL mid-stream: {acked_n} acknowledged sends, every one answered; {dups} duplicate replies");
 }

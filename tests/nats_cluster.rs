@@ -656,18 +656,7 @@ async fn a_router_killed_mid_stream_loses_no_acknowledged_reply_on_nats() {
     };
     routers[active].kill9();
     let survivor = &routers[1 - active];
-    let (mut acked_n, mut dups) = (0, 0);
-    for c in clients {
-        let (session, acked, replies) = c.await.unwrap();
-        let distinct: BTreeSet<u64> = replies.iter().copied().collect();
-        let lost: Vec<_> = acked.difference(&distinct).collect();
-        assert!(
-            lost.is_empty(),
-            "{session}: acknowledged sends without a reply: {lost:?}"
-        );
-        acked_n += acked.len();
-        dups += replies.len() - distinct.len();
-    }
+    let (acked_n, dups) = every_acked_send_answered(clients).await;
     let took_over = sample(&survivor.admin.to_string(), "switchyard_router_forwarded_total").await;
     assert!(took_over > 0, "the surviving router forwarded nothing");
     eprintln!(

@@ -168,6 +168,15 @@ pub struct ScanQuery {
     pub wait: std::time::Duration,
 }
 
+impl ScanQuery {
+    /// True for the record `until` waits for.
+    pub fn stops_at(&self, record: &Record) -> bool {
+        self.until
+            .as_ref()
+            .is_some_and(|(h, v)| record.headers.get(h) == Some(v.as_str()))
+    }
+}
+
 /// What a [`Bus::scan`] read.
 #[derive(Debug, Clone, Default)]
 pub struct ScanRead {

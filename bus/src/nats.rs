@@ -805,10 +805,7 @@ impl Bus for NatsBus {
             if msg.record.key.as_deref() != Some(q.key.as_bytes()) {
                 continue;
             }
-            let stop = q
-                .until
-                .as_ref()
-                .is_some_and(|(h, v)| msg.record.headers.get(h) == Some(v.as_str()));
+            let stop = q.stops_at(&msg.record);
             out.records.push(msg);
             if stop {
                 out.reached = true;

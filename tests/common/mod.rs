@@ -552,7 +552,7 @@ pub fn write_ca(pki: &Pki, path: &std::path::Path) {
 /// Sends framed `send` ops (data = id) until `until`, reading acks and the demo backend's
 /// replies (`{"echo": id}`) as they come; then waits for the reply of every acknowledged send
 /// (up to `WAIT` after the last). Returns (session, acked ids, replies in arrival order).
-pub async fn send_and_collect_replies(url: String, until: Instant) -> (String, BTreeSet<u64>, Vec<u64>) {
+pub async fn send_and_collect_replies(url: String, until: Instant) -> Collected {
     let (mut ws, id) = connect(&url).await;
     assert_eq!(next_json(&mut ws).await["op"], "welcome");
     let (mut acked, mut replies) = (BTreeSet::new(), Vec::new());
@@ -584,4 +584,25 @@ pub async fn send_and_collect_replies(url: String, until: Instant) -> (String, B
         note(next_json(&mut ws).await, &mut acked, &mut replies);
     }
     (id, acked, replies)
+}
+
+/// What [`send_and_collect_replies`] returns: (session, acknowledged ids, replies in order).
+pub type Collected = (String, BTreeSet<u64>, Vec<u64>);
+
+/// Awaits clients of [`send_and_collect_replies`] and checks that every acknowledged send was
+/// answered: (acknowledged sends, duplicate replies).
+pub async fn every_acked_send_answered(clients: Vec<tokio::task::JoinHandle<Collected>>) -> (usize, usize) {
+    let (mut acked_n, mut dups) = (0, 0);
+    for c in clients {
+        let (session, acked, replies) = c.await.unwrap();
+        let distinct: BTreeSet<u64> = replies.iter().copied().collect();
+        let lost: Vec<_> = acked.difference(&distinct).collect();
+        assert!(
+            lost.is_empty(),
+            "{session}: acknowledged sends without a reply: {lost:?}"
+        );
+        acked_n += acked.len();
+        dups += replies.len() - distinct.len();
+    }
+    (acked_n, dups)
 }

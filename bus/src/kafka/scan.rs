@@ -155,10 +155,7 @@ fn read(consumer: &BaseConsumer, q: &ScanQuery) -> Result<ScanRead, BusError> {
             continue;
         }
         let msg = to_record(&m);
-        let stop = q
-            .until
-            .as_ref()
-            .is_some_and(|(h, v)| msg.record.headers.get(h) == Some(v.as_str()));
+        let stop = q.stops_at(&msg.record);
         out.records.push(msg);
         if stop {
             out.reached = true;
