@@ -475,6 +475,13 @@ where
                     }
                     continue;
                 }
+                // A publish still in flight (the bus may be slow, or gone) does not hold back
+                // the drain's close: the client is told to reconnect now; the session ends
+                // once the publish has its answer.
+                if this.ending.is_open() && this.st.close_all.is_cancelled() {
+                    this.close_with(close::SERVICE_RESTART, "server restarting", this.st.cfg.shutdown_grace);
+                    continue;
+                }
             } else {
                 if let Some(e) = this.on_signals() {
                     return Poll::Ready(e);

@@ -59,11 +59,20 @@ struct Harness {
 }
 
 async fn harness(path: &str, tune: impl FnOnce(&mut EdgeConfig), expires_at: Option<u64>) -> Harness {
-    let mut cfg = EdgeConfig::new("unit");
-    tune(&mut cfg);
     let bus = switchyard_bus::connect("memory://", &BusOptions::default())
         .await
         .unwrap();
+    harness_on(bus, path, tune, expires_at).await
+}
+
+async fn harness_on(
+    bus: Arc<dyn switchyard_bus::Bus>,
+    path: &str,
+    tune: impl FnOnce(&mut EdgeConfig),
+    expires_at: Option<u64>,
+) -> Harness {
+    let mut cfg = EdgeConfig::new("unit");
+    tune(&mut cfg);
     let feed = bus
         .subscribe(&cfg.naming.sessions(), SubscribeOptions::default())
         .await
@@ -212,6 +221,58 @@ async fn a_drain_closes_1012_and_waits_the_shutdown_grace_for_the_answer() {
     assert_eq!(h.lifecycle().await, (Kind::Disconnect, Some(1012)));
     assert_eq!(t0.elapsed().as_secs(), 7, "{:?}", t0.elapsed());
     h.ended().await;
+}
+
+/// A memory bus whose publishes of client frames never get an answer (a broker gone after it
+/// stored the record, its acknowledgement lost).
+struct Unanswered(Arc<dyn switchyard_bus::Bus>, Arc<tokio::sync::Notify>);
+
+#[async_trait::async_trait]
+impl switchyard_bus::Bus for Unanswered {
+    fn scheme(&self) -> &'static str {
+        "memory"
+    }
+    async fn publish(
+        &self,
+        topic: &str,
+        record: switchyard_bus::Record,
+    ) -> Result<Option<u64>, switchyard_bus::BusError> {
+        if record.headers.get("sy-kind") == Some("frame") {
+            self.1.notify_one();
+            return std::future::pending().await;
+        }
+        self.0.publish(topic, record).await
+    }
+    async fn subscribe(&self, pattern: &str, opts: SubscribeOptions) -> Result<Subscription, switchyard_bus::BusError> {
+        self.0.subscribe(pattern, opts).await
+    }
+    fn is_ready(&self) -> bool {
+        true
+    }
+    async fn flush(&self) -> Result<(), switchyard_bus::BusError> {
+        Ok(())
+    }
+}
+
+/// A drain while a client frame's publish waits for its answer: the client is told 1012 at
+/// once, not after the publish (which may take up to `--ack-timeout`).
+#[tokio::test(start_paused = true)]
+async fn a_drain_closes_1012_while_a_publish_waits_for_the_bus() {
+    let inner = switchyard_bus::connect("memory://", &BusOptions::default())
+        .await
+        .unwrap();
+    let published = Arc::new(tokio::sync::Notify::new());
+    let mut h = harness_on(Arc::new(Unanswered(inner, published.clone())), "/ws/echo", |_| {}, None).await;
+    h.client.write_all(&client_frame(0x1, b"stuck")).await.unwrap();
+    // The frame's publish is in flight (it never returns) when the drain begins.
+    published.notified().await;
+    h.st.close_all.cancel();
+    h.sess.queue.wake();
+    // (Virtual time: the clock is paused, so this bounds the test, not the gateway.)
+    let f = tokio::time::timeout(Duration::from_secs(60), h.next_non_ping())
+        .await
+        .expect("the drain's close while the publish waits");
+    assert_eq!(f.close_code(), Some(1012), "{f:?}");
 }
 
 /// A socket whose write side has failed (the peer reset it) while its read side stays open.
